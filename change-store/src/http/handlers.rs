@@ -1,0 +1,247 @@
+//! Handlers of the read routes. RocksDB reads run on the blocking pool; long-polls wait on
+//! the store's applied-index watch, woken once per applied batch, never by polling.
+
+use std::sync::Arc;
+
+use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::query::{parse_limit, ChangesQuery, DEFAULT_LIMIT};
+use super::ReadApi;
+use crate::store::{Collection, Filter, Store, Tenant};
+
+/// Runs a blocking store call off the async workers.
+pub async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, ApiError>
+where
+    F: FnOnce(&Store) -> crate::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// A 200 answer with a JSON body already serialized.
+pub fn json_response(body: Vec<u8>) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// `GET /changes`.
+pub async fn list_changes(
+    State(api): State<Arc<ReadApi>>,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
+    serve_changes(&api, uri.path(), q).await
+}
+
+/// `GET /tenants/{t}/changes`: the change list of one tenant.
+pub async fn tenant_changes(
+    State(api): State<Arc<ReadApi>>,
+    Path(tenant): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
+    q.tenant = Some(tenant);
+    serve_changes(&api, uri.path(), q).await
+}
+
+/// Answers a change query, long-polling when asked to and nothing matches yet.
+pub async fn serve_changes(
+    api: &ReadApi,
+    path: &str,
+    q: ChangesQuery,
+) -> Result<Response, ApiError> {
+    let store = &api.store;
+    let tenant = match &q.tenant {
+        Some(t) => Some(
+            store
+                .tenant(t)
+                .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {t:?}")))?
+                .id,
+        ),
+        None => None,
+    };
+    let filter = Arc::new(Filter {
+        tags: q.tags.clone(),
+        change_type: q.change_type,
+        tenant,
+    });
+    let since = match q.since_time {
+        Some(t) => q
+            .since
+            .max(blocking(store, move |s| s.since_for_time(t)).await?),
+        None => q.since,
+    };
+    let deadline = Instant::now() + q.block;
+    let mut applied = store.subscribe();
+    let mut waiting = None;
+    loop {
+        applied.borrow_and_update();
+        let (f, limit) = (filter.clone(), q.limit);
+        let (body, info) = blocking(store, move |s| {
+            let mut body = Vec::with_capacity(64 * limit.min(1000));
+            let info = s.read_page(since, limit, &f, &mut body)?;
+            Ok((body, info))
+        })
+        .await?;
+        if info.count > 0 || Instant::now() >= deadline || api.shutdown.is_cancelled() {
+            return Ok(render_page(path, &q, since, body, info));
+        }
+        waiting.get_or_insert_with(|| api.metrics.long_poll());
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return Ok(render_page(path, &q, since, body, info));
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = api.shutdown.cancelled() => {}
+        }
+    }
+}
+
+fn render_page(
+    path: &str,
+    q: &ChangesQuery,
+    since: u64,
+    changes: Vec<u8>,
+    info: crate::store::PageInfo,
+) -> Response {
+    let mut out = Vec::with_capacity(changes.len() + 96);
+    out.extend_from_slice(b"{\"changes\":[");
+    out.extend_from_slice(&changes);
+    out.extend_from_slice(
+        format!(
+            "],\"atStart\":{},\"atEnd\":{},\"firstIndex\":{},\"lastIndex\":{}}}",
+            since < info.first_index,
+            !info.more,
+            info.first_index,
+            info.last_index
+        )
+        .as_bytes(),
+    );
+    let mut resp = json_response(out);
+    if info.more {
+        let next = info.last_returned.unwrap_or(since);
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("<{path}?{}>; rel=\"next\"", q.next_page(next)))
+        {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    resp
+}
+
+fn parse_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse().map_err(|_| {
+        ApiError::BadRequest(format!(
+            "invalid change id {raw:?}: expected a positive integer"
+        ))
+    })
+}
+
+/// `GET /changes/{id}`.
+pub async fn get_change(
+    State(api): State<Arc<ReadApi>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match blocking(&api.store, move |s| s.get_change(id)).await? {
+        Some(json) => Ok(json_response(json)),
+        None => Err(ApiError::NotFound(format!("change {id} not found"))),
+    }
+}
+
+/// `GET /tenants`.
+pub async fn list_tenants(State(api): State<Arc<ReadApi>>) -> Json<Vec<Tenant>> {
+    Json(api.store.tenants())
+}
+
+/// Looks a tenant up by name or id.
+pub fn tenant_or_404(store: &Store, reference: &str) -> Result<Tenant, ApiError> {
+    store
+        .tenant(reference)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {reference:?}")))
+}
+
+/// `GET /tenants/{t}`.
+pub async fn get_tenant(
+    State(api): State<Arc<ReadApi>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    Ok(Json(tenant_or_404(&api.store, &tenant)?))
+}
+
+/// `GET /tenants/{t}/collections`.
+pub async fn list_collections(
+    State(api): State<Arc<ReadApi>>,
+    Path(tenant): Path<String>,
+) -> Result<Json<Vec<Collection>>, ApiError> {
+    let t = tenant_or_404(&api.store, &tenant)?;
+    Ok(Json(api.store.collections(t.id)))
+}
+
+/// `GET /collections/{c}`.
+pub async fn get_collection(
+    State(api): State<Arc<ReadApi>>,
+    Path(collection): Path<String>,
+) -> Result<Json<Collection>, ApiError> {
+    Ok(Json(api.store.collection(&collection)?))
+}
+
+/// `GET /collections/{c}/keys?after=&limit=`: latest change of each live key, by key.
+pub async fn list_keys(
+    State(api): State<Arc<ReadApi>>,
+    Path(collection): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let c = api.store.collection(&collection)?;
+    let mut after = None;
+    let mut limit = DEFAULT_LIMIT;
+    for (k, v) in form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            // `last` is the original ChangeAgent's name for `after`.
+            "after" | "last" => after = Some(v.into_owned()),
+            "limit" => limit = parse_limit(&v)?,
+            _ => {}
+        }
+    }
+    let body = blocking(&api.store, move |s| {
+        let mut out = b"[".to_vec();
+        s.list_keys(c.id, after.as_deref(), limit, &mut out)?;
+        out.push(b']');
+        Ok(out)
+    })
+    .await?;
+    Ok(json_response(body))
+}
+
+/// `GET /collections/{c}/keys/{key}`: the key's latest change.
+pub async fn get_key(
+    State(api): State<Arc<ReadApi>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let c = api.store.collection(&collection)?;
+    let k = key.clone();
+    match blocking(&api.store, move |s| s.get_key(c.id, &k)).await? {
+        Some(json) => Ok(json_response(json)),
+        None => Err(ApiError::NotFound(format!(
+            "key {key:?} not found in collection {:?}",
+            c.name
+        ))),
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics of the HTTP layer (requests by route and status, latency histograms,
+//! open long-polls) and the text renderer the owner adds its own gauges to.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::sync::Arc;
+
+/// Upper bounds of the latency buckets, in seconds: sub-millisecond writes up to 5-minute
+/// long-polls.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 60.0,
+    300.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Counters and histograms of the HTTP layer.
+#[derive(Default)]
+pub struct HttpMetrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    long_polls: AtomicI64,
+}
+
+/// Counts one open long-poll while alive.
+pub struct LongPollGuard(Arc<HttpMetrics>);
+
+impl Drop for LongPollGuard {
+    fn drop(&mut self) {
+        self.0.long_polls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl HttpMetrics {
+    /// Marks a long-poll as waiting until the guard drops.
+    pub fn long_poll(self: &Arc<Self>) -> LongPollGuard {
+        self.long_polls.fetch_add(1, Ordering::Relaxed);
+        LongPollGuard(self.clone())
+    }
+
+    /// Long-polls waiting right now.
+    pub fn long_polls_open(&self) -> i64 {
+        self.long_polls.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        {
+            let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            *r.entry((route.to_owned(), method.to_owned(), status))
+                .or_default() += 1;
+        }
+        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = l.entry(route.to_owned()).or_default();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += seconds;
+    }
+
+    /// Writes the HTTP metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        out.push_str(
+            "# HELP changeagent_http_requests_total HTTP requests by route, method and status.\n",
+        );
+        out.push_str("# TYPE changeagent_http_requests_total counter\n");
+        for ((route, method, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "changeagent_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP changeagent_http_request_duration_seconds HTTP request latency by route (long-polls include their wait).\n");
+        out.push_str("# TYPE changeagent_http_request_duration_seconds histogram\n");
+        for (route, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "changeagent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "changeagent_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "changeagent_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "changeagent_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                h.count
+            );
+        }
+        gauge(
+            out,
+            "changeagent_long_polls_open",
+            "Long-polls waiting for changes.",
+            self.long_polls_open(),
+        );
+    }
+}
+
+/// Writes one gauge with its help line.
+pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// Middleware recording every request.
+pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let resp = next.run(req).await;
+    metrics.record(
+        &route,
+        &method,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}

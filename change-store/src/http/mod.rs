@@ -1,0 +1,84 @@
+//! The read-only HTTP API that core nodes and edges both serve: change lists with long-poll,
+//! single changes, tenants, collections and keys; plus the error type, body reading and
+//! metrics shared with the write routes.
+
+pub mod body;
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod query;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+pub use error::ApiError;
+pub use metrics::HttpMetrics;
+pub use query::ReadLimits;
+
+/// State of the read routes.
+pub struct ReadApi {
+    pub store: Arc<Store>,
+    pub limits: ReadLimits,
+    pub metrics: Arc<HttpMetrics>,
+    /// Cancelled at shutdown: waiting long-polls answer at once so the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+/// The read routes, with their state applied.
+pub fn read_router(api: Arc<ReadApi>) -> Router {
+    Router::new()
+        .route("/changes", get(handlers::list_changes))
+        .route("/changes/{id}", get(handlers::get_change))
+        .route("/tenants", get(handlers::list_tenants))
+        .route("/tenants/{tenant}", get(handlers::get_tenant))
+        .route("/tenants/{tenant}/changes", get(handlers::tenant_changes))
+        .route(
+            "/tenants/{tenant}/collections",
+            get(handlers::list_collections),
+        )
+        .route("/collections/{collection}", get(handlers::get_collection))
+        .route("/collections/{collection}/keys", get(handlers::list_keys))
+        .route(
+            "/collections/{collection}/keys/{key}",
+            get(handlers::get_key),
+        )
+        .with_state(api)
+}
+
+/// Middleware adding `X-Cluster-Id` to every answer once the cluster has an id.
+pub async fn cluster_id_header(
+    State(store): State<Arc<Store>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let mut resp = next.run(req).await;
+    if let Some(id) = store.cluster_id() {
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-cluster-id", v);
+        }
+    }
+    resp
+}
+
+/// Adds the shared outer layers: fallbacks (JSON 404/405), cluster id header, metrics.
+pub fn finish_router(router: Router, store: Arc<Store>, metrics: Arc<HttpMetrics>) -> Router {
+    router
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            store,
+            cluster_id_header,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track,
+        ))
+}

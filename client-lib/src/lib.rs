@@ -1,0 +1,44 @@
+//! ChangeAgent's client side: the wire types of the HTTP API (shared with the
+//! servers), an async client over one or more endpoints with retries,
+//! failover and idempotent posts, the [`Client::follow`] change stream, and
+//! the logic of the `changeagent` command-line tool.
+//!
+//! ```no_run
+//! # async fn example() -> changeagent_client::Result<()> {
+//! use changeagent_client::{Client, NewChange, Query};
+//! use futures::StreamExt;
+//!
+//! let client = Client::new(["http://127.0.0.1:9000", "http://127.0.0.1:9001"])?;
+//! let posted = client
+//!     .post_change(&NewChange::data(serde_json::json!({"on": true})).with_tags(["flags"]))
+//!     .await?;
+//! let mut changes = Box::pin(client.follow(posted.id - 1, Query::new().tag("flags")));
+//! while let Some(change) = changes.next().await {
+//!     println!("{}", change?.id);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`types`]: the JSON bodies of the API (`Change`, `NewChange`, `ChangeList`, …).
+//! - [`query`]: [`Query`], the parameters of `GET /changes`.
+//! - [`client`]: [`Client`] and [`ClientBuilder`]: every route, retries and
+//!   failover, [`Client::follow`].
+//! - [`error`]: [`Error`], the one error type, and [`Result`].
+//! - [`cli`]: arguments and commands of the `changeagent` binary.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod query;
+pub mod types;
+
+pub use client::{Client, ClientBuilder, RawResponse, RetryPolicy};
+pub use error::{Error, Result};
+pub use query::Query;
+pub use types::{
+    Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,
+    Tenant,
+};

@@ -1,0 +1,217 @@
+//! Wire types of the ChangeAgent HTTP API, shared by servers and clients.
+//! Field names and order follow the original ChangeAgent server.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Records with a type below zero are written by ChangeAgent itself.
+pub mod internal_type {
+    /// A checkpointer started a checkpoint.
+    pub const CHECKPOINT_START: i32 = -1;
+    /// A checkpoint was written; `data` is its manifest.
+    pub const CHECKPOINT_END: i32 = -2;
+    /// Changes before `data.before` were truncated.
+    pub const TRUNCATE: i32 = -3;
+}
+
+/// One change as served by `GET /changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Dense position in the global list, starting at 1.
+    #[serde(rename = "_id")]
+    pub id: u64,
+    /// Nanoseconds since the epoch, set when the change was proposed.
+    #[serde(rename = "_ts", default)]
+    pub ts: i64,
+    /// Kind of change; 0 (the default) is omitted on the wire. Types below
+    /// zero are internal records, see [`internal_type`].
+    #[serde(rename = "type", default, skip_serializing_if = "is_zero")]
+    pub change_type: i32,
+    /// Tags that filtered reads match on (`?tag=`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Name of the tenant the change belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Collection of a keyed write (with `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// Key of a keyed write (with `collection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A keyed write that deletes its key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// The client's JSON value (absent on a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// A change to post: the `{"data": …}` form of `POST /changes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NewChange {
+    /// The value to store (absent on a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Tags that filtered reads match on (`?tag=`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Kind of change; 0 (the default) is omitted on the wire. Must not be
+    /// negative: those types are reserved for internal records.
+    #[serde(rename = "type", default, skip_serializing_if = "is_zero")]
+    pub change_type: i32,
+    /// Name of the tenant the change belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Collection of a keyed write (with `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// Key of a keyed write (with `collection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A keyed write that deletes its key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+impl NewChange {
+    /// A change carrying only `data`.
+    pub fn data(data: Value) -> Self {
+        Self {
+            data: Some(data),
+            ..Self::default()
+        }
+    }
+
+    /// Adds tags.
+    pub fn with_tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tags.extend(tags.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// The answer to a successful post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posted {
+    /// The `_id` the change was given.
+    #[serde(rename = "_id")]
+    pub id: u64,
+}
+
+/// The body of `GET /changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeList {
+    /// The matching changes, in `_id` order.
+    pub changes: Vec<Change>,
+    /// Nothing retained comes before the first returned change.
+    pub at_start: bool,
+    /// Nothing matching comes after the last returned change right now.
+    pub at_end: bool,
+    /// Oldest retained `_id` on the answering server.
+    #[serde(default)]
+    pub first_index: u64,
+    /// Newest applied `_id` on the answering server.
+    #[serde(default)]
+    pub last_index: u64,
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Numeric id, usable wherever a tenant name is.
+    #[serde(rename = "_id")]
+    pub id: u64,
+    /// Unique name.
+    pub name: String,
+}
+
+/// A collection of keys inside a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collection {
+    /// Numeric id, usable wherever a collection name is.
+    #[serde(rename = "_id")]
+    pub id: u64,
+    /// Name, unique within its tenant.
+    pub name: String,
+    /// Name of the owning tenant.
+    pub tenant: String,
+}
+
+/// Body of `POST /tenants` and `POST /tenants/{t}/collections`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRequest {
+    /// The name to create.
+    pub name: String,
+}
+
+/// Body of `POST /collections/{c}/keys`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyWrite {
+    /// The key to upsert.
+    pub key: String,
+    /// Its new value.
+    #[serde(default)]
+    pub data: Value,
+    /// Tags of the resulting change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// Every error answer: `{"error": "<message>", …}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable message (`"truncated"` on 410).
+    pub error: String,
+    /// Longer explanation, present on some errors (for example `410 truncated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Oldest retained `_id`, on `410 truncated`.
+    #[serde(
+        rename = "firstIndex",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub first_index: Option<u64>,
+    /// Manifest of the checkpoint to load, on `410 truncated` when one exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
+}
+
+/// Body of `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// `leader`, `follower`, `candidate`, `learner` or `edge`.
+    pub role: String,
+    /// Raft node id of the answering core node (absent on an edge).
+    #[serde(default)]
+    pub node_id: Option<u64>,
+    /// Node id of the current leader, if one is known.
+    #[serde(default)]
+    pub leader: Option<u64>,
+    /// Current Raft term.
+    #[serde(default)]
+    pub term: u64,
+    /// Id of the cluster, also sent as `X-Cluster-Id`.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// Oldest retained `_id`.
+    pub first_index: u64,
+    /// Newest applied `_id`.
+    pub last_index: u64,
+    /// Highest Raft log index applied to the state machine.
+    #[serde(default)]
+    pub applied_log_index: Option<u64>,
+    /// Raft log entries committed but not yet applied here.
+    #[serde(default)]
+    pub lag: u64,
+}

@@ -1,0 +1,47 @@
+//! The router: read routes merged with write, ops and Raft routes, under shared layers.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use changeagent_store::http::{finish_router, read_router, ReadApi};
+
+use super::{handlers, raft, AppState};
+
+/// Largest Raft RPC body: AppendEntries batches and snapshot chunks are bounded by openraft's
+/// `max_payload_entries` and `snapshot_max_chunk_size`, far below this.
+const MAX_RAFT_BODY: usize = 512 * 1024 * 1024;
+
+/// Builds the node's whole router.
+pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
+    let writes = Router::new()
+        .route("/changes", post(handlers::post_changes))
+        .route("/tenants", post(handlers::create_tenant))
+        .route(
+            "/tenants/{tenant}/changes",
+            post(handlers::post_tenant_changes),
+        )
+        .route(
+            "/tenants/{tenant}/collections",
+            post(handlers::create_collection),
+        )
+        .route("/collections/{collection}/keys", post(handlers::post_key))
+        .route(
+            "/collections/{collection}/keys/{key}",
+            put(handlers::put_key).delete(handlers::delete_key),
+        )
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        // Bodies are read with their own limit check (413 as JSON), not axum's.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app.clone());
+    let raft_routes = Router::new()
+        .route("/raft/append", post(raft::append))
+        .route("/raft/vote", post(raft::vote))
+        .route("/raft/snapshot", post(raft::snapshot))
+        .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
+        .with_state(app.clone());
+    let router = read_router(read).merge(writes).merge(raft_routes);
+    finish_router(router, app.store.clone(), app.metrics.clone())
+}

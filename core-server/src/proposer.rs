@@ -1,0 +1,151 @@
+//! The write path on the leader: concurrent client requests are grouped into one Raft entry,
+//! so N waiting writers cost one log sync, not N.
+//!
+//! Ordering rules:
+//! 1. A request waits in the channel while the previous entry is being committed.
+//! 2. When that entry is done, everything waiting (up to [`MAX_REQUESTS_PER_ENTRY`]) becomes
+//!    the next entry, proposed with one `client_write`.
+//! 3. Each request gets its own answer from the state machine, in order; a rejected request
+//!    (bad reference, duplicate name) never affects the others in its entry.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use changeagent_store::export::now_nanos;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
+
+/// Most requests in one entry: bounds entry size and the state machine's batch.
+pub const MAX_REQUESTS_PER_ENTRY: usize = 4096;
+/// Requests waiting for the proposer before posters feel back-pressure.
+const QUEUE_DEPTH: usize = 16_384;
+
+/// Why a proposal did not get an answer from the state machine.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader")]
+    NotLeader {
+        leader: Option<NodeId>,
+        leader_addr: Option<String>,
+    },
+    #[error("raft is shutting down: {0}")]
+    Stopped(String),
+}
+
+struct Pending {
+    request: Request,
+    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+}
+
+/// Counters showing how well writes are grouped.
+#[derive(Debug, Default)]
+pub struct ProposerStats {
+    pub entries: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// Handle to the proposer; cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    /// Requests for the [`ProposeWorker`]; the worker ends when every handle is dropped.
+    tx: mpsc::Sender<Pending>,
+    stats: Arc<ProposerStats>,
+}
+
+impl Proposer {
+    /// Starts the worker on the current runtime.
+    pub fn start(raft: Raft) -> Proposer {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(ProposerStats::default());
+        tokio::spawn(
+            ProposeWorker {
+                raft,
+                rx,
+                stats: stats.clone(),
+            }
+            .run(),
+        );
+        Proposer { tx, stats }
+    }
+
+    /// Proposes one request and waits for the state machine's answer.
+    pub async fn propose(&self, request: Request) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { request, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped("proposer stopped".into()))?;
+        rx.await
+            .map_err(|_| ProposeError::Stopped("proposer stopped".into()))?
+    }
+
+    /// Entries proposed and requests they carried.
+    pub fn stats(&self) -> &ProposerStats {
+        &self.stats
+    }
+}
+
+/// Drains waiting requests into entries, one `client_write` at a time.
+struct ProposeWorker {
+    raft: Raft,
+    /// Fed by [`Proposer`] handles; closes when the last handle drops.
+    rx: mpsc::Receiver<Pending>,
+    stats: Arc<ProposerStats>,
+}
+
+impl ProposeWorker {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(256);
+        while let Some(first) = self.rx.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_REQUESTS_PER_ENTRY {
+                match self.rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            // A poster that gave up (timed out, disconnected) is not proposed for.
+            batch.retain(|p| !p.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            let (requests, replies): (Vec<_>, Vec<_>) =
+                batch.drain(..).map(|p| (p.request, p.reply)).unzip();
+            self.stats.entries.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .requests
+                .fetch_add(requests.len() as u64, Ordering::Relaxed);
+            let cmd = Command {
+                ts: now_nanos(),
+                requests,
+            };
+            match self.raft.client_write(cmd).await {
+                Ok(resp) => {
+                    let mut outcomes = resp.data.into_iter();
+                    for reply in replies {
+                        let outcome = outcomes.next().ok_or_else(|| {
+                            ProposeError::Stopped("state machine gave too few answers".into())
+                        });
+                        let _ = reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                            ProposeError::NotLeader {
+                                leader: f.leader_id,
+                                leader_addr: f.leader_node.map(|n| n.addr),
+                            }
+                        }
+                        other => ProposeError::Stopped(other.to_string()),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Raft: types, the RocksDB log store, the state machine over the change store, and the HTTP
+//! transport, split as in openraft's examples.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;

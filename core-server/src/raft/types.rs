@@ -1,0 +1,85 @@
+//! The Raft type configuration and what travels in log entries: a [`Command`] holds the
+//! requests the leader grouped into one entry; the state machine answers each with an
+//! [`Outcome`].
+
+use std::io::Cursor;
+
+use changeagent_store::ChangeInput;
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// ChangeAgent's Raft types.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A node's id, persisted in its data dir.
+pub type NodeId = u64;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
+pub type Snapshot = openraft::Snapshot<TypeConfig>;
+
+/// One Raft entry's payload: every request the leader grouped, with the leader's clock.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Command {
+    /// Nanoseconds since the epoch on the proposing leader.
+    pub ts: i64,
+    pub requests: Vec<Request>,
+}
+
+/// One client request inside a command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// A retried request with the same key gets the first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub op: Op,
+}
+
+/// What a request does to the state.
+///
+/// Externally tagged on purpose: change data is kept as raw JSON, which serde cannot read
+/// back through the buffering an internally tagged enum needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Append changes with consecutive ids, all or none. `batch` selects the answer shape
+    /// (`[{"_id"}…]` rather than `{"_id"}`).
+    Append {
+        changes: Vec<ChangeInput>,
+        #[serde(default)]
+        batch: bool,
+    },
+    CreateTenant {
+        name: String,
+    },
+    CreateCollection {
+        tenant: String,
+        name: String,
+    },
+    /// Sets the cluster id if none is set yet; the first one applied wins.
+    SetClusterId {
+        id: String,
+    },
+}
+
+/// The state machine's answers, one per request of a command, in order.
+pub type Response = Vec<Outcome>;
+
+/// The answer to one request: the JSON body to send, or an error status and message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok { body: String },
+    Rejected { status: u16, error: String },
+}
