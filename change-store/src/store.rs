@@ -470,17 +470,17 @@ impl Store {
             for tag in &filter.tags {
                 if seen.insert(tag) {
                     let prefix = layout::tag_prefix(tag.as_bytes());
-                    heads.push(Head::new(&self.db, &cf, prefix, start)?);
+                    heads.push(Head::new(&self.db, cf, prefix, start)?);
                 }
             }
         } else if let Some(t) = filter.tenant {
             let cf = self.cf(cf::BY_TENANT)?;
-            heads.push(Head::new(&self.db, &cf, t.to_be_bytes().to_vec(), start)?);
+            heads.push(Head::new(&self.db, cf, t.to_be_bytes().to_vec(), start)?);
         } else if let Some(t) = filter.change_type {
             let cf = self.cf(cf::BY_TYPE)?;
             heads.push(Head::new(
                 &self.db,
-                &cf,
+                cf,
                 layout::ordered_i32(t).to_vec(),
                 start,
             )?);

@@ -76,6 +76,10 @@ pub async fn run(
     }
     tracing::info!(node_id = node.id, "listening on {addr}");
 
+    // A Raft node that stopped on a storage error cannot serve writes again: stop the whole
+    // process (exit non-zero) so a supervisor restarts it, rather than answer 503 forever.
+    let fatal = tokio::spawn(watch_fatal(node.raft.clone(), shutdown.clone()));
+
     tokio::select! {
         result = &mut server => {
             result.context("HTTP server task failed")?.context("HTTP server failed")?;
@@ -89,8 +93,35 @@ pub async fn run(
             }
         }
     }
+    fatal.abort();
+    let failure = fatal.await.ok().flatten();
     node.raft.shutdown().await.ok();
     node.store.sync().context("cannot sync the change store")?;
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(why) => Err(anyhow::anyhow!("Raft stopped: {why}; restart the node")),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Waits until Raft reports a fatal error, then cancels `shutdown` and returns the error.
+async fn watch_fatal(raft: raft::types::Raft, shutdown: CancellationToken) -> Option<String> {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(e) = &metrics.borrow_and_update().running_state {
+            let why = e.to_string();
+            if !shutdown.is_cancelled() {
+                tracing::error!(error = %why, "Raft stopped; shutting the node down");
+                shutdown.cancel();
+                return Some(why);
+            }
+            return None;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return None },
+            _ = shutdown.cancelled() => return None,
+        }
+    }
 }

@@ -3,8 +3,9 @@
 //!
 //! Ordering rules:
 //! 1. A request waits in the channel while the previous entry is being committed.
-//! 2. When that entry is done, everything waiting (up to [`MAX_REQUESTS_PER_ENTRY`]) becomes
-//!    the next entry, proposed with one `client_write`.
+//! 2. Up to [`MAX_IN_FLIGHT`] entries are in Raft at once; when one is done, everything
+//!    waiting (up to [`MAX_REQUESTS_PER_ENTRY`]) becomes the next entry. Entries enter the
+//!    log in the order they are proposed, so requests keep their arrival order.
 //! 3. Each request gets its own answer from the state machine, in order; a rejected request
 //!    (bad reference, duplicate name) never affects the others in its entry.
 
@@ -12,13 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use changeagent_store::export::now_nanos;
-use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::{mpsc, oneshot};
+use openraft::error::ClientWriteError;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
 
 /// Most requests in one entry: bounds entry size and the state machine's batch.
 pub const MAX_REQUESTS_PER_ENTRY: usize = 4096;
+/// Entries proposed but not yet answered. More than one lets the next entry's log write
+/// overlap the previous entry's apply and answers; a few is enough, since each is one sync.
+pub const MAX_IN_FLIGHT: usize = 2;
 /// Requests waiting for the proposer before posters feel back-pressure.
 const QUEUE_DEPTH: usize = 16_384;
 
@@ -87,7 +91,7 @@ impl Proposer {
     }
 }
 
-/// Drains waiting requests into entries, one `client_write` at a time.
+/// Drains waiting requests into entries, at most [`MAX_IN_FLIGHT`] in Raft at once.
 struct ProposeWorker {
     raft: Raft,
     /// Fed by [`Proposer`] handles; closes when the last handle drops.
@@ -95,10 +99,16 @@ struct ProposeWorker {
     stats: Arc<ProposerStats>,
 }
 
+type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
+
 impl ProposeWorker {
     async fn run(mut self) {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut batch = Vec::with_capacity(256);
         while let Some(first) = self.rx.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             batch.push(first);
             while batch.len() < MAX_REQUESTS_PER_ENTRY {
                 match self.rx.try_recv() {
@@ -107,11 +117,11 @@ impl ProposeWorker {
                 }
             }
             // A poster that gave up (timed out, disconnected) is not proposed for.
-            batch.retain(|p| !p.reply.is_closed());
+            batch.retain(|p: &Pending| !p.reply.is_closed());
             if batch.is_empty() {
                 continue;
             }
-            let (requests, replies): (Vec<_>, Vec<_>) =
+            let (requests, replies): (Vec<_>, Vec<Reply>) =
                 batch.drain(..).map(|p| (p.request, p.reply)).unzip();
             self.stats.entries.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -121,31 +131,47 @@ impl ProposeWorker {
                 ts: now_nanos(),
                 requests,
             };
-            match self.raft.client_write(cmd).await {
-                Ok(resp) => {
-                    let mut outcomes = resp.data.into_iter();
-                    for reply in replies {
-                        let outcome = outcomes.next().ok_or_else(|| {
-                            ProposeError::Stopped("state machine gave too few answers".into())
-                        });
-                        let _ = reply.send(outcome);
-                    }
-                }
-                Err(e) => {
-                    let err = match e {
-                        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                            ProposeError::NotLeader {
-                                leader: f.leader_id,
-                                leader_addr: f.leader_node.map(|n| n.addr),
+            match self.raft.client_write_ff(cmd).await {
+                Err(fatal) => answer_all(replies, ProposeError::Stopped(fatal.to_string())),
+                Ok(answer) => {
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        match answer.await {
+                            Ok(Ok(resp)) => {
+                                let mut outcomes = resp.data.into_iter();
+                                for reply in replies {
+                                    let outcome = outcomes.next().ok_or_else(|| {
+                                        ProposeError::Stopped(
+                                            "state machine gave too few answers".into(),
+                                        )
+                                    });
+                                    let _ = reply.send(outcome);
+                                }
                             }
+                            Ok(Err(ClientWriteError::ForwardToLeader(f))) => answer_all(
+                                replies,
+                                ProposeError::NotLeader {
+                                    leader: f.leader_id,
+                                    leader_addr: f.leader_node.map(|n| n.addr),
+                                },
+                            ),
+                            Ok(Err(other)) => {
+                                answer_all(replies, ProposeError::Stopped(other.to_string()))
+                            }
+                            Err(_) => answer_all(
+                                replies,
+                                ProposeError::Stopped("raft dropped the request".into()),
+                            ),
                         }
-                        other => ProposeError::Stopped(other.to_string()),
-                    };
-                    for reply in replies {
-                        let _ = reply.send(Err(err.clone()));
-                    }
+                    });
                 }
             }
         }
+    }
+}
+
+fn answer_all(replies: Vec<Reply>, err: ProposeError) {
+    for reply in replies {
+        let _ = reply.send(Err(err.clone()));
     }
 }

@@ -93,21 +93,21 @@ pub async fn serve_changes(
         applied.borrow_and_update();
         let (f, limit) = (filter.clone(), q.limit);
         let (body, info) = blocking(store, move |s| {
-            let mut body = Vec::with_capacity(64 * limit.min(1000));
+            let mut body = Vec::new();
             let info = s.read_page(since, limit, &f, &mut body)?;
             Ok((body, info))
         })
         .await?;
-        if info.count > 0 || Instant::now() >= deadline || api.shutdown.is_cancelled() {
+        let stop = info.count > 0 || Instant::now() >= deadline || api.shutdown.is_cancelled();
+        if stop || applied.has_changed().is_err() {
             return Ok(render_page(path, &q, since, body, info));
         }
+        // Nothing to answer yet: wait holding no page buffer, so an idle long-poll costs only
+        // its connection and this small future.
+        drop(body);
         waiting.get_or_insert_with(|| api.metrics.long_poll());
         tokio::select! {
-            changed = applied.changed() => {
-                if changed.is_err() {
-                    return Ok(render_page(path, &q, since, body, info));
-                }
-            }
+            _ = applied.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = api.shutdown.cancelled() => {}
         }

@@ -8,9 +8,21 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Threads for blocking store calls. Reads are short, so a few dozen keep both cores busy;
+/// an unbounded pool would start hundreds when thousands of long-polls wake at once.
+const MAX_BLOCKING_THREADS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
     let config = changeagent_server::Config::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(serve(config))
+}
+
+async fn serve(config: changeagent_server::Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new("warn,changeagent_server=info,changeagent_store=info")

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use changeagent_client::types::{Health, KeyWrite, NameRequest};
+use changeagent_client::types::{Health, NameRequest};
 use changeagent_store::http::body::json_body;
 use changeagent_store::http::handlers::{json_response, tenant_or_404};
 use changeagent_store::http::metrics::gauge;
@@ -44,6 +44,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+}
+
+/// Parses a body that must be a JSON object (serde would also accept an array for a struct).
+fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest(
+            "the request body must be a JSON object".into(),
+        ));
+    }
+    parse_json(bytes)
 }
 
 /// Proposes one request and turns the outcome into an answer.
@@ -153,7 +163,7 @@ pub async fn create_tenant(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
-    let req: NameRequest = parse_json(&bytes)?;
+    let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
     if app.store.tenant(&req.name).is_some() {
         return Err(ApiError::Conflict(format!(
@@ -173,7 +183,7 @@ pub async fn create_collection(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
-    let req: NameRequest = parse_json(&bytes)?;
+    let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
     let t = tenant_or_404(&app.store, &tenant)?;
     if app
@@ -235,7 +245,8 @@ pub async fn put_key(
     keyed_write(&app, &headers, &collection, key, Some(data), Vec::new()).await
 }
 
-/// `POST /collections/{c}/keys` with `{"key", "data", "tags"?}`.
+/// `POST /collections/{c}/keys` with `{"key", "data", "tags"?}` (the client's
+/// `KeyWrite`).
 pub async fn post_key(
     State(app): State<Arc<AppState>>,
     Path(collection): Path<String>,
@@ -243,10 +254,23 @@ pub async fn post_key(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
-    let req: KeyWrite = parse_json(&bytes)?;
-    let raw = RawValue::from_string(req.data.to_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid data: {e}")))?;
-    keyed_write(&app, &headers, &collection, req.key, Some(raw), req.tags).await
+    /// The client's `KeyWrite`, with `data` kept as the client's bytes (key order included).
+    #[derive(serde::Deserialize)]
+    struct RawKeyWrite<'a> {
+        key: String,
+        #[serde(borrow, default)]
+        data: Option<&'a RawValue>,
+        #[serde(default)]
+        tags: Vec<String>,
+    }
+    let req: RawKeyWrite = parse_object(&bytes)?;
+    let data = match req.data {
+        Some(raw) => compact_raw(raw)?,
+        None => {
+            RawValue::from_string("null".into()).map_err(|e| ApiError::Internal(e.to_string()))?
+        }
+    };
+    keyed_write(&app, &headers, &collection, req.key, Some(data), req.tags).await
 }
 
 /// `DELETE /collections/{c}/keys/{key}`.

@@ -6,6 +6,7 @@
 //!    before it is on disk.
 //! 2. `save_vote` writes with the WAL synced before it returns.
 //! 3. `truncate` and `purge` are synced too: a truncated suffix must never reappear.
+//!
 //! All RocksDB calls run on the blocking pool, never on the async workers.
 
 use std::fmt::Debug;

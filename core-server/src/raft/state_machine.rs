@@ -159,6 +159,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied, membership.unwrap_or_default()))
     }
 
+    // openraft's own error type is large; it is built once per failed batch, never per entry.
+    #[allow(clippy::result_large_err)]
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
