@@ -301,11 +301,6 @@ impl Store {
         self.applied.subscribe()
     }
 
-    /// Number of live long-poll subscribers.
-    pub fn subscribers(&self) -> usize {
-        self.applied.receiver_count()
-    }
-
     /// A value the owner stored with [`Txn::put_owner_meta`].
     pub fn owner_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let cf = self.cf(cf::META)?;
