@@ -2,7 +2,7 @@
 //! so N waiting writers cost one log sync, not N.
 //!
 //! Ordering rules:
-//! 1. A request waits in the channel while the previous entry is being committed.
+//! 1. A request waits in the channel while earlier entries are being committed.
 //! 2. Up to [`MAX_IN_FLIGHT`] entries are in Raft at once; when one is done, everything
 //!    waiting (up to [`MAX_REQUESTS_PER_ENTRY`]) becomes the next entry. Entries enter the
 //!    log in the order they are proposed, so requests keep their arrival order.

@@ -457,6 +457,12 @@ async fn bad_requests_are_rejected_without_side_effects() {
         ),
         post(
             "/collections/flags/keys",
+            r#"{"key":"k"}"#,
+            400,
+            "key write without data (deleting is DELETE)",
+        ),
+        post(
+            "/collections/flags/keys",
             r#"{"key":"","data":1}"#,
             400,
             "key write with empty key",

@@ -209,16 +209,27 @@ pub async fn create_collection(
     .await
 }
 
+/// What a keyed write does to its key.
+enum KeyedOp {
+    Put {
+        data: Box<RawValue>,
+        tags: Vec<String>,
+    },
+    Delete,
+}
+
 async fn keyed_write(
     app: &AppState,
     headers: &HeaderMap,
     collection: &str,
     key: String,
-    data: Option<Box<RawValue>>,
-    tags: Vec<String>,
+    op: KeyedOp,
 ) -> Result<Response, ApiError> {
     let c = app.store.collection(collection)?;
-    let deleted = data.is_none();
+    let (data, tags, deleted) = match op {
+        KeyedOp::Put { data, tags } => (Some(data), tags, false),
+        KeyedOp::Delete => (None, Vec::new(), true),
+    };
     let change = ChangeInput {
         tags,
         tenant: Some(c.tenant),
@@ -242,7 +253,11 @@ pub async fn put_key(
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
     let raw: &RawValue = parse_json(&bytes)?;
     let data = compact_raw(raw)?;
-    keyed_write(&app, &headers, &collection, key, Some(data), Vec::new()).await
+    let op = KeyedOp::Put {
+        data,
+        tags: Vec::new(),
+    };
+    keyed_write(&app, &headers, &collection, key, op).await
 }
 
 /// `POST /collections/{c}/keys` with `{"key", "data", "tags"?}` (the client's
@@ -258,19 +273,17 @@ pub async fn post_key(
     #[derive(serde::Deserialize)]
     struct RawKeyWrite<'a> {
         key: String,
-        #[serde(borrow, default)]
-        data: Option<&'a RawValue>,
+        #[serde(borrow)]
+        data: &'a RawValue,
         #[serde(default)]
         tags: Vec<String>,
     }
     let req: RawKeyWrite = parse_object(&bytes)?;
-    let data = match req.data {
-        Some(raw) => compact_raw(raw)?,
-        None => {
-            RawValue::from_string("null".into()).map_err(|e| ApiError::Internal(e.to_string()))?
-        }
+    let op = KeyedOp::Put {
+        data: compact_raw(req.data)?,
+        tags: req.tags,
     };
-    keyed_write(&app, &headers, &collection, req.key, Some(data), req.tags).await
+    keyed_write(&app, &headers, &collection, req.key, op).await
 }
 
 /// `DELETE /collections/{c}/keys/{key}`.
@@ -279,7 +292,7 @@ pub async fn delete_key(
     Path((collection, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    keyed_write(&app, &headers, &collection, key, None, Vec::new()).await
+    keyed_write(&app, &headers, &collection, key, KeyedOp::Delete).await
 }
 
 fn role(state: ServerState) -> &'static str {
