@@ -41,7 +41,8 @@ use url::Url;
 use crate::error::{is_unavailable, retry_after, Error, Result};
 use crate::query::Query;
 use crate::types::{
-    Change, ChangeList, Collection, Health, KeyWrite, NameRequest, NewChange, Posted, Tenant,
+    Change, ChangeList, ClusterInfo, Collection, Health, KeyWrite, NameRequest, NewChange, Posted,
+    Tenant,
 };
 
 /// Header that makes a retried post return the first answer instead of
@@ -691,6 +692,11 @@ impl Client {
     /// `GET /health` of the endpoint the client currently talks to.
     pub async fn health(&self) -> Result<Health> {
         self.read(Call::get("health", &["health"])).await
+    }
+
+    /// `GET /cluster`: members, roles, leader, term and each member's replicated index.
+    pub async fn cluster(&self) -> Result<ClusterInfo> {
+        self.read(Call::get("cluster", &["cluster"])).await
     }
 
     /// `GET /metrics`: Prometheus text.

@@ -190,7 +190,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
-    /// `leader`, `follower`, `candidate`, `learner` or `edge`.
+    /// `leader`, `follower`, `candidate`, `learner`, `removed` (no longer a member) or `edge`.
     pub role: String,
     /// Raft node id of the answering core node (absent on an edge).
     #[serde(default)]
@@ -214,4 +214,50 @@ pub struct Health {
     /// Raft log entries committed but not yet applied here.
     #[serde(default)]
     pub lag: u64,
+}
+
+/// Body of `GET /cluster` (and the answer to `POST /cluster/join`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterInfo {
+    /// Id of the cluster, also sent as `X-Cluster-Id`.
+    pub cluster_id: Option<String>,
+    /// Node id of the current leader, if one is known.
+    pub leader: Option<u64>,
+    /// Current Raft term.
+    pub term: u64,
+    /// Every member, voters and learners, by id.
+    pub members: Vec<ClusterMember>,
+}
+
+/// One member of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMember {
+    pub id: u64,
+    /// Address the other members reach it at.
+    pub addr: String,
+    /// Whether it votes (a learner only receives the log).
+    pub voter: bool,
+    /// `leader`, `follower` or `learner`.
+    pub role: String,
+    /// Highest Raft log index known to be replicated to it (from the leader's view; `null`
+    /// when no leader answered).
+    pub matched: Option<u64>,
+}
+
+/// Body of `POST /cluster/join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The joining node's id (from its data dir).
+    pub node_id: u64,
+    /// Address the members will reach it at (`host:port`).
+    pub addr: String,
+}
+
+/// Answer to `POST /cluster/leave` and `DELETE /cluster/members/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: u64,
 }

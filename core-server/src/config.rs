@@ -34,16 +34,47 @@ pub struct Config {
 
     /// Raft heartbeat interval; also the AppendEntries timeout, so it must exceed a round
     /// trip plus one fsync.
-    #[arg(long, env = "CHANGEAGENT_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "CHANGEAGENT_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
 
-    /// Minimum Raft election timeout; the maximum is twice this.
-    #[arg(long, env = "CHANGEAGENT_ELECTION_TIMEOUT_MS", default_value_t = 400)]
+    /// Minimum Raft election timeout; the maximum is 1.5 times this. Followers also refuse
+    /// votes for that maximum after the last heartbeat (the leader lease), so a failover takes
+    /// one to two maximums.
+    #[arg(long, env = "CHANGEAGENT_ELECTION_TIMEOUT_MS", default_value_t = 250)]
     pub election_timeout_ms: u64,
 
     /// Raft log entries between snapshots (each entry may carry many changes).
     #[arg(long, env = "CHANGEAGENT_SNAPSHOT_LOGS", default_value_t = 20_000)]
     pub snapshot_logs: u64,
+
+    /// Raft log entries kept behind a snapshot, so a briefly lagging follower catches up
+    /// from the log instead of a whole snapshot.
+    #[arg(long, env = "CHANGEAGENT_SNAPSHOT_KEEP_LOGS", default_value_t = 1000)]
+    pub snapshot_keep_logs: u64,
+
+    /// File listing the initial members, one `host:port` (advertise address) per line, this
+    /// node included. Start every listed node with the same file: the node with the lowest
+    /// address initializes the cluster once it has reached all of them.
+    #[arg(long, env = "CHANGEAGENT_PEERS", conflicts_with = "join")]
+    pub peers: Option<PathBuf>,
+
+    /// URL of any member of an existing cluster (`http://host:port`): this node asks to join,
+    /// catches up as a learner, then becomes a voter.
+    #[arg(long, env = "CHANGEAGENT_JOIN")]
+    pub join: Option<String>,
+
+    /// Shared secret required on Raft RPCs and membership routes (header
+    /// `X-Cluster-Secret`); every node of a cluster must use the same one.
+    #[arg(
+        long,
+        env = "CHANGEAGENT_CLUSTER_SECRET",
+        conflicts_with = "cluster_secret_file"
+    )]
+    pub cluster_secret: Option<String>,
+
+    /// File holding the cluster secret (surrounding whitespace ignored).
+    #[arg(long, env = "CHANGEAGENT_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 
     /// How long shutdown waits for in-flight requests before it stops serving.
     #[arg(long, env = "CHANGEAGENT_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
@@ -51,6 +82,41 @@ pub struct Config {
 }
 
 impl Config {
+    /// The maximum election timeout (also openraft's leader lease).
+    pub fn election_timeout_max_ms(&self) -> u64 {
+        self.election_timeout_ms + self.election_timeout_ms.div_ceil(2)
+    }
+
+    /// The cluster secret from `--cluster-secret` or `--cluster-secret-file`, if any.
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        let secret = match (&self.cluster_secret, &self.cluster_secret_file) {
+            (Some(s), _) => s.trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read --cluster-secret-file {}: {e}", path.display())
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!("the cluster secret must be non-empty visible ASCII without spaces");
+        }
+        Ok(Some(secret))
+    }
+
+    /// The initial members listed in `--peers`, in file order.
+    pub fn peer_list(&self) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(path) = &self.peers else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read --peers file {}: {e}", path.display()))?;
+        let peers = parse_peers(&text)
+            .map_err(|e| anyhow::anyhow!("bad --peers file {}: {e}", path.display()))?;
+        Ok(Some(peers))
+    }
+
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
     }
@@ -70,5 +136,63 @@ impl Config {
             return Err("--write-timeout-ms and --snapshot-logs must be > 0".into());
         }
         Ok(())
+    }
+}
+
+/// Parses a peers file: one `host:port` per line; blank lines and `#` comments are ignored;
+/// an optional `http://` prefix is dropped.
+pub fn parse_peers(text: &str) -> Result<Vec<String>, String> {
+    let mut peers: Vec<String> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let addr = line
+            .strip_prefix("http://")
+            .unwrap_or(line)
+            .trim_end_matches('/');
+        let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !valid {
+            return Err(format!("line {}: {line:?} is not host:port", n + 1));
+        }
+        if peers.iter().any(|p| p == addr) {
+            return Err(format!("line {}: {addr} is listed twice", n + 1));
+        }
+        peers.push(addr.to_owned());
+    }
+    if peers.is_empty() {
+        return Err("it lists no peers".into());
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_peers;
+
+    #[test]
+    fn peers_file_lines() {
+        let text = "# core\n127.0.0.1:9001\n\n http://127.0.0.1:9002/ # second\n127.0.0.1:9003\n";
+        assert_eq!(
+            parse_peers(text).unwrap(),
+            ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+        );
+    }
+
+    #[test]
+    fn bad_peers_files_are_refused() {
+        for bad in [
+            "",
+            "# only a comment\n",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "a:1\na:1",
+            ":80",
+        ] {
+            assert!(parse_peers(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //! - [`config`]: flags and environment variables.
-//! - [`node`]: storage, node id, Raft start-up and cluster initialization.
+//! - [`node`]: storage, node id, Raft start-up, cluster formation (peers file or join).
+//! - [`identity`]: node id, cluster id and secret; checks on peer requests.
 //! - [`raft`]: Raft types, log store, state machine, HTTP transport.
 //! - [`proposer`]: groups concurrent writes into one Raft entry.
 //! - [`http`]: routes and handlers.
 
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod node;
 pub mod proposer;
 pub mod raft;
@@ -40,15 +42,25 @@ pub async fn run(
         .local_addr()
         .context("listener has no local address")?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .context("cannot build the HTTP client")?;
-    let node = node::start(&config, &advertise, client).await?;
+        .tcp_nodelay(true);
+    // Peers see connections come from the address this node listens on (multi-homed hosts,
+    // firewalls keyed on source address).
+    if !addr.ip().is_unspecified() {
+        client = client.local_address(addr.ip());
+    }
+    let client = client.build().context("cannot build the HTTP client")?;
+    let node = node::start(&config, &advertise, client.clone()).await?;
     let proposer = proposer::Proposer::start(node.raft.clone());
     let metrics = Arc::new(HttpMetrics::default());
     let config = Arc::new(config);
+    let barrier = http::consistent::LeaderBarrier {
+        raft: node.raft.clone(),
+        identity: node.identity.clone(),
+        client: client.clone(),
+        timeout: config.write_timeout(),
+    };
     let read = Arc::new(ReadApi {
         store: node.store.clone(),
         limits: ReadLimits {
@@ -56,25 +68,68 @@ pub async fn run(
         },
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        barrier: Some(Arc::new(barrier)),
     });
     let app = Arc::new(http::AppState {
         node_id: node.id,
+        identity: node.identity.clone(),
         raft: node.raft.clone(),
         proposer: proposer.clone(),
         store: node.store.clone(),
         config: config.clone(),
         metrics,
+        client: client.clone(),
+        snapshot_dir: node.snapshot_dir.clone(),
+        shutdown: shutdown.clone(),
     });
     let router = http::routes::router(app, read);
     let server =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(async move { server.await });
 
-    let ready = node::ensure_cluster_id(node.id, node.raft.clone(), node.store.clone(), proposer);
-    if tokio::time::timeout(READY_TIMEOUT, ready).await.is_err() {
-        tracing::warn!("no leader or cluster id after {READY_TIMEOUT:?}; serving anyway");
+    let forming = node::form(
+        config.clone(),
+        node.raft.clone(),
+        node.identity.clone(),
+        advertise.clone(),
+        client,
+    );
+    let mut forming = tokio::spawn(forming);
+    let ready = node::ensure_cluster_id(
+        node.identity.clone(),
+        node.raft.clone(),
+        node.store.clone(),
+        proposer,
+    );
+    let ready_by = tokio::time::sleep(READY_TIMEOUT);
+    tokio::pin!(ready, ready_by);
+    // Formation failing (refused join, peer of another cluster) stops the node.
+    let mut formed = false;
+    loop {
+        tokio::select! {
+            _ = &mut ready => break,
+            _ = &mut ready_by => {
+                tracing::warn!("no leader or cluster id after {READY_TIMEOUT:?}; serving anyway");
+                break;
+            }
+            result = &mut forming, if !formed => {
+                formed = true;
+                let failure = match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = failure {
+                    tracing::error!("{why}");
+                    shutdown.cancel();
+                    server.abort();
+                    node.raft.shutdown().await.ok();
+                    return Err(anyhow::anyhow!("{why}"));
+                }
+            }
+        }
     }
-    tracing::info!(node_id = node.id, "listening on {addr}");
+    tracing::info!(node_id = node.id, %advertise, "listening on {addr}");
 
     // A Raft node that stopped on a storage error cannot serve writes again: stop the whole
     // process (exit non-zero) so a supervisor restarts it, rather than answer 503 forever.
@@ -95,6 +150,9 @@ pub async fn run(
     }
     fatal.abort();
     let failure = fatal.await.ok().flatten();
+    if failure.is_none() {
+        hand_over(&node.raft, HAND_OVER_TIMEOUT).await;
+    }
     node.raft.shutdown().await.ok();
     node.store.sync().context("cannot sync the change store")?;
     match failure {
@@ -102,6 +160,53 @@ pub async fn run(
         None => {
             tracing::info!("stopped");
             Ok(())
+        }
+    }
+}
+
+/// Longest a stopping leader waits for its followers to catch up.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A stopping leader lets its followers catch up with its whole log before it stops, so the
+/// next leader is elected from complete logs and no acknowledged write waits on this node.
+/// (openraft 0.9 has no leadership transfer: the followers elect once heartbeats stop.)
+async fn hand_over(raft: &raft::types::Raft, timeout: Duration) {
+    let mut metrics = raft.metrics();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let caught_up = {
+            let m = metrics.borrow_and_update();
+            if m.state != openraft::ServerState::Leader {
+                return;
+            }
+            let last = m.last_log_index;
+            let voters: Vec<_> = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != m.id)
+                .collect();
+            if voters.is_empty() {
+                return;
+            }
+            voters.iter().all(|v| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(v).cloned().flatten())
+                    .map(|l| l.index)
+                    >= last
+            })
+        };
+        if caught_up {
+            tracing::info!("followers caught up; leader stepping down");
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("followers did not catch up within {timeout:?}; stopping anyway");
+                return;
+            }
         }
     }
 }

@@ -19,6 +19,11 @@ pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    body_bytes(headers, body, limit).await
+}
+
+/// Reads a request body of any type, of at most `limit` bytes.
+pub async fn body_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -14,6 +14,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// A peer request without the right cluster secret.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A peer request from another cluster.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("{0}")]
@@ -42,6 +48,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Gone { .. } => StatusCode::GONE,
@@ -58,6 +66,8 @@ impl ApiError {
     pub fn from_status(status: u16, message: String) -> Self {
         match status {
             400 => ApiError::BadRequest(message),
+            401 => ApiError::Unauthorized(message),
+            403 => ApiError::Forbidden(message),
             404 => ApiError::NotFound(message),
             409 => ApiError::Conflict(message),
             503 => ApiError::Unavailable {

@@ -10,7 +10,7 @@ use axum::Json;
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::query::{parse_limit, ChangesQuery, DEFAULT_LIMIT};
+use super::query::{parse_bool, parse_limit, ChangesQuery, DEFAULT_LIMIT};
 use super::ReadApi;
 use crate::store::{Collection, Filter, Store, Tenant};
 
@@ -44,6 +44,7 @@ pub async fn list_changes(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
+    api.barrier(q.consistent).await?;
     serve_changes(&api, uri.path(), q).await
 }
 
@@ -56,6 +57,7 @@ pub async fn tenant_changes(
 ) -> Result<Response, ApiError> {
     let mut q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
     q.tenant = Some(tenant);
+    api.barrier(q.consistent).await?;
     serve_changes(&api, uri.path(), q).await
 }
 
@@ -154,12 +156,24 @@ fn parse_id(raw: &str) -> Result<u64, ApiError> {
     })
 }
 
+/// The `consistent` parameter of a query that takes no other.
+fn consistent_param(raw: Option<&str>) -> Result<bool, ApiError> {
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        if k == "consistent" {
+            return parse_bool("consistent", &v);
+        }
+    }
+    Ok(false)
+}
+
 /// `GET /changes/{id}`.
 pub async fn get_change(
     State(api): State<Arc<ReadApi>>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    api.barrier(consistent_param(raw.as_deref())?).await?;
     match blocking(&api.store, move |s| s.get_change(id)).await? {
         Some(json) => Ok(json_response(json)),
         None => Err(ApiError::NotFound(format!("change {id} not found"))),
@@ -212,14 +226,17 @@ pub async fn list_keys(
     let c = api.store.collection(&collection)?;
     let mut after = None;
     let mut limit = DEFAULT_LIMIT;
+    let mut consistent = false;
     for (k, v) in form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
             // `last` is the original ChangeAgent's name for `after`.
             "after" | "last" => after = Some(v.into_owned()),
             "limit" => limit = parse_limit(&v)?,
+            "consistent" => consistent = parse_bool("consistent", &v)?,
             _ => {}
         }
     }
+    api.barrier(consistent).await?;
     let body = blocking(&api.store, move |s| {
         let mut out = b"[".to_vec();
         s.list_keys(c.id, after.as_deref(), limit, &mut out)?;
@@ -234,8 +251,10 @@ pub async fn list_keys(
 pub async fn get_key(
     State(api): State<Arc<ReadApi>>,
     Path((collection, key)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let c = api.store.collection(&collection)?;
+    api.barrier(consistent_param(raw.as_deref())?).await?;
     let k = key.clone();
     match blocking(&api.store, move |s| s.get_key(c.id, &k)).await? {
         Some(json) => Ok(json_response(json)),

@@ -30,6 +30,29 @@ pub struct ReadApi {
     pub metrics: Arc<HttpMetrics>,
     /// Cancelled at shutdown: waiting long-polls answer at once so the server can drain.
     pub shutdown: CancellationToken,
+    /// What `consistent=true` waits for; `None` where local state is always current (a
+    /// single store with no cluster behind it).
+    pub barrier: Option<Arc<dyn ReadBarrier>>,
+}
+
+/// A future answering a read barrier.
+pub type BarrierFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApiError>> + Send + 'a>>;
+
+/// Makes a read reflect every write acknowledged before the read began (`consistent=true`):
+/// a cluster node confirms with its leader and waits until it has applied that far.
+pub trait ReadBarrier: Send + Sync {
+    fn wait(&self) -> BarrierFuture<'_>;
+}
+
+impl ReadApi {
+    /// Waits for the read barrier when `consistent` is asked for.
+    pub async fn barrier(&self, consistent: bool) -> Result<(), ApiError> {
+        match (&self.barrier, consistent) {
+            (Some(b), true) => b.wait().await,
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The read routes, with their state applied.

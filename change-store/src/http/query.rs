@@ -48,7 +48,7 @@ fn bad(name: &str, value: &str, want: &str) -> ApiError {
     ApiError::BadRequest(format!("invalid {name} {value:?}: expected {want}"))
 }
 
-fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
+pub fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
     match v {
         "" | "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),

@@ -309,8 +309,11 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<Health> {
     let m = app.raft.metrics().borrow().clone();
     let state = app.store.state();
     let applied = m.last_applied.map(|l| l.index);
+    let membership = m.membership_config.membership();
+    let removed =
+        membership.nodes().next().is_some() && membership.get_node(&app.node_id).is_none();
     Json(Health {
-        role: role(m.state).to_owned(),
+        role: if removed { "removed" } else { role(m.state) }.to_owned(),
         node_id: Some(app.node_id),
         leader: m.current_leader,
         term: m.current_term,

@@ -1,25 +1,38 @@
 //! The core node's HTTP surface: the shared read routes from the change store, the write and
-//! ops routes, and the Raft RPC endpoints under `/raft/*`.
+//! ops routes, membership routes, and the Raft RPC endpoints under `/raft/*`.
 
+pub mod cluster;
+pub mod consistent;
+pub mod forward;
 pub mod handlers;
 pub mod raft;
 pub mod routes;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use changeagent_store::http::HttpMetrics;
 use changeagent_store::Store;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::identity::Identity;
 use crate::proposer::Proposer;
 use crate::raft::types::{NodeId, Raft};
 
 /// State shared by the core's handlers.
 pub struct AppState {
     pub node_id: NodeId,
+    pub identity: Arc<Identity>,
     pub raft: Raft,
     pub proposer: Proposer,
     pub store: Arc<Store>,
     pub config: Arc<Config>,
     pub metrics: Arc<HttpMetrics>,
+    /// The shared HTTP client for peers (forwarding, membership, read index).
+    pub client: reqwest::Client,
+    /// Where snapshots are kept and received.
+    pub snapshot_dir: PathBuf,
+    /// Cancelled to stop the node (`POST /cluster/leave`).
+    pub shutdown: CancellationToken,
 }

@@ -1,18 +1,44 @@
-//! Raft RPC endpoints: each decodes the request, hands it to the local Raft node, and
-//! answers openraft's `Result` as JSON for the caller's transport to decode.
+//! Raft RPC endpoints under `/raft/*`: each decodes the request, hands it to the local Raft
+//! node, and answers openraft's `Result` as JSON for the caller's transport to decode. Every
+//! request first passes [`peer_guard`] (cluster id and secret).
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use openraft::error::{InstallSnapshotError, RaftError};
+use changeagent_store::http::ApiError;
+use futures::StreamExt;
+use openraft::error::{Fatal, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 
 use super::AppState;
-use crate::raft::types::{NodeId, TypeConfig};
+use crate::raft::network::{SNAPSHOT_META_HEADER, SNAPSHOT_VOTE_HEADER};
+use crate::raft::snapshot_file;
+use crate::raft::types::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
+
+/// Middleware on `/raft/*`: refuses RPCs without the secret or from another cluster.
+pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    // `/raft/identity` answers nodes that do not know the cluster id yet (formation).
+    let checked = if path == "/raft/identity" {
+        app.identity.check_secret(req.headers())
+    } else {
+        app.identity.check_rpc(req.headers())
+    };
+    if let Err(e) = checked {
+        tracing::warn!(path, error = %e, "refused a peer request");
+        return ApiError::from(e).into_response();
+    }
+    next.run(req).await
+}
 
 /// `POST /raft/append`.
 pub async fn append(
@@ -30,10 +56,113 @@ pub async fn vote(
     Json(app.raft.vote(req).await)
 }
 
-/// `POST /raft/snapshot` (one chunk).
+fn json_header<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<T, ApiError> {
+    let raw = headers
+        .get(name)
+        .ok_or_else(|| ApiError::BadRequest(format!("missing header {name}")))?;
+    serde_json::from_slice(raw.as_bytes())
+        .map_err(|e| ApiError::BadRequest(format!("bad header {name}: {e}")))
+}
+
+/// `POST /raft/snapshot`: the leader's whole snapshot as one streamed body, written to a
+/// temp file in the snapshot dir, then installed.
 pub async fn snapshot(
     State(app): State<Arc<AppState>>,
-    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Json(app.raft.install_snapshot(req).await)
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, ApiError> {
+    let vote: Vote = json_header(&headers, SNAPSHOT_VOTE_HEADER)?;
+    let meta: SnapshotMeta = json_header(&headers, SNAPSHOT_META_HEADER)?;
+    let io = |what: &str, e: std::io::Error| ApiError::Internal(format!("{what}: {e}"));
+    let file = tempfile::tempfile_in(&app.snapshot_dir)
+        .map_err(|e| io("cannot create a file for the incoming snapshot", e))?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::BadRequest(format!(
+                "snapshot upload broke off after {received} bytes: {e}"
+            ))
+        })?;
+        received += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| io("cannot write the incoming snapshot", e))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| io("cannot write the incoming snapshot", e))?;
+    let mut std_file = file.into_std().await;
+    let trailer_meta = meta.clone();
+    let std_file = tokio::task::spawn_blocking(move || {
+        snapshot_file::write_trailer(&mut std_file, &trailer_meta)?;
+        Ok::<_, std::io::Error>(std_file)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| io("cannot write the incoming snapshot", e))?;
+    tracing::info!(snapshot = %meta.snapshot_id, bytes = received, "received a snapshot; installing");
+    let snapshot = Snapshot {
+        meta,
+        snapshot: Box::new(tokio::fs::File::from_std(std_file)),
+    };
+    Ok(Json(app.raft.install_full_snapshot(vote, snapshot).await))
+}
+
+/// Answer of `POST /raft/read-index`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadIndex {
+    /// The Raft log index a follower must have applied before serving a consistent read.
+    pub index: u64,
+}
+
+/// `POST /raft/read-index`: the leader confirms it still leads (a heartbeat round to a
+/// quorum) and answers the log index a consistent read must wait for.
+pub async fn read_index(State(app): State<Arc<AppState>>) -> Result<Json<ReadIndex>, ApiError> {
+    let timeout = app.config.write_timeout();
+    match tokio::time::timeout(timeout, app.raft.get_read_log_id()).await {
+        Ok(Ok((read, _applied))) => Ok(Json(ReadIndex {
+            index: read.map_or(0, |l| l.index),
+        })),
+        Ok(Err(e)) => Err(ApiError::Unavailable {
+            message: format!("cannot confirm leadership for a consistent read: {e}"),
+            retry_after_secs: 1,
+        }),
+        Err(_) => Err(ApiError::Unavailable {
+            message: format!(
+                "leadership not confirmed within {} ms (no quorum?)",
+                timeout.as_millis()
+            ),
+            retry_after_secs: 1,
+        }),
+    }
+}
+
+/// Answer of `GET /raft/identity`, used while forming a cluster.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeIdentity {
+    pub node_id: NodeId,
+    pub cluster_id: Option<String>,
+    /// Whether the node already holds a membership (belongs to a cluster).
+    pub initialized: bool,
+}
+
+/// `GET /raft/identity`.
+pub async fn identity(State(app): State<Arc<AppState>>) -> Result<Json<NodeIdentity>, ApiError> {
+    let initialized = app
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(NodeIdentity {
+        node_id: app.node_id,
+        cluster_id: app.identity.cluster_id().map(|c| c.to_string()),
+        initialized,
+    }))
 }

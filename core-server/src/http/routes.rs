@@ -3,14 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use changeagent_store::http::{finish_router, read_router, ReadApi};
 
-use super::{handlers, raft, AppState};
+use super::{cluster, forward, handlers, raft, AppState};
 
-/// Largest Raft RPC body: AppendEntries batches and snapshot chunks are bounded by openraft's
-/// `max_payload_entries` and `snapshot_max_chunk_size`, far below this.
+/// Largest Raft RPC body: AppendEntries batches are bounded by openraft's
+/// `max_payload_entries` times the largest entry. Snapshots are streamed to a file, unbounded.
 const MAX_RAFT_BODY: usize = 512 * 1024 * 1024;
 
 /// Builds the node's whole router.
@@ -31,6 +31,15 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
             "/collections/{collection}/keys/{key}",
             put(handlers::put_key).delete(handlers::delete_key),
         )
+        .route("/cluster/join", post(cluster::join))
+        .route("/cluster/members/{id}", delete(cluster::remove_member))
+        // Followers forward these to the leader.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            forward::to_leader,
+        ))
+        .route("/cluster", get(cluster::get_cluster))
+        .route("/cluster/leave", post(cluster::leave))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         // Bodies are read with their own limit check (413 as JSON), not axum's.
@@ -39,8 +48,17 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
     let raft_routes = Router::new()
         .route("/raft/append", post(raft::append))
         .route("/raft/vote", post(raft::vote))
-        .route("/raft/snapshot", post(raft::snapshot))
+        .route("/raft/read-index", post(raft::read_index))
+        .route("/raft/identity", get(raft::identity))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
+        .route(
+            "/raft/snapshot",
+            post(raft::snapshot).layer(DefaultBodyLimit::disable()),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            raft::peer_guard,
+        ))
         .with_state(app.clone());
     let router = read_router(read).merge(writes).merge(raft_routes);
     finish_router(router, app.store.clone(), app.metrics.clone())

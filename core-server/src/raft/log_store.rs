@@ -276,3 +276,13 @@ pub fn read_node_id(store: &LogStore) -> Result<Option<NodeId>, AnyError> {
 pub fn write_node_id(store: &LogStore, id: NodeId) -> Result<(), AnyError> {
     LogStore::put_json(&store.db, b"node_id", &id, true)
 }
+
+/// The cluster id this node belongs to, if it knows one yet.
+pub fn read_cluster_id(store: &LogStore) -> Result<Option<String>, AnyError> {
+    LogStore::get_json(&store.db, b"cluster_id")
+}
+
+/// Persists the cluster id this node belongs to (synced).
+pub fn write_cluster_id(store: &LogStore, id: &str) -> Result<(), AnyError> {
+    LogStore::put_json(&store.db, b"cluster_id", &id, true)
+}

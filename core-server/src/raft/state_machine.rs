@@ -11,21 +11,20 @@
 //! 4. An installed snapshot replaces the whole state in one write that also records the
 //!    snapshot's log id and membership.
 
-use std::io::Cursor;
-use std::path::PathBuf;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::snapshot_file;
+use super::types::{
+    Command, Entry, LogId, Op, Outcome, Response, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
+};
 use changeagent_store::export::{ExportOptions, Header};
 use changeagent_store::http::ApiError;
 use changeagent_store::{Error as StoreError, Store, Txn};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use serde::{Deserialize, Serialize};
-
-use super::types::{
-    Command, Entry, LogId, Op, Outcome, Response, Snapshot, SnapshotMeta, StorageError,
-    StoredMembership, TypeConfig,
-};
 
 const APPLIED: &str = "raft_applied";
 const MEMBERSHIP: &str = "raft_membership";
@@ -39,7 +38,7 @@ fn any(e: impl std::fmt::Display) -> AnyError {
 /// The state machine over the change store.
 pub struct StateMachine {
     store: Arc<Store>,
-    /// Where the newest snapshot is kept (`current.snap`).
+    /// Where the newest snapshot is kept (see [`snapshot_file`]).
     snapshot_dir: PathBuf,
 }
 
@@ -49,15 +48,11 @@ pub struct SnapshotBuilder {
     snapshot_dir: PathBuf,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SavedMeta {
-    meta: SnapshotMeta,
-}
-
 impl StateMachine {
     /// A state machine over `store`, keeping snapshots in `snapshot_dir`.
     pub fn new(store: Arc<Store>, snapshot_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
+        snapshot_file::remove_leftovers(&snapshot_dir)?;
         Ok(StateMachine {
             store,
             snapshot_dir,
@@ -221,132 +216,193 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let file = tempfile::tempfile_in(&self.snapshot_dir)
+            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
         let sig = Some(meta.signature());
-        tokio::task::spawn_blocking(move || {
-            let data = snapshot.into_inner();
-            let applied = serde_json::to_vec(&meta.last_log_id).map_err(any)?;
-            let membership = serde_json::to_vec(&meta.last_membership).map_err(any)?;
-            store
-                .import(
-                    Cursor::new(&data),
-                    &[(APPLIED, &applied), (MEMBERSHIP, &membership)],
-                )
-                .map_err(any)?;
-            save_snapshot(&dir, &meta, &data).map_err(any)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), any(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(sig, e).into())
+        let file = snapshot.into_std().await;
+        tokio::task::spawn_blocking(move || install(&store, &dir, &meta, file))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), any(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(sig, e).into())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         let dir = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || load_snapshot(&dir))
+        let current = tokio::task::spawn_blocking(move || snapshot_file::open_current(&dir))
             .await
             .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)).into())
+            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+        Ok(current.map(|(trailer, file)| Snapshot {
+            meta: trailer.meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
     }
+}
+
+/// Installs a received snapshot: imports its checkpoint (replacing the whole state together
+/// with the snapshot's log id and membership), then keeps the file as the current snapshot.
+fn install(
+    store: &Store,
+    dir: &Path,
+    meta: &SnapshotMeta,
+    mut file: std::fs::File,
+) -> Result<(), AnyError> {
+    let data_len = match snapshot_file::read_trailer(&mut file).map_err(any)? {
+        Some(t) => t.data_len,
+        None => file.metadata().map_err(any)?.len(),
+    };
+    let applied = serde_json::to_vec(&meta.last_log_id).map_err(any)?;
+    let membership = serde_json::to_vec(&meta.last_membership).map_err(any)?;
+    file.seek(SeekFrom::Start(0)).map_err(any)?;
+    store
+        .import(
+            BufReader::with_capacity(1 << 16, (&mut file).take(data_len)),
+            &[(APPLIED, &applied), (MEMBERSHIP, &membership)],
+        )
+        .map_err(any)?;
+    file.seek(SeekFrom::Start(0)).map_err(any)?;
+    let tmp = snapshot_file::temp_in(dir).map_err(any)?;
+    let mut out = tmp.reopen().map_err(any)?;
+    std::io::copy(&mut (&mut file).take(data_len), &mut out).map_err(any)?;
+    snapshot_file::write_trailer(&mut out, meta).map_err(any)?;
+    snapshot_file::publish(tmp, dir).map_err(any)?;
+    tracing::info!(
+        snapshot = %meta.snapshot_id,
+        bytes = data_len,
+        "installed a snapshot from the leader"
+    );
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || -> Result<Snapshot, AnyError> {
-            store.sync().map_err(any)?;
-            let mut data = Vec::new();
-            let header: Header = store
-                .export(
-                    &mut data,
-                    ExportOptions {
-                        idempotency: true,
-                        owner: true,
-                    },
-                )
-                .map_err(any)?;
-            let applied: Option<LogId> = header
-                .owner
-                .get(APPLIED)
-                .map(|v| serde_json::from_str(v))
-                .transpose()
-                .map_err(any)?
-                .flatten();
-            let membership: StoredMembership = header
-                .owner
-                .get(MEMBERSHIP)
-                .map(|v| serde_json::from_str(v))
-                .transpose()
-                .map_err(any)?
-                .unwrap_or_default();
-            let snapshot_id = match applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, header.created_ts),
-                None => format!("0-0-{}", header.created_ts),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: applied,
-                last_membership: membership,
-                snapshot_id,
-            };
-            save_snapshot(&dir, &meta, &data)?;
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })
-        })
-        .await
-        .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?
-        .map_err(|e| StorageIOError::write_snapshot(None, e).into())
+        tokio::task::spawn_blocking(move || build(&store, &dir))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, e).into())
     }
 }
 
-/// Writes the snapshot as one file, `[meta length: u32][meta JSON][data]`, to a temp file,
-/// synced, then renamed over the previous one, so meta and data never disagree.
-fn save_snapshot(dir: &std::path::Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(), AnyError> {
-    use std::io::Write;
-    let meta_bytes = serde_json::to_vec(&SavedMeta { meta: meta.clone() }).map_err(any)?;
-    let tmp = dir.join("current.snap.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(any)?;
-    f.write_all(&(meta_bytes.len() as u32).to_be_bytes())
-        .map_err(any)?;
-    f.write_all(&meta_bytes).map_err(any)?;
-    f.write_all(data).map_err(any)?;
-    f.sync_all().map_err(any)?;
-    std::fs::rename(&tmp, dir.join("current.snap")).map_err(any)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(any)
+/// Exports the state into a new snapshot file and publishes it as the current one.
+fn build(store: &Store, dir: &Path) -> Result<Snapshot, AnyError> {
+    store.sync().map_err(any)?;
+    let tmp = snapshot_file::temp_in(dir).map_err(any)?;
+    let mut file = tmp.reopen().map_err(any)?;
+    let header: Header = {
+        let mut out = BufWriter::with_capacity(1 << 16, &mut file);
+        let header = store
+            .export(
+                &mut out,
+                ExportOptions {
+                    idempotency: true,
+                    owner: true,
+                },
+            )
+            .map_err(any)?;
+        out.flush().map_err(any)?;
+        header
+    };
+    let applied: Option<LogId> = header
+        .owner
+        .get(APPLIED)
+        .map(|v| serde_json::from_str(v))
+        .transpose()
+        .map_err(any)?
+        .flatten();
+    let membership: StoredMembership = header
+        .owner
+        .get(MEMBERSHIP)
+        .map(|v| serde_json::from_str(v))
+        .transpose()
+        .map_err(any)?
+        .unwrap_or_default();
+    let snapshot_id = match applied {
+        Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, header.created_ts),
+        None => format!("0-0-{}", header.created_ts),
+    };
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id,
+    };
+    snapshot_file::write_trailer(&mut file, &meta).map_err(any)?;
+    drop(file);
+    let file = snapshot_file::publish(tmp, dir).map_err(any)?;
+    tracing::info!(snapshot = %meta.snapshot_id, "built a snapshot");
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(tokio::fs::File::from_std(file)),
+    })
 }
 
-fn load_snapshot(dir: &std::path::Path) -> Result<Option<Snapshot>, AnyError> {
-    let path = dir.join("current.snap");
-    let mut bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(any(e)),
-    };
-    let corrupt = |what: &str| any(format!("corrupt snapshot {}: {what}", path.display()));
-    let len = bytes
-        .get(..4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .ok_or_else(|| corrupt("short file"))?;
-    let meta_bytes = bytes.get(4..4 + len).ok_or_else(|| corrupt("short meta"))?;
-    let saved: SavedMeta =
-        serde_json::from_slice(meta_bytes).map_err(|e| corrupt(&e.to_string()))?;
-    let data = bytes.split_off(4 + len);
-    Ok(Some(Snapshot {
-        meta: saved.meta,
-        snapshot: Box::new(Cursor::new(data)),
-    }))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use changeagent_store::{parse_post_body, Filter};
+
+    fn store(dir: &Path) -> Arc<Store> {
+        Store::open(dir.join("changes")).unwrap()
+    }
+
+    fn page(s: &Store) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.read_page(0, 1000, &Filter::default(), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_built_snapshot_installs_into_another_store_and_is_kept_as_a_file() {
+        let a = tempfile::tempdir().unwrap();
+        let leader = store(a.path());
+        let mut txn = leader.begin();
+        txn.create_tenant("acme").unwrap();
+        txn.remember_idempotent("k", 1, b"{\"_id\":1}".to_vec())
+            .unwrap();
+        let changes = parse_post_body(br#"[{"data":{"z":1,"a":2}},{"data":"two","tags":["t"]}]"#)
+            .unwrap()
+            .into_changes();
+        txn.append(5, &changes).unwrap();
+        let applied = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42));
+        txn.put_owner_meta(APPLIED, &serde_json::to_vec(&applied).unwrap())
+            .unwrap();
+        leader.commit(txn).unwrap();
+        let snaps_a = a.path().join("snapshots");
+        std::fs::create_dir_all(&snaps_a).unwrap();
+        let built = build(&leader, &snaps_a).unwrap();
+        assert_eq!(built.meta.last_log_id, applied);
+
+        let b = tempfile::tempdir().unwrap();
+        let follower = store(b.path());
+        let snaps_b = b.path().join("snapshots");
+        std::fs::create_dir_all(&snaps_b).unwrap();
+        // What the receiver gets: the data without trailer (it adds its own before install).
+        let (trailer, mut file) = snapshot_file::open_current(&snaps_a).unwrap().unwrap();
+        let mut received = tempfile::tempfile_in(&snaps_b).unwrap();
+        std::io::copy(&mut (&mut file).take(trailer.data_len), &mut received).unwrap();
+        install(&follower, &snaps_b, &built.meta, received).unwrap();
+
+        assert_eq!(page(&follower), page(&leader));
+        assert_eq!(follower.tenant("acme").map(|t| t.name), Some("acme".into()));
+        assert!(follower.begin().idempotent_answer("k").unwrap().is_some());
+        let (kept, _) = snapshot_file::open_current(&snaps_b).unwrap().unwrap();
+        assert_eq!(kept.meta.snapshot_id, built.meta.snapshot_id);
+        assert_eq!(kept.data_len, trailer.data_len);
+        let owner: Option<LogId> =
+            serde_json::from_slice(&follower.owner_meta(APPLIED).unwrap().unwrap()).unwrap();
+        assert_eq!(owner, applied);
+    }
 }

@@ -2,8 +2,6 @@
 //! requests the leader grouped into one entry; the state machine answers each with an
 //! [`Outcome`].
 
-use std::io::Cursor;
-
 use changeagent_store::ChangeInput;
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
@@ -15,7 +13,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// A node's id, persisted in its data dir.

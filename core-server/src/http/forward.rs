@@ -1,0 +1,235 @@
+//! Writes on any node: a follower forwards a write to the leader and returns the leader's
+//! answer unchanged; with no leader it answers 503 with `Retry-After` once the write timeout
+//! has passed.
+//!
+//! Rules:
+//! 1. Only requests that change state are forwarded (not GET/HEAD), and only once: a
+//!    forwarded request carries [`FORWARDED_HEADER`] and is handled where it lands (a node
+//!    that lost leadership meanwhile answers 503; the client retries).
+//! 2. A leader that cannot be reached is given up on only when the cluster has elected
+//!    another; until the deadline the request waits for that.
+//! 3. A failure after the request reached the leader is a 503 saying the write may have
+//!    been applied, so the client retries with the same `Idempotency-Key`.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use changeagent_store::http::body::body_bytes;
+use changeagent_store::http::ApiError;
+use openraft::ServerState;
+use tokio::time::Instant;
+
+use super::AppState;
+use crate::identity::{base_url, CLUSTER_ID_HEADER};
+use crate::raft::types::{NodeId, Raft};
+
+/// Marks a request a follower forwarded (value: the forwarder's node id).
+pub const FORWARDED_HEADER: &str = "x-changeagent-forwarded";
+/// Extra time a forwarded request is given beyond the caller's deadline, so the leader's own
+/// answer (which honours the same write timeout) arrives before ours.
+const FORWARD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a forwarded membership change may take (a join waits for the new node to catch
+/// up, possibly through a large snapshot).
+const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn is_membership(path: &str) -> bool {
+    path.starts_with("/cluster/")
+}
+
+/// Who leads, as this node sees it.
+pub enum LeaderIs {
+    Me,
+    Other { id: NodeId, addr: String },
+}
+
+/// Waits until a leader other than `exclude` is known, or `deadline` passes (`None`).
+pub async fn leader(
+    raft: &Raft,
+    me: NodeId,
+    deadline: Instant,
+    exclude: Option<NodeId>,
+) -> Option<LeaderIs> {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            match m.current_leader {
+                Some(l) if Some(l) == exclude => {}
+                Some(l) if l == me => {
+                    if m.state == ServerState::Leader {
+                        return Some(LeaderIs::Me);
+                    }
+                }
+                Some(l) => {
+                    if let Some(node) = m.membership_config.membership().get_node(&l) {
+                        return Some(LeaderIs::Other {
+                            id: l,
+                            addr: node.addr.clone(),
+                        });
+                    }
+                }
+                None => {}
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return None },
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// The answer when no leader could be found in time.
+pub fn no_leader(app: &AppState) -> ApiError {
+    ApiError::Unavailable {
+        message: format!(
+            "no leader was available within {} ms (an election is running or a quorum of \
+             nodes is down); retry shortly",
+            app.config.write_timeout_ms
+        ),
+        retry_after_secs: 1,
+    }
+}
+
+/// Middleware on write and membership routes: runs the request here on the leader, forwards
+/// it from a follower.
+pub async fn to_leader(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        || req.headers().contains_key(FORWARDED_HEADER)
+    {
+        return next.run(req).await;
+    }
+    let deadline = Instant::now() + app.config.write_timeout();
+    // Decide before reading the body: on the leader the handler reads it as it streams in.
+    let mut target = match leader(&app.raft, app.node_id, deadline, None).await {
+        None => return no_leader(&app).into_response(),
+        Some(LeaderIs::Me) => return run_here(&app, next, req, deadline).await,
+        Some(LeaderIs::Other { id, addr }) => (id, addr),
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match body_bytes(&parts.headers, body, app.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    loop {
+        let (id, addr) = &target;
+        match send(&app, &parts, bytes.clone(), addr, deadline).await {
+            Ok(resp) => return resp,
+            Err(Failed::Unknown(why)) => {
+                return ApiError::Unavailable {
+                    message: format!(
+                        "forwarding to the leader at {addr} failed ({why}); the write may have \
+                         been applied: retry with the same Idempotency-Key"
+                    ),
+                    retry_after_secs: 1,
+                }
+                .into_response()
+            }
+            Err(Failed::NotSent(why)) => {
+                tracing::debug!(leader = id, %addr, %why, "leader unreachable; waiting for a new one");
+                match leader(&app.raft, app.node_id, deadline, Some(*id)).await {
+                    None => return no_leader(&app).into_response(),
+                    Some(LeaderIs::Me) => {
+                        let req = Request::from_parts(parts, Body::from(bytes));
+                        return run_here(&app, next, req, deadline).await;
+                    }
+                    Some(LeaderIs::Other { id, addr }) => target = (id, addr),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the request on this node (the leader), answering 503 if the deadline passes first:
+/// waiting for a leader and committing share one write timeout.
+async fn run_here(app: &AppState, next: Next, req: Request, deadline: Instant) -> Response {
+    if is_membership(req.uri().path()) {
+        // A join waits for the new node to catch up; it is not bound by the write timeout.
+        return next.run(req).await;
+    }
+    match tokio::time::timeout_at(deadline, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Unavailable {
+            message: format!(
+                "the write was not committed within {} ms and may still be applied; retry \
+                 with the same Idempotency-Key",
+                app.config.write_timeout_ms
+            ),
+            retry_after_secs: 1,
+        }
+        .into_response(),
+    }
+}
+
+/// Why forwarding gave no answer.
+enum Failed {
+    /// The request never reached the leader (connection refused): safe to send elsewhere.
+    NotSent(String),
+    /// It may have reached the leader.
+    Unknown(String),
+}
+
+/// Hop-by-hop and framing headers, which each hop sets itself.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONNECTION
+        || name == header::CONTENT_LENGTH
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+}
+
+/// Sends one request to the leader and turns its answer into ours, unchanged.
+async fn send(
+    app: &AppState,
+    parts: &axum::http::request::Parts,
+    body: Bytes,
+    addr: &str,
+    deadline: Instant,
+) -> Result<Response, Failed> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let timeout = if is_membership(parts.uri.path()) {
+        MEMBERSHIP_TIMEOUT
+    } else {
+        deadline.saturating_duration_since(Instant::now()) + FORWARD_GRACE
+    };
+    let mut builder = app
+        .client
+        .request(parts.method.clone(), format!("{}{path}", base_url(addr)))
+        .timeout(timeout)
+        .header(FORWARDED_HEADER, app.node_id.to_string())
+        .body(body);
+    for (name, value) in &parts.headers {
+        if !hop_by_hop(name) {
+            builder = builder.header(name, value);
+        }
+    }
+    let resp = builder.send().await.map_err(|e| {
+        if e.is_connect() {
+            Failed::NotSent(e.to_string())
+        } else {
+            Failed::Unknown(e.to_string())
+        }
+    })?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| Failed::Unknown(e.to_string()))?;
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    for (name, value) in &headers {
+        if !hop_by_hop(name) && name.as_str() != CLUSTER_ID_HEADER {
+            out.headers_mut().append(name, value.clone());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,230 @@
+//! Who this node is and which cluster it belongs to: its node id, the cluster id (generated
+//! once when a cluster is initialized, persisted on every node) and the optional shared
+//! secret. Peer requests (`/raft/*`, membership routes) are checked here.
+//!
+//! Rules:
+//! 1. A node that knows its cluster id refuses peer requests carrying another id (403) and
+//!    peer requests carrying none (403): every member sends the id once it has one.
+//! 2. A node that does not know its cluster id yet (a new node waiting to be initialized or
+//!    added) adopts the id of the first Raft RPC or join answer it sees, and persists it.
+//! 3. With a secret configured, every peer request must carry it (401 otherwise).
+
+use std::sync::{Arc, RwLock};
+
+use axum::http::HeaderMap;
+use changeagent_store::http::ApiError;
+
+use crate::raft::log_store::{write_cluster_id, LogStore};
+use crate::raft::types::NodeId;
+
+/// Header carrying the sender's cluster id on peer requests (and on every answer).
+pub const CLUSTER_ID_HEADER: &str = "x-cluster-id";
+/// Header carrying the cluster secret on peer requests.
+pub const SECRET_HEADER: &str = "x-cluster-secret";
+
+/// A peer request the node refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("missing or wrong X-Cluster-Secret; every node of a cluster needs the same --cluster-secret")]
+    Secret,
+    #[error("{0}")]
+    Cluster(String),
+}
+
+impl From<PeerError> for ApiError {
+    fn from(e: PeerError) -> Self {
+        match e {
+            PeerError::Secret => ApiError::Unauthorized(e.to_string()),
+            PeerError::Cluster(m) => ApiError::Forbidden(m),
+        }
+    }
+}
+
+/// This node's identity; shared by the network, the handlers and start-up.
+pub struct Identity {
+    pub node_id: NodeId,
+    cluster_id: RwLock<Option<Arc<str>>>,
+    secret: Option<String>,
+    log: LogStore,
+}
+
+impl Identity {
+    pub fn new(
+        node_id: NodeId,
+        cluster_id: Option<String>,
+        secret: Option<String>,
+        log: LogStore,
+    ) -> Self {
+        Identity {
+            node_id,
+            cluster_id: RwLock::new(cluster_id.map(Arc::from)),
+            secret,
+            log,
+        }
+    }
+
+    /// The cluster id, once known.
+    pub fn cluster_id(&self) -> Option<Arc<str>> {
+        self.cluster_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn secret(&self) -> Option<&str> {
+        self.secret.as_deref()
+    }
+
+    /// Sets the cluster id if none is known yet and persists it; refuses a different one.
+    pub fn adopt(&self, id: &str) -> Result<(), PeerError> {
+        let mut current = self.cluster_id.write().unwrap_or_else(|p| p.into_inner());
+        match current.as_deref() {
+            Some(mine) if mine == id => Ok(()),
+            Some(mine) => Err(PeerError::Cluster(format!(
+                "this node belongs to cluster {mine}, not {id}"
+            ))),
+            None => {
+                write_cluster_id(&self.log, id).map_err(|e| {
+                    PeerError::Cluster(format!("cannot persist the cluster id: {e}"))
+                })?;
+                tracing::info!(cluster_id = id, "joined cluster");
+                *current = Some(Arc::from(id));
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks the secret of a peer request.
+    pub fn check_secret(&self, headers: &HeaderMap) -> Result<(), PeerError> {
+        let Some(secret) = &self.secret else {
+            return Ok(());
+        };
+        let given = headers
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if constant_time_eq(given, secret.as_bytes()) {
+            Ok(())
+        } else {
+            Err(PeerError::Secret)
+        }
+    }
+
+    /// Checks a Raft RPC: secret, then cluster id (adopting it when this node has none).
+    pub fn check_rpc(&self, headers: &HeaderMap) -> Result<(), PeerError> {
+        self.check_secret(headers)?;
+        let theirs = headers.get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
+        match (self.cluster_id(), theirs) {
+            (_, Some(id)) => self.adopt(id),
+            (Some(mine), None) => Err(PeerError::Cluster(format!(
+                "the request carries no X-Cluster-Id; this node belongs to cluster {mine}"
+            ))),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Checks a request that must come from this cluster (or a node of none): secret, and
+    /// an `X-Cluster-Id`, if sent, equal to this node's.
+    pub fn check_member(&self, headers: &HeaderMap) -> Result<(), PeerError> {
+        self.check_secret(headers)?;
+        let theirs = headers.get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
+        match (self.cluster_id(), theirs) {
+            (Some(mine), Some(id)) if *mine != *id => Err(PeerError::Cluster(format!(
+                "the request comes from cluster {id}, but this node belongs to cluster {mine}; \
+                 a node of another cluster cannot join (wipe its data dir first)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Adds this node's cluster id and secret to an outgoing peer request.
+    pub fn sign(&self, mut builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(id) = self.cluster_id() {
+            builder = builder.header(CLUSTER_ID_HEADER, &*id);
+        }
+        if let Some(s) = &self.secret {
+            builder = builder.header(SECRET_HEADER, s);
+        }
+        builder
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `http://addr` for a member address (which may already carry a scheme).
+pub fn base_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(cluster: Option<&str>, secret: Option<&str>) -> (tempfile::TempDir, Identity) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        let id = Identity::new(7, cluster.map(Into::into), secret.map(Into::into), log);
+        (dir, id)
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn rpc_from_another_cluster_is_refused() {
+        let (_d, id) = identity(Some("a"), None);
+        assert!(id.check_rpc(&headers(&[(CLUSTER_ID_HEADER, "a")])).is_ok());
+        assert!(matches!(
+            id.check_rpc(&headers(&[(CLUSTER_ID_HEADER, "b")])),
+            Err(PeerError::Cluster(_))
+        ));
+        assert!(matches!(
+            id.check_rpc(&headers(&[])),
+            Err(PeerError::Cluster(_))
+        ));
+        assert_eq!(id.cluster_id().as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_new_node_adopts_and_persists_the_first_cluster_id() {
+        let (dir, id) = identity(None, None);
+        id.check_rpc(&headers(&[(CLUSTER_ID_HEADER, "c1")]))
+            .unwrap();
+        assert_eq!(id.cluster_id().as_deref(), Some("c1"));
+        assert!(id
+            .check_rpc(&headers(&[(CLUSTER_ID_HEADER, "c2")]))
+            .is_err());
+        drop(id);
+        let log = LogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            crate::raft::log_store::read_cluster_id(&log)
+                .unwrap()
+                .as_deref(),
+            Some("c1")
+        );
+    }
+
+    #[test]
+    fn the_secret_is_required_when_set() {
+        let (_d, id) = identity(Some("a"), Some("s3cret"));
+        let ok = headers(&[(CLUSTER_ID_HEADER, "a"), (SECRET_HEADER, "s3cret")]);
+        assert!(id.check_rpc(&ok).is_ok());
+        let wrong = headers(&[(CLUSTER_ID_HEADER, "a"), (SECRET_HEADER, "s3cre")]);
+        assert!(matches!(id.check_rpc(&wrong), Err(PeerError::Secret)));
+        assert!(matches!(
+            id.check_member(&headers(&[])),
+            Err(PeerError::Secret)
+        ));
+    }
+}
