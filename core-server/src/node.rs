@@ -4,6 +4,7 @@
 //! - `--peers FILE`: the node with the lowest listed address asks every listed node for its
 //!   id and initializes the cluster with all of them; the others wait to be contacted;
 //! - `--join URL`: the node asks a member to add it (learner, then voter).
+//!
 //! A node whose log already holds a membership never initializes again.
 
 use std::collections::BTreeMap;

@@ -12,6 +12,17 @@
 //! - [`Api`] and [`Reply`]: a thin reqwest wrapper that keeps the raw body.
 //! - [`raw_changes`], [`change_ids`] and friends: read a `GET /changes` body
 //!   without re-serialising the changes (so field order stays visible).
+//! - [`cluster`]: several servers on their own loopback IPs forming one Raft
+//!   cluster (by peers file or by join), with leader, kill and convergence
+//!   helpers.
+//! - [`proxy`]: a TCP proxy in front of a node that can cut traffic by source
+//!   IP, so tests can partition a cluster.
+//! - [`history`]: records what clients wrote and read, and checks the final
+//!   lists of every node against it (no lost, duplicated or reordered write).
+
+pub mod cluster;
+pub mod history;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -82,6 +93,10 @@ pub fn server_bin() -> PathBuf {
 /// How to start a server beyond the fixed `--listen 127.0.0.1:0 --data-dir …`.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
+    /// `--listen` address; `None` is `127.0.0.1:0` (a new port on each start).
+    /// A fixed address keeps the node reachable at the same place across
+    /// restarts, as cluster peers need.
+    pub listen: Option<SocketAddr>,
     /// Extra command-line arguments, appended after the fixed ones.
     pub args: Vec<String>,
     /// Extra environment variables for the child.
@@ -89,6 +104,12 @@ pub struct ServerOptions {
 }
 
 impl ServerOptions {
+    /// Listens on `addr` (fixed across restarts) instead of `127.0.0.1:0`.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
     /// Appends one command-line argument.
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
@@ -116,26 +137,43 @@ pub struct ServerProcess {
     bin: PathBuf,
     /// Number of times the binary was spawned (1 after `start`).
     starts: u32,
+    /// Length of the log file when the current process was spawned: the
+    /// listen line is looked for after it.
+    log_offset: u64,
 }
 
 impl ServerProcess {
     /// Starts the server in a new temp dir and waits (up to
     /// [`START_DEADLINE`]) until it logs its listen address.
     pub async fn start(opts: ServerOptions) -> ServerProcess {
+        let mut server = Self::launch(opts);
+        server.wait_started().await;
+        server
+    }
+
+    /// Spawns the server in a new temp dir without waiting for it to log its
+    /// listen address; call [`wait_started`](Self::wait_started) next. Cluster
+    /// members need this: each logs `listening on` only once the cluster has
+    /// a leader, which needs the other members running too.
+    pub fn launch(opts: ServerOptions) -> ServerProcess {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("changeagent-systest-")
             .tempdir()
             .expect("create temp dir");
+        let addr = opts
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         let mut server = ServerProcess {
             child: None,
             dir,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr,
             opts,
             bin,
             starts: 0,
+            log_offset: 0,
         };
-        server.spawn().await;
+        server.spawn_child();
         server
     }
 
@@ -149,6 +187,12 @@ impl ServerProcess {
 
     /// Spawns the binary on the existing data dir and waits for its address.
     async fn spawn(&mut self) {
+        self.spawn_child();
+        self.wait_started().await;
+    }
+
+    /// Spawns the binary on the existing data dir; does not wait.
+    fn spawn_child(&mut self) {
         assert!(self.child.is_none(), "server is still running");
         self.starts += 1;
         let log_path = self.log_path();
@@ -157,12 +201,16 @@ impl ServerProcess {
             .append(true)
             .open(&log_path)
             .expect("open server log");
-        let offset = log.seek(SeekFrom::End(0)).expect("seek server log");
+        self.log_offset = log.seek(SeekFrom::End(0)).expect("seek server log");
         let stderr = log.try_clone().expect("clone log handle");
+        let listen = self
+            .opts
+            .listen
+            .map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
 
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.opts.args)
@@ -184,7 +232,14 @@ impl ServerProcess {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
         self.child = Some(child);
+    }
 
+    /// Waits (up to [`START_DEADLINE`]) until the current process logs its
+    /// listen address, and takes the address from there. Panics with the log
+    /// if the process exits first or the deadline passes.
+    pub async fn wait_started(&mut self) {
+        let log_path = self.log_path();
+        let offset = self.log_offset;
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             let fresh = read_from(&log_path, offset);
@@ -213,7 +268,8 @@ impl ServerProcess {
         }
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:41234` (changes on restart).
+    /// Base URL, e.g. `http://127.0.0.1:41234` (changes on restart unless
+    /// [`ServerOptions::listen`] fixed the address).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -294,6 +350,35 @@ impl ServerProcess {
         self.spawn().await;
     }
 
+    /// Waits (up to `timeout`) for the process to exit on its own and returns
+    /// its exit status; panics with the log if it is still running then.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("server is not running");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "changeagent-server still running {timeout:?} after it should have exited; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The exit status if the process has exited on its own (it is then
+    /// reaped and no longer running); `None` while it runs.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
     /// [`restart`](Self::restart), then wait until it is leader again.
     pub async fn restart_leader(&mut self) {
         self.restart().await;
@@ -336,7 +421,8 @@ impl Drop for ServerProcess {
             let log = self.log();
             let tail = tail_chars(&log, 16 * 1024);
             eprintln!(
-                "---- changeagent-server log ({} start(s), {}) ----\n{tail}\n---- end of log ----",
+                "---- changeagent-server {} log ({} start(s), {}) ----\n{tail}\n---- end of log ----",
+                self.addr,
                 self.starts,
                 self.log_path().display()
             );
@@ -548,9 +634,15 @@ pub struct Api {
 impl Api {
     /// A client for `base` (`http://host:port`), ignoring any proxy settings.
     pub fn new(base: impl Into<String>) -> Api {
+        Self::with_timeout(base, REQUEST_TIMEOUT)
+    }
+
+    /// [`new`](Self::new) with a shorter per-request timeout, for clients that
+    /// must notice a hung node and try another (fault tests).
+    pub fn with_timeout(base: impl Into<String>, timeout: Duration) -> Api {
         let client = reqwest::Client::builder()
             .no_proxy()
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .build()
             .expect("build reqwest client");
         Api {

@@ -60,13 +60,11 @@ pub async fn leader(
             let m = metrics.borrow_and_update();
             match m.current_leader {
                 Some(l) if Some(l) == exclude => {}
-                Some(l) if l == me => {
-                    if m.state == ServerState::Leader {
-                        return Some(LeaderIs::Me);
-                    }
-                }
+                Some(l) if l == me && m.state == ServerState::Leader => return Some(LeaderIs::Me),
+                Some(l) if l == me => {}
                 Some(l) => {
-                    if let Some(node) = m.membership_config.membership().get_node(&l) {
+                    let node = m.membership_config.membership().get_node(&l);
+                    if let Some(node) = node {
                         return Some(LeaderIs::Other {
                             id: l,
                             addr: node.addr.clone(),
@@ -95,6 +93,11 @@ pub fn no_leader(app: &AppState) -> ApiError {
     }
 }
 
+/// Marks an answer of this node's handlers meaning "not the leader (any more); nothing was
+/// appended": the middleware then sends the request to the new leader.
+#[derive(Debug, Clone, Copy)]
+pub struct LostLeadership;
+
 /// Middleware on write and membership routes: runs the request here on the leader, forwards
 /// it from a follower.
 pub async fn to_leader(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -104,43 +107,49 @@ pub async fn to_leader(State(app): State<Arc<AppState>>, req: Request, next: Nex
         return next.run(req).await;
     }
     let deadline = Instant::now() + app.config.write_timeout();
-    // Decide before reading the body: on the leader the handler reads it as it streams in.
-    let mut target = match leader(&app.raft, app.node_id, deadline, None).await {
-        None => return no_leader(&app).into_response(),
-        Some(LeaderIs::Me) => return run_here(&app, next, req, deadline).await,
-        Some(LeaderIs::Other { id, addr }) => (id, addr),
-    };
+    let mut current = leader(&app.raft, app.node_id, deadline, None).await;
+    if is_membership(req.uri().path()) && matches!(current, Some(LeaderIs::Me)) {
+        // Membership changes are not retried elsewhere: run them here as they stream in.
+        return next.run(req).await;
+    }
+    // The body is kept so the request can go to a new leader if this one loses leadership.
     let (parts, body) = req.into_parts();
     let bytes = match body_bytes(&parts.headers, body, app.config.max_body_bytes).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     loop {
-        let (id, addr) = &target;
-        match send(&app, &parts, bytes.clone(), addr, deadline).await {
-            Ok(resp) => return resp,
-            Err(Failed::Unknown(why)) => {
-                return ApiError::Unavailable {
-                    message: format!(
-                        "forwarding to the leader at {addr} failed ({why}); the write may have \
-                         been applied: retry with the same Idempotency-Key"
-                    ),
-                    retry_after_secs: 1,
+        let exclude = match current {
+            None => return no_leader(&app).into_response(),
+            Some(LeaderIs::Me) => {
+                let req = Request::from_parts(parts.clone(), Body::from(bytes.clone()));
+                let resp = run_here(&app, next.clone(), req, deadline).await;
+                if resp.extensions().get::<LostLeadership>().is_none() {
+                    return resp;
                 }
-                .into_response()
+                app.node_id
             }
-            Err(Failed::NotSent(why)) => {
-                tracing::debug!(leader = id, %addr, %why, "leader unreachable; waiting for a new one");
-                match leader(&app.raft, app.node_id, deadline, Some(*id)).await {
-                    None => return no_leader(&app).into_response(),
-                    Some(LeaderIs::Me) => {
-                        let req = Request::from_parts(parts, Body::from(bytes));
-                        return run_here(&app, next, req, deadline).await;
+            Some(LeaderIs::Other { id, addr }) => {
+                match send(&app, &parts, bytes.clone(), &addr, deadline).await {
+                    Ok(resp) => return resp,
+                    Err(Failed::Unknown(why)) => {
+                        return ApiError::Unavailable {
+                            message: format!(
+                                "forwarding to the leader at {addr} failed ({why}); the write \
+                                 may have been applied: retry with the same Idempotency-Key"
+                            ),
+                            retry_after_secs: 1,
+                        }
+                        .into_response()
                     }
-                    Some(LeaderIs::Other { id, addr }) => target = (id, addr),
+                    Err(Failed::NotSent(why)) => {
+                        tracing::debug!(leader = id, %addr, %why, "leader unreachable; waiting for a new one");
+                        id
+                    }
                 }
             }
-        }
+        };
+        current = leader(&app.raft, app.node_id, deadline, Some(exclude)).await;
     }
 }
 

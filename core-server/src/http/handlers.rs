@@ -22,6 +22,7 @@ use changeagent_store::{parse_post_body, ChangeInput, PostBody};
 use openraft::ServerState;
 use serde_json::value::RawValue;
 
+use super::forward::LostLeadership;
 use super::AppState;
 use crate::proposer::ProposeError;
 use crate::raft::types::{Op, Outcome, Request};
@@ -76,13 +77,20 @@ async fn write(
             ),
             retry_after_secs: 1,
         }),
-        Ok(Err(ProposeError::NotLeader { leader, .. })) => Err(ApiError::Unavailable {
-            message: match leader {
-                Some(l) => format!("this node is not the leader; node {l} is"),
-                None => "no leader is elected right now; retry shortly".into(),
-            },
-            retry_after_secs: 1,
-        }),
+        Ok(Err(ProposeError::NotLeader { leader, .. })) => {
+            // Raft appended nothing (or truncated it uncommitted): the forwarding middleware
+            // sends the request on to the new leader, seeing the marker.
+            let mut resp = ApiError::Unavailable {
+                message: match leader {
+                    Some(l) => format!("this node is not the leader any more; node {l} is"),
+                    None => "no leader is elected right now; retry shortly".into(),
+                },
+                retry_after_secs: 1,
+            }
+            .into_response();
+            resp.extensions_mut().insert(LostLeadership);
+            Ok(resp)
+        }
         Ok(Err(ProposeError::Stopped(why))) => Err(ApiError::Unavailable {
             message: format!("this node is shutting down ({why}); retry on another node"),
             retry_after_secs: 1,

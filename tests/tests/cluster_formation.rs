@@ -1,0 +1,169 @@
+//! Forming a 3-node cluster, by peers file and by `--join`: writes through
+//! every node (followers forward them) end up in byte-identical lists on
+//! every node, every node sends the same `X-Cluster-Id`, and `GET /cluster`
+//! shows three voters and one leader everywhere.
+
+use std::collections::BTreeSet;
+
+use changeagent_systests::cluster::{health, Cluster, ClusterOptions, CLUSTER_DEADLINE};
+use changeagent_systests::history::History;
+use changeagent_systests::wait_until;
+use serde_json::Value;
+
+/// Writes `rounds` changes through every node in turn and checks the
+/// cluster formed properly: identical lists, one cluster id, one leader,
+/// every node a voter.
+async fn check_formed(cluster: &Cluster, history: &History, rounds: usize) {
+    let all = cluster.running();
+    assert_eq!(all.len(), 3, "nodes running: {all:?}");
+    let before = history.acked_count();
+    let mut ids = Vec::new();
+    for round in 0..rounds {
+        for &i in &all {
+            ids.push(
+                cluster
+                    .write_acked(history, i, i, &format!("via-n{i}-{round}"))
+                    .await,
+            );
+        }
+    }
+    // Sequential writes get increasing ids, whichever node they went through.
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids of sequential writes through different nodes: {ids:?}"
+    );
+
+    let finals = cluster.wait_converged(&all).await;
+    let summary = history.assert_consistent(&finals);
+    assert_eq!(summary.acked, before + rounds * all.len(), "{summary:?}");
+    assert_eq!(summary.changes, summary.acked, "{summary:?}");
+
+    // One cluster id, on every answer of every node.
+    let mut cluster_ids = BTreeSet::new();
+    for &i in &all {
+        let api = cluster.api(i);
+        for path in ["/changes?limit=1", "/health", "/cluster"] {
+            let r = api.get(path).await;
+            r.expect_status(200);
+            let id = r
+                .header("x-cluster-id")
+                .unwrap_or_else(|| panic!("n{i}: GET {path} has no X-Cluster-Id"));
+            assert!(!id.is_empty(), "n{i}: empty X-Cluster-Id");
+            cluster_ids.insert(id);
+        }
+        let h = health(&api).await.expect("/health");
+        cluster_ids.insert(h["clusterId"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        cluster_ids.len(),
+        1,
+        "nodes disagree on the cluster id: {cluster_ids:?}"
+    );
+    let cluster_id = cluster_ids.into_iter().next().expect("one id");
+
+    // GET /cluster: three voters, one leader, the same on every node.
+    let leader = cluster.wait_leader().await;
+    let leader_id = cluster.node(leader).id;
+    let node_ids: BTreeSet<u64> = all.iter().map(|&i| cluster.node(i).id).collect();
+    assert_eq!(node_ids.len(), 3, "node ids are not distinct: {node_ids:?}");
+    for &i in &all {
+        let doc = cluster.wait_voters(i, &node_ids).await;
+        assert_eq!(doc["clusterId"], cluster_id.as_str(), "n{i}: {doc}");
+        assert_eq!(doc["leader"].as_u64(), Some(leader_id), "n{i}: {doc}");
+        assert!(doc["term"].as_u64().is_some_and(|t| t >= 1), "n{i}: {doc}");
+        let members = doc["members"].as_array().expect("members");
+        assert_eq!(members.len(), 3, "n{i}: {doc}");
+        for m in members {
+            let id = m["id"].as_u64().expect("member id");
+            let j = cluster
+                .index_of(id)
+                .unwrap_or_else(|| panic!("n{i} lists unknown member {m}"));
+            assert_eq!(
+                m["addr"].as_str(),
+                Some(cluster.node(j).advertise.to_string().as_str()),
+                "n{i}: member {m} should have n{j}'s advertise address"
+            );
+            assert_eq!(m["voter"], true, "n{i}: {m}");
+            let role = if id == leader_id {
+                "leader"
+            } else {
+                "follower"
+            };
+            assert_eq!(m["role"], role, "n{i}: {m}");
+        }
+    }
+
+    // Followers ask the leader, so every node reports the followers'
+    // matched index, and once idle it is the leader's last applied index.
+    let leader_api = cluster.node(leader).probe_api();
+    for &i in &all {
+        let api = cluster.node(i).probe_api();
+        let leader_api = leader_api.clone();
+        wait_until(
+            CLUSTER_DEADLINE,
+            &format!("n{i} reports every follower's matched index = the leader's applied index"),
+            || {
+                let api = api.clone();
+                let leader_api = leader_api.clone();
+                async move {
+                    let applied = health(&leader_api).await?["appliedLogIndex"]
+                        .as_u64()
+                        .ok_or("leader /health has no appliedLogIndex")?;
+                    let r = api.try_get("/cluster").await.map_err(|e| e.to_string())?;
+                    let doc: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
+                    let members = doc["members"].as_array().ok_or(doc.to_string())?;
+                    let lagging: Vec<&Value> = members
+                        .iter()
+                        .filter(|m| {
+                            m["role"] == "follower" && m["matched"].as_u64() != Some(applied)
+                        })
+                        .collect();
+                    if lagging.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("leader applied {applied}; {doc}"))
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peers_file_cluster_replicates_writes_through_every_node() {
+    let cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    let history = History::new();
+    check_formed(&cluster, &history, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joined_cluster_replicates_writes_through_every_node() {
+    // One node alone, with changes the joiners must catch up on.
+    let mut cluster = Cluster::start_by_join(ClusterOptions::new(1)).await;
+    let history = History::new();
+    for k in 0..10 {
+        cluster
+            .write_acked(&history, 0, 0, &format!("alone-{k}"))
+            .await;
+    }
+    let alone_id = health(&cluster.api(0)).await.expect("/health")["clusterId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!alone_id.is_empty(), "single node has no cluster id");
+
+    // n1 joins through the leader, n2 through n1 (a follower).
+    let n1 = cluster.add_node(0).await;
+    cluster
+        .write_acked(&history, 1, n1, "after-n1-joined")
+        .await;
+    let n2 = cluster.add_node(n1).await;
+    assert_eq!((n1, n2), (1, 2));
+    check_formed(&cluster, &history, 5).await;
+
+    // The joiners took the first node's cluster id.
+    let h = health(&cluster.api(n2)).await.expect("/health");
+    assert_eq!(h["clusterId"], alone_id.as_str(), "{h}");
+}

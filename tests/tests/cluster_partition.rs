@@ -1,0 +1,186 @@
+//! Network partitions through the test's proxies: a leader cut off from the
+//! other two cannot commit (its writes answer 503 in time and never apply),
+//! the majority elects a new leader and goes on, and after healing the old
+//! leader converges to the majority's list with nothing diverged. Consistent
+//! reads on a cut-off follower fail rather than miss an acknowledged write.
+
+use std::time::{Duration, Instant};
+
+use changeagent_systests::cluster::{
+    consistent_read, plain_read, read_all, write_once, Cluster, ClusterOptions, CLUSTER_DEADLINE,
+    WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
+};
+use changeagent_systests::history::{marker_of, History};
+use changeagent_systests::wait_until;
+use futures::future::join_all;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolated_leader_commits_nothing_and_converges_after_heal() {
+    let cluster = Cluster::start_with_peers(ClusterOptions::new(3).with_proxies()).await;
+    let history = History::new();
+    for k in 0..3 {
+        for i in 0..3 {
+            cluster
+                .write_acked(&history, i, i, &format!("before-{i}-{k}"))
+                .await;
+        }
+    }
+    let old = cluster.wait_leader().await;
+    let majority = cluster.others(&[old]);
+    cluster.isolate(old);
+
+    // Writes sent to the isolated old leader: 503 with Retry-After within
+    // the write timeout (plus slack). Sent concurrently.
+    let bound = Duration::from_millis(WRITE_TIMEOUT_MS) + WRITE_TIMEOUT_SLACK;
+    let isolated = cluster.node(old);
+    let api = isolated.fault_api();
+    let markers: Vec<String> = (0..3).map(|k| format!("isolated-{k}")).collect();
+    let answers = join_all(markers.iter().map(|m| {
+        let (api, history, name) = (&api, &history, &isolated.name);
+        async move {
+            let started = Instant::now();
+            let (result, reply) = write_once(history, 10, name, api, m, m).await;
+            (m, result, reply, started.elapsed())
+        }
+    }))
+    .await;
+    for (m, result, reply, took) in &answers {
+        let reply = reply
+            .as_ref()
+            .unwrap_or_else(|| panic!("{m}: no answer from the isolated leader: {result:?}"));
+        assert_eq!(reply.status, 503, "{m}: {}", reply.text());
+        assert!(
+            reply.header("retry-after").is_some(),
+            "{m}: 503 without Retry-After"
+        );
+        assert!(
+            took <= &bound,
+            "{m}: answered after {took:?} (bound {bound:?})"
+        );
+    }
+
+    // The majority elects a new leader and accepts writes through both
+    // of its nodes.
+    let new = cluster.wait_new_leader(&majority, old).await;
+    for k in 0..3 {
+        for &i in &majority {
+            cluster
+                .write_acked(&history, i, i, &format!("majority-{i}-{k}"))
+                .await;
+        }
+    }
+    // The isolated node really is cut off: it has none of them, and what it
+    // serves is a prefix of the majority's list.
+    let (_, on_majority) = read_all(&cluster.api(new))
+        .await
+        .expect("read the new leader");
+    let on_old = plain_read(&history, 20, &isolated.name, &cluster.api(old))
+        .await
+        .expect("the isolated node still serves reads");
+    assert!(
+        on_old.len() < on_majority.len(),
+        "isolated n{old} has {} changes, the majority {}",
+        on_old.len(),
+        on_majority.len()
+    );
+    assert_eq!(
+        on_old[..],
+        on_majority[..on_old.len()],
+        "the isolated node's list is not a prefix of the majority's"
+    );
+    assert!(
+        on_old
+            .iter()
+            .all(|raw| !marker_of(raw).unwrap_or_default().starts_with("majority-")),
+        "the isolated node has majority writes through a partition"
+    );
+
+    cluster.heal();
+    let finals = cluster.wait_converged(&[0, 1, 2]).await;
+    let summary = history.assert_consistent(&finals);
+    for m in &markers {
+        assert_eq!(
+            summary.id_of(m),
+            None,
+            "{m}, written to the isolated leader, was committed"
+        );
+    }
+    assert_eq!(summary.acked, 9 + 6, "{summary:?}");
+
+    // All three follow one leader again and the old leader takes writes.
+    cluster.wait_leader().await;
+    cluster
+        .write_acked(&history, old, old, "old-leader-after-heal")
+        .await;
+    let finals = cluster.wait_converged(&[0, 1, 2]).await;
+    history.assert_consistent(&finals);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consistent_read_on_a_cut_off_follower_fails_rather_than_lag() {
+    let cluster = Cluster::start_with_peers(ClusterOptions::new(3).with_proxies()).await;
+    let history = History::new();
+    let leader = cluster.wait_leader().await;
+    let cut = cluster.others(&[leader])[0];
+    for i in 0..3 {
+        cluster
+            .write_acked(&history, 0, i, &format!("before-{i}"))
+            .await;
+    }
+    cluster.wait_converged(&[0, 1, 2]).await;
+
+    cluster.isolate(cut);
+    let id = cluster
+        .write_acked(&history, 0, leader, "while-cut-off")
+        .await;
+
+    // A plain read on the cut-off follower lags (this is what makes the
+    // consistent read below meaningful).
+    let stale = plain_read(&history, 1, &cluster.node(cut).name, &cluster.api(cut))
+        .await
+        .expect("plain read on the cut-off follower");
+    assert!(
+        stale.len() < id as usize,
+        "the cut-off follower has the new write: {} changes",
+        stale.len()
+    );
+    // A consistent read cannot confirm with the leader: 503, not a stale 200.
+    let api = cluster.node(cut).fault_api();
+    let r = api
+        .try_get(&format!("/changes?since={}&consistent=true", id - 1))
+        .await
+        .unwrap_or_else(|e| panic!("consistent read on the cut-off follower: {e}"));
+    assert_eq!(
+        r.status,
+        503,
+        "consistent read on a follower cut off from the leader: {}",
+        r.text()
+    );
+    let r = api
+        .try_get(&format!("/changes/{id}?consistent=true"))
+        .await
+        .unwrap_or_else(|e| panic!("consistent GET /changes/{id}: {e}"));
+    assert_eq!(r.status, 503, "consistent GET /changes/{id}: {}", r.text());
+
+    // Healed, the consistent read includes the write.
+    cluster.heal();
+    let name = cluster.node(cut).name.clone();
+    let read = wait_until(
+        CLUSTER_DEADLINE,
+        "a consistent read on the healed follower answers",
+        || {
+            let (history, name, api) = (&history, &name, &api);
+            async move { consistent_read(history, 0, name, api).await }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        read.entries
+            .iter()
+            .any(|(i, m)| *i == id && m.as_deref() == Some("while-cut-off")),
+        "consistent read after healing misses _id {id}: {read:?}"
+    );
+    let finals = cluster.wait_converged(&[0, 1, 2]).await;
+    history.assert_consistent(&finals);
+}
