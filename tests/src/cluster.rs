@@ -548,6 +548,11 @@ impl Cluster {
         self.nodes[i].server.kill9();
     }
 
+    /// SIGTERMs node `i` and waits for it to exit; returns its exit status.
+    pub async fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        self.nodes[i].server.terminate().await
+    }
+
     /// Restarts node `i` on its data dir and address and waits until it
     /// logs its listen address (it has a leader then).
     pub async fn restart(&mut self, i: usize) {

@@ -1,7 +1,8 @@
 //! Node failures in a 3-node cluster: `kill -9` of the leader under
 //! concurrent writers (a new leader takes over, no acknowledged write is
-//! lost or doubled), an `Idempotency-Key` retry across the failover, and two
-//! of three nodes down (writes answer 503 in time, reads still served).
+//! lost or doubled), SIGTERM of the leader (it hands over and exits cleanly),
+//! an `Idempotency-Key` retry across the failover, and two of three nodes
+//! down (writes answer 503 in time, reads still served).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +99,53 @@ async fn leader_kill9_under_concurrent_writers_loses_no_acked_write() {
     );
     // The restarted node follows the same leader as the others.
     cluster.wait_leader().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_the_leader_hands_over_and_exits_cleanly() {
+    let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    let history = Arc::new(History::new());
+    let writers = Writers::start(
+        Arc::clone(&history),
+        cluster.client_nodes(),
+        4,
+        0,
+        WRITE_GIVE_UP,
+        None,
+    );
+    wait_acks(&history, None, 30, "writes are acknowledged before SIGTERM").await;
+
+    let old = cluster.wait_leader().await;
+    let stopped_at = Instant::now();
+    let status = cluster.terminate(old).await;
+    let log = cluster.node(old).server.log();
+    assert!(
+        status.success(),
+        "the leader exited with {status}; log:\n{log}"
+    );
+    // It stopped as leader only once both followers held its whole log.
+    assert!(
+        log.contains("followers caught up; leader stepping down"),
+        "no hand-over in the leader's log:\n{log}"
+    );
+    let survivors = cluster.others(&[old]);
+    cluster.wait_new_leader(&survivors, old).await;
+    wait_acks(
+        &history,
+        Some(stopped_at),
+        30,
+        "writers resume after the leader stopped",
+    )
+    .await;
+    let reports = writers.stop(WRITE_GIVE_UP * 2).await;
+    for r in &reports {
+        assert_eq!(r.rejected, 0, "a writer got a 4xx: {r:?}");
+    }
+
+    cluster.restart(old).await;
+    let finals = cluster.wait_converged(&[0, 1, 2]).await;
+    let summary = history.assert_consistent(&finals);
+    assert!(summary.acked >= 60, "{summary:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
