@@ -151,7 +151,8 @@ pub async fn run(
     fatal.abort();
     let failure = fatal.await.ok().flatten();
     if failure.is_none() {
-        hand_over(&node.raft, HAND_OVER_TIMEOUT).await;
+        let probe = Duration::from_millis(config.election_timeout_max_ms());
+        hand_over(&node.raft, probe, HAND_OVER_TIMEOUT).await;
     }
     node.raft.shutdown().await.ok();
     node.store.sync().context("cannot sync the change store")?;
@@ -167,10 +168,30 @@ pub async fn run(
 /// Longest a stopping leader waits for its followers to catch up.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A stopping leader lets its followers catch up with its whole log before it stops, so the
-/// next leader is elected from complete logs and no acknowledged write waits on this node.
-/// (openraft 0.9 has no leadership transfer: the followers elect once heartbeats stop.)
-async fn hand_over(raft: &raft::types::Raft, timeout: Duration) {
+/// A stopping leader first makes sure everything in its log is held by a quorum (so it is
+/// committed and the next leader has it: no write waiting on this node is lost), then stops.
+/// When the rest cannot form a quorum it stops at once. (openraft 0.9 has no leadership
+/// transfer: the followers elect once heartbeats stop.)
+async fn hand_over(raft: &raft::types::Raft, probe: Duration, timeout: Duration) {
+    let (voters, quorum) = {
+        let m = raft.metrics().borrow().clone();
+        if m.state != openraft::ServerState::Leader {
+            return;
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        (voters, voters / 2 + 1)
+    };
+    if voters == 1 {
+        return;
+    }
+    // A leadership check is one heartbeat round that needs a quorum to answer.
+    if !matches!(
+        tokio::time::timeout(probe, raft.get_read_log_id()).await,
+        Ok(Ok(_))
+    ) {
+        tracing::info!("no quorum of followers answers; stopping without hand-over");
+        return;
+    }
     let mut metrics = raft.metrics();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -180,22 +201,20 @@ async fn hand_over(raft: &raft::types::Raft, timeout: Duration) {
                 return;
             }
             let last = m.last_log_index;
-            let voters: Vec<_> = m
+            let followers = m
                 .membership_config
                 .membership()
                 .voter_ids()
                 .filter(|v| *v != m.id)
-                .collect();
-            if voters.is_empty() {
-                return;
-            }
-            voters.iter().all(|v| {
-                m.replication
-                    .as_ref()
-                    .and_then(|r| r.get(v).cloned().flatten())
-                    .map(|l| l.index)
-                    >= last
-            })
+                .filter(|v| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(v).cloned().flatten())
+                        .map(|l| l.index)
+                        >= last
+                })
+                .count();
+            followers + 1 >= quorum
         };
         if caught_up {
             tracing::info!("followers caught up; leader stepping down");
