@@ -20,9 +20,11 @@ use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
 
 /// Most requests in one entry: bounds entry size and the state machine's batch.
 pub const MAX_REQUESTS_PER_ENTRY: usize = 4096;
-/// Entries proposed but not yet answered. More than one lets the next entry's log write
-/// overlap the previous entry's apply and answers; a few is enough, since each is one sync.
-pub const MAX_IN_FLIGHT: usize = 2;
+/// Entries proposed but not yet answered. openraft 0.9 appends, syncs and replicates one
+/// step at a time, so a second entry in flight only splits the waiting requests into two
+/// syncs: measured on a 3-node cluster, 64 clients reached 13.8k changes/s with one entry in
+/// flight, 12.9k with two and 11.2k with four.
+pub const MAX_IN_FLIGHT: usize = 1;
 /// Requests waiting for the proposer before posters feel back-pressure.
 const QUEUE_DEPTH: usize = 16_384;
 
