@@ -1,18 +1,21 @@
-//! `changeagent-bench`: load generator for a running ChangeAgent node. It
-//! measures what the design promises — durable write latency and throughput,
-//! catch-up read throughput, and the memory and wake-up latency of many idle
-//! long-polls — and prints human-readable figures next to the targets.
+//! `changeagent-bench`: load generator for ChangeAgent. It measures what the
+//! design promises — durable write latency and throughput, catch-up read
+//! throughput, the memory and wake-up latency of many idle long-polls, and
+//! how long a cluster is unavailable for writes when its leader dies — and
+//! prints human-readable figures next to the targets.
 //!
 //! It talks plain HTTP/1.1 (one shared keep-alive `reqwest` client) to an
 //! already running node given by `--server` (env `CHANGEAGENT_SERVER`,
 //! default `http://127.0.0.1:9000`) and exits non-zero with a hint how to
-//! start one when that node cannot be reached. Results go to stdout, progress
-//! lines (every 2 s during long work) to stderr.
+//! start one when that node cannot be reached. With `--cluster N` (`write`,
+//! `all`) and in `failover` it instead starts its own local cluster of the
+//! `changeagent-server` binary next to it (see below). Results go to stdout,
+//! progress lines (every 2 s during long work) to stderr.
 //!
 //! Build it in release mode; a debug build measures the benchmark itself:
 //!
 //! ```text
-//! cargo build --release -p changeagent-server -p changeagent-bench
+//! cargo build --release --workspace --bins
 //! ./target/release/changeagent-server --listen 127.0.0.1:9000 --data-dir /var/tmp/ca-data &
 //! ```
 //!
@@ -23,13 +26,21 @@
 //!   `fdatasync`s it, 1000 times; prints p50/p90/p99/max. Point DIR at the
 //!   server's data dir: this is the floor under any durable write there.
 //!   Needs no server.
-//! - `write [--clients 1,64] [--duration 10] [--fsync-dir DIR]` — for each
+//! - `write [--clients 1,64] [--duration 10] [--fsync-dir DIR]
+//!   [--batch-posters 8] [--batch-size 1000] [--cluster N]` — for each
 //!   client count, that many clients post `{"data":{"bench":true,"n":i}}` to
 //!   `POST /changes` back to back for the duration; prints changes/s,
-//!   p50/p90/p99/max latency and the error count. With `--fsync-dir` it first
+//!   p50/p90/p99/max latency and the error count. Then `--batch-posters`
+//!   post arrays of `--batch-size` changes (one atomic write each) for the
+//!   same duration (0 posters skips this). With `--fsync-dir` it first
 //!   measures fsync there and prints the targets
 //!   `single-client p50 X ms vs fsync p50 Y ms + 0.5 ms target: met|not met`
 //!   and `64 clients: Z changes/s vs 20000 target: met|not met`.
+//!   With `--cluster N` it starts a local N-node cluster (below), runs all of
+//!   that against the leader (fsync measured in the cluster's directory
+//!   unless `--fsync-dir` says otherwise), then runs every client count
+//!   above 1 again with the clients spread round-robin over all nodes
+//!   (followers forward writes to the leader) and prints both side by side.
 //! - `read [--changes 1000000] [--page 1000] [--readers 1,2]` — if the
 //!   server holds fewer changes than `--changes` (from `firstIndex` and
 //!   `lastIndex` of `GET /changes?limit=1`), first tops it up with atomic
@@ -53,12 +64,43 @@
 //!   not measured. Each long-poll is a socket in this process and in the
 //!   server: raise the open-file limit first (`ulimit -n 65536`, in both
 //!   shells); the command checks its own limit and says so when too low.
-//! - `all [--fsync-dir DIR] [--pid PID] …` — fsync in DIR (default the current
-//!   directory), write with 1 and 64 clients, read, then longpoll (skipped
-//!   without `--pid`). Takes every flag of the phases above.
+//! - `all [--fsync-dir DIR] [--pid PID] [--cluster N] …` — fsync in DIR
+//!   (default the current directory, or the cluster's directory), write with
+//!   1 and 64 clients and the batch run, read, then longpoll (skipped without
+//!   `--pid`; with `--cluster` it reads the leader's pid itself). Takes every
+//!   flag of the phases above; with `--cluster N` every phase runs against
+//!   the leader of a local cluster and write adds the spread runs.
+//! - `failover [--cluster 3] [--rounds 20] [--attempt-timeout-ms 1000]` —
+//!   starts a local cluster and one writer that posts single changes back to
+//!   back, each with its own `Idempotency-Key`, retrying a 5xx, a refused
+//!   connection or an attempt over the timeout on the next node after 5 ms.
+//!   Each round finds the leader, `kill -9`s it, and measures the time from
+//!   the kill to the first acknowledged write that was sent after the old
+//!   leader was gone; then restarts the node on its data dir and waits until
+//!   it has caught up and every node agrees on a leader. Prints one progress
+//!   line per round, then p50/p90/p99/max of the failover and catch-up times,
+//!   and checks that the log grew by exactly the number of acknowledged
+//!   writes (no retry appended twice, nothing acknowledged was lost).
+//!
+//! # Local clusters
+//!
+//! `--cluster N` and `failover` run N (1–9; `failover` needs 3+) nodes of
+//! `--server-bin` (env `CHANGEAGENT_SERVER_BIN`, default
+//! `changeagent-server` next to this executable, i.e.
+//! `target/release/changeagent-server`) on 127.0.0.11, 127.0.0.12, … with a
+//! free port each, all started with one `--peers` file, `--heartbeat-ms`
+//! (100) and `--election-timeout-ms` (400), plus any `--server-arg "…"`
+//! (split at spaces). Their data dirs, peers file and logs (`nodeK.log`)
+//! live in a temporary directory under `--cluster-dir` (default the current
+//! directory; put it on the disk to measure), removed at the end unless
+//! `--keep-cluster-dir` is given or the run failed. The exact command line
+//! is printed with the results. The nodes are killed when the benchmark
+//! ends, also on Ctrl-C.
 //!
 //! Every flag also reads an environment variable, `CHANGEAGENT_BENCH_<FLAG>`
-//! (e.g. `CHANGEAGENT_BENCH_PID`), except `--server` (`CHANGEAGENT_SERVER`).
+//! (e.g. `CHANGEAGENT_BENCH_PID`), except `--server` (`CHANGEAGENT_SERVER`),
+//! `--server-bin` (`CHANGEAGENT_SERVER_BIN`, as in the system tests) and
+//! `--server-arg` (`CHANGEAGENT_BENCH_SERVER_ARGS`).
 //!
 //! # Examples
 //!
@@ -69,6 +111,8 @@
 //! changeagent-bench read --changes 1000000 --page 1000 --readers 1,2
 //! ulimit -n 65536 && changeagent-bench longpoll --count 10000 --pid "$(pgrep -n changeagent-serv)"
 //! changeagent-bench --server http://10.0.0.5:9000 all --fsync-dir /var/tmp/ca-data --pid 4242
+//! changeagent-bench write --cluster 3 --cluster-dir /var/tmp
+//! changeagent-bench failover --rounds 20 --cluster-dir /var/tmp
 //! ```
 //!
 //! # Layout
@@ -77,9 +121,13 @@
 //! - `write`: closed-loop single-change posters and the write targets.
 //! - `read`: batch loader and sequential pagers.
 //! - `longpoll`: idle long-poll memory and wake-up latency.
+//! - `cluster`: a local N-node cluster: start, find the leader, kill, restart.
+//! - `failover`: leader kills under a retrying writer.
 //! - `server`: the shared HTTP client and the node's index range and metrics.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
 
+mod cluster;
+mod failover;
 mod fsync;
 mod longpoll;
 mod read;
@@ -87,19 +135,21 @@ mod report;
 mod server;
 mod write;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 
+use crate::cluster::{ClusterArgs, LocalCluster, LEADER_DEADLINE};
+use crate::failover::FailoverArgs;
 use crate::fsync::{FsyncArgs, FsyncSampling};
 use crate::longpoll::LongpollArgs;
 use crate::read::ReadArgs;
 use crate::server::Server;
 use crate::write::WriteArgs;
 
-/// Load generator for a running ChangeAgent node.
+/// Load generator for a running ChangeAgent node or a local cluster.
 #[derive(Debug, Parser)]
 #[command(name = "changeagent-bench", version, about)]
 struct Cli {
@@ -119,7 +169,7 @@ struct Cli {
 enum Command {
     /// fdatasync latency of small appends in a directory (no server needed).
     Fsync(FsyncArgs),
-    /// Write throughput and latency with 1 and 64 clients.
+    /// Write throughput and latency with 1 and 64 clients, then batch posts.
     Write {
         #[command(flatten)]
         write: WriteArgs,
@@ -129,16 +179,21 @@ enum Command {
         fsync_dir: Option<PathBuf>,
         #[command(flatten)]
         sampling: FsyncSampling,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
     /// Sequential paging throughput over many changes (loads them first).
     Read(ReadArgs),
     /// Memory and wake-up latency of many idle long-polls.
     Longpoll(LongpollArgs),
-    /// fsync, write (1 and 64 clients), read, then longpoll (needs --pid).
+    /// Time from kill -9 of a local cluster's leader to the next acknowledged write.
+    Failover(FailoverArgs),
+    /// fsync, write (1 and 64 clients, batch), read, then longpoll (needs --pid).
     All {
-        /// Directory for the fsync phase (the server's data dir).
-        #[arg(long, env = "CHANGEAGENT_BENCH_FSYNC_DIR", default_value = ".")]
-        fsync_dir: PathBuf,
+        /// Directory for the fsync phase (the server's data dir; default the
+        /// current directory, or the cluster's directory with --cluster).
+        #[arg(long, env = "CHANGEAGENT_BENCH_FSYNC_DIR")]
+        fsync_dir: Option<PathBuf>,
         #[command(flatten)]
         sampling: FsyncSampling,
         #[command(flatten)]
@@ -147,13 +202,21 @@ enum Command {
         read: ReadArgs,
         #[command(flatten)]
         longpoll: LongpollArgs,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    // On Ctrl-C the run is dropped, and with it any local cluster, whose
+    // drop kills its nodes.
+    let outcome = tokio::select! {
+        outcome = run(cli) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -172,8 +235,32 @@ async fn run(cli: Cli) -> Result<()> {
             write,
             fsync_dir,
             sampling,
+            cluster:
+                ClusterArgs {
+                    cluster: Some(nodes),
+                    nodes: node_args,
+                },
         } => {
-            validate_write(&write)?;
+            write.validate()?;
+            validate_sampling(&sampling)?;
+            node_args.validate()?;
+            let mut cluster = LocalCluster::start(nodes, &node_args).await?;
+            let phases = Phases {
+                fsync_dir: fsync_dir.as_deref(),
+                sampling: &sampling,
+                write: &write,
+                rest: None,
+            };
+            let result = run_cluster(&cluster, phases).await;
+            cluster.keep_on_error(result)?;
+        }
+        Command::Write {
+            write,
+            fsync_dir,
+            sampling,
+            cluster: ClusterArgs { cluster: None, .. },
+        } => {
+            write.validate()?;
             validate_sampling(&sampling)?;
             let server = connect(&cli.server).await?;
             let floor = match &fsync_dir {
@@ -181,7 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let runs = write::run(&server, &write).await?;
-            write::print_targets(&runs, floor.as_ref());
+            write::print_targets(&runs, floor.as_ref(), write::Targets::SINGLE_NODE);
         }
         Command::Read(args) => {
             args.validate()?;
@@ -193,31 +280,108 @@ async fn run(cli: Cli) -> Result<()> {
             let server = connect(&cli.server).await?;
             longpoll::run(&server, &args).await?;
         }
+        Command::Failover(args) => {
+            args.validate()?;
+            failover::run(&args).await?;
+        }
         Command::All {
             fsync_dir,
             sampling,
             write,
             read,
             longpoll,
+            cluster,
         } => {
             validate_sampling(&sampling)?;
-            validate_write(&write)?;
+            write.validate()?;
             read.validate()?;
             longpoll.validate()?;
+            if let Some(nodes) = cluster.cluster {
+                cluster.nodes.validate()?;
+                let mut cluster = LocalCluster::start(nodes, &cluster.nodes).await?;
+                let phases = Phases {
+                    fsync_dir: fsync_dir.as_deref(),
+                    sampling: &sampling,
+                    write: &write,
+                    rest: Some((&read, &longpoll)),
+                };
+                let result = run_cluster(&cluster, phases).await;
+                cluster.keep_on_error(result)?;
+                return Ok(());
+            }
             let server = connect(&cli.server).await?;
+            let fsync_dir = fsync_dir.unwrap_or_else(|| PathBuf::from("."));
             let floor = fsync::run(&fsync_dir, &sampling).await?;
             let runs = write::run(&server, &write).await?;
-            write::print_targets(&runs, Some(&floor));
+            write::print_targets(&runs, Some(&floor), write::Targets::SINGLE_NODE);
             read::run(&server, &read).await?;
-            if longpoll.pid.is_some() {
-                longpoll::run(&server, &longpoll).await?;
-            } else {
-                report::header("longpoll");
-                println!("skipped: pass --pid <server pid> (and run `ulimit -n 65536` first)");
-            }
+            run_longpoll(&server, &longpoll).await?;
         }
     }
     Ok(())
+}
+
+/// What `write --cluster` and `all --cluster` run against the cluster.
+struct Phases<'a> {
+    /// Where to measure fsync; `None` means the cluster's own directory.
+    fsync_dir: Option<&'a Path>,
+    sampling: &'a FsyncSampling,
+    write: &'a WriteArgs,
+    /// `all` only: the read and longpoll phases after the writes.
+    rest: Option<(&'a ReadArgs, &'a LongpollArgs)>,
+}
+
+/// fsync, the write runs against the leader, the same spread over every
+/// node, then (for `all`) read and longpoll against the leader.
+async fn run_cluster(cluster: &LocalCluster, phases: Phases<'_>) -> Result<()> {
+    let leader = cluster.wait_leader(LEADER_DEADLINE).await?;
+    report::header("cluster");
+    println!("{}", cluster.describe());
+    println!("leader: {}", cluster.name(leader));
+    let server = connect(cluster.server(leader).base()).await?;
+    let fsync_dir = phases.fsync_dir.unwrap_or(cluster.dir());
+    let floor = fsync::run(fsync_dir, phases.sampling).await?;
+    let runs = write::run(&server, phases.write).await?;
+    // With one node, spreading would repeat the leader-only runs.
+    let spread = if cluster.len() > 1 {
+        write::run_spread(&cluster.servers(), phases.write).await?
+    } else {
+        Vec::new()
+    };
+    write::print_targets(
+        &runs,
+        Some(&floor),
+        write::Targets::for_nodes(cluster.len()),
+    );
+    if !spread.is_empty() {
+        write::print_spread(&runs, &spread, cluster.len());
+    }
+    if let Some((read, longpoll)) = phases.rest {
+        read::run(&server, read).await?;
+        let mut longpoll = longpoll.clone();
+        longpoll.pid = longpoll.pid.or(cluster.pid(leader));
+        run_longpoll(&server, &longpoll).await?;
+    }
+    let now = cluster.wait_leader(LEADER_DEADLINE).await?;
+    if now != leader {
+        println!(
+            "note: the leader changed during the run, from {} to {}",
+            cluster.name(leader),
+            cluster.name(now)
+        );
+    }
+    Ok(())
+}
+
+/// The longpoll phase of `all`, or a note why it is skipped.
+async fn run_longpoll(server: &Server, args: &LongpollArgs) -> Result<()> {
+    if args.pid.is_some() {
+        longpoll::run(server, args).await
+    } else {
+        report::header("longpoll");
+        println!("skipped: pass --pid <server pid> (and run `ulimit -n 65536` first)");
+        Ok(())
+    }
 }
 
 /// The node at `url`, after checking it answers.
@@ -232,16 +396,6 @@ async fn connect(url: &str) -> Result<Server> {
         report::count(range.held())
     );
     Ok(server)
-}
-
-fn validate_write(args: &WriteArgs) -> Result<()> {
-    if args.clients.is_empty() || args.clients.contains(&0) {
-        bail!("--clients must list counts of at least 1");
-    }
-    if args.duration == 0 {
-        bail!("--duration must be at least 1 second");
-    }
-    Ok(())
 }
 
 fn validate_sampling(sampling: &FsyncSampling) -> Result<()> {
@@ -306,6 +460,98 @@ mod tests {
         assert_eq!(write.clients, [64]);
         assert_eq!(read.readers, [1, 2]);
         assert_eq!((longpoll.count, longpoll.pid), (5, Some(1)));
+    }
+
+    #[test]
+    fn write_and_all_take_a_cluster_with_timing_flags() {
+        let cli = Cli::try_parse_from([
+            "changeagent-bench",
+            "write",
+            "--cluster",
+            "3",
+            "--heartbeat-ms",
+            "80",
+            "--server-arg",
+            "--write-timeout-ms 2000",
+        ])
+        .unwrap();
+        let Command::Write { write, cluster, .. } = cli.command else {
+            panic!("not write")
+        };
+        assert_eq!(cluster.cluster, Some(3));
+        assert_eq!(
+            (
+                cluster.nodes.heartbeat_ms,
+                cluster.nodes.election_timeout_ms
+            ),
+            (80, 250)
+        );
+        assert_eq!(cluster.nodes.server_args, ["--write-timeout-ms", "2000"]);
+        assert_eq!((write.batch_posters, write.batch_size), (8, 1000));
+
+        let cli = Cli::try_parse_from(["changeagent-bench", "write"]).unwrap();
+        let Command::Write { cluster, .. } = cli.command else {
+            panic!("not write")
+        };
+        assert_eq!(cluster.cluster, None);
+
+        let cli = Cli::try_parse_from([
+            "changeagent-bench",
+            "all",
+            "--cluster",
+            "5",
+            "--cluster-dir",
+            "/var/tmp",
+            "--keep-cluster-dir",
+        ])
+        .unwrap();
+        let Command::All {
+            cluster, fsync_dir, ..
+        } = cli.command
+        else {
+            panic!("not all")
+        };
+        assert_eq!(cluster.cluster, Some(5));
+        assert_eq!(cluster.nodes.cluster_dir, PathBuf::from("/var/tmp"));
+        assert!(cluster.nodes.keep_cluster_dir);
+        assert_eq!(fsync_dir, None);
+    }
+
+    #[test]
+    fn failover_defaults_to_twenty_kills_of_a_three_node_leader() {
+        let cli = Cli::try_parse_from(["changeagent-bench", "failover"]).unwrap();
+        let Command::Failover(args) = cli.command else {
+            panic!("not failover")
+        };
+        assert_eq!((args.cluster, args.rounds), (3, 20));
+        assert_eq!(
+            (args.nodes.heartbeat_ms, args.nodes.election_timeout_ms),
+            (50, 250)
+        );
+        assert!(args.validate().is_ok());
+        let cli = Cli::try_parse_from(["changeagent-bench", "failover", "--cluster", "2"]).unwrap();
+        let Command::Failover(args) = cli.command else {
+            panic!("not failover")
+        };
+        let err = args.validate().unwrap_err();
+        assert!(format!("{err}").contains("quorum"), "{err}");
+    }
+
+    #[test]
+    fn write_flags_are_checked() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["changeagent-bench", "write"];
+            argv.extend_from_slice(args);
+            let Command::Write { write, .. } = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not write")
+            };
+            write.validate()
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--clients", "0"]).is_err());
+        assert!(parse(&["--duration", "0"]).is_err());
+        assert!(parse(&["--batch-size", "0"]).is_err());
+        assert!(parse(&["--batch-size", "0", "--batch-posters", "0"]).is_ok());
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! `write`: N clients each post single changes to `POST /changes` in a closed
-//! loop for a fixed time; reports throughput, latency and errors, and compares
-//! them with the targets (single client near one fsync, 64 clients ≥ 20,000/s).
+//! loop for a fixed time (against one node, or spread over a cluster's
+//! nodes), then a few posters post large atomic batches; reports throughput,
+//! latency and errors, and compares them with the targets (single client
+//! near one fsync, 64 clients ≥ 20,000/s).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,14 +16,39 @@ use tokio::task::JoinSet;
 use crate::report::{self, Latency, Progress};
 use crate::server::{self, Server};
 
-/// Single-client target: p50 at most one fsync plus this much.
-const SINGLE_CLIENT_OVERHEAD: Duration = Duration::from_micros(500);
+/// The write targets, which depend on whether the writes are replicated.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    /// Single-client target: p50 at most one fsync plus this much.
+    pub single_client_overhead: Duration,
+    /// Throughput target with [`THROUGHPUT_CLIENTS`] clients, changes per second.
+    pub throughput: f64,
+}
+
+impl Targets {
+    /// One node: the answer waits for one local sync.
+    pub const SINGLE_NODE: Targets = Targets {
+        single_client_overhead: Duration::from_micros(500),
+        throughput: 20_000.0,
+    };
+    /// A cluster: the answer also waits for a follower's sync and a round trip.
+    pub const CLUSTER: Targets = Targets {
+        single_client_overhead: Duration::from_millis(1),
+        throughput: 15_000.0,
+    };
+
+    /// The targets for a cluster of `nodes` nodes.
+    pub fn for_nodes(nodes: usize) -> Targets {
+        if nodes > 1 {
+            Targets::CLUSTER
+        } else {
+            Targets::SINGLE_NODE
+        }
+    }
+}
 
 /// Client count of the throughput target.
 const THROUGHPUT_CLIENTS: usize = 64;
-
-/// Throughput target with [`THROUGHPUT_CLIENTS`] clients, changes per second.
-const THROUGHPUT_TARGET: f64 = 20_000.0;
 
 /// Pause after a failed post so a down server does not make the loop spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -39,6 +66,29 @@ pub struct WriteArgs {
     /// Seconds each run posts for.
     #[arg(long, env = "CHANGEAGENT_BENCH_DURATION", default_value_t = 10)]
     pub duration: u64,
+    /// Concurrent posters of the batch run, which follows the client runs;
+    /// 0 skips it.
+    #[arg(long, env = "CHANGEAGENT_BENCH_BATCH_POSTERS", default_value_t = 8)]
+    pub batch_posters: usize,
+    /// Changes per batch post (one JSON array, one atomic write).
+    #[arg(long, env = "CHANGEAGENT_BENCH_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+}
+
+impl WriteArgs {
+    /// Checks the flags once, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if self.clients.is_empty() || self.clients.contains(&0) {
+            bail!("--clients must list counts of at least 1");
+        }
+        if self.duration == 0 {
+            bail!("--duration must be at least 1 second");
+        }
+        if self.batch_posters > 0 && self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 /// The outcome of one run with a fixed number of clients.
@@ -66,20 +116,50 @@ struct ClientOutcome {
     first_error: Option<String>,
 }
 
-/// Runs once per client count, printing each run's figures.
+/// Runs once per client count against `server`, then the batch run,
+/// printing each run's figures; returns the client runs.
 pub async fn run(server: &Server, args: &WriteArgs) -> Result<Vec<WriteRun>> {
+    let duration = Duration::from_secs(args.duration);
     let mut runs = Vec::with_capacity(args.clients.len());
     for &clients in &args.clients {
-        runs.push(run_one(server, clients, Duration::from_secs(args.duration)).await?);
+        runs.push(run_one(std::slice::from_ref(server), clients, duration).await?);
+    }
+    if args.batch_posters > 0 {
+        run_batch(server, args.batch_posters, args.batch_size, duration).await?;
     }
     Ok(runs)
 }
 
-async fn run_one(server: &Server, clients: usize, duration: Duration) -> Result<WriteRun> {
+/// Runs once per client count above 1, client i posting to node
+/// `i % nodes.len()` (followers forward to the leader).
+pub async fn run_spread(nodes: &[Server], args: &WriteArgs) -> Result<Vec<WriteRun>> {
+    let duration = Duration::from_secs(args.duration);
+    let mut runs = Vec::new();
+    for &clients in args.clients.iter().filter(|&&c| c > 1) {
+        runs.push(run_one(nodes, clients, duration).await?);
+    }
+    Ok(runs)
+}
+
+/// `http://a/changes` for one node, `N nodes (http://a, http://b, …)` for
+/// several.
+fn describe_targets(targets: &[Server]) -> String {
+    match targets {
+        [one] => one.url("/changes"),
+        many => format!(
+            "/changes of {} nodes, spread evenly ({})",
+            many.len(),
+            many.iter().map(Server::base).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// `clients` closed-loop posters; client i posts to `targets[i % len]`.
+async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Result<WriteRun> {
     report::header(&format!(
-        "write: {clients} client(s) posting single changes for {} s to {}/changes",
+        "write: {clients} client(s) posting single changes for {} s to {}",
         duration.as_secs(),
-        server.base()
+        describe_targets(targets)
     ));
     let counters = Arc::new(Counters::default());
     let _progress = {
@@ -98,8 +178,9 @@ async fn run_one(server: &Server, clients: usize, duration: Duration) -> Result<
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = JoinSet::new();
-    for _ in 0..clients {
-        tasks.spawn(client_loop(server.clone(), deadline, Arc::clone(&counters)));
+    for i in 0..clients {
+        let server = targets[i % targets.len()].clone();
+        tasks.spawn(client_loop(server, deadline, Arc::clone(&counters)));
     }
     let mut hist = report::histogram()?;
     let mut first_error = None;
@@ -132,12 +213,128 @@ async fn run_one(server: &Server, clients: usize, duration: Duration) -> Result<
     }
     if run.changes == 0 {
         bail!(
-            "no post to {}/changes succeeded in {} s",
-            server.base(),
+            "no post to {} succeeded in {} s",
+            describe_targets(targets),
             duration.as_secs()
         );
     }
     Ok(run)
+}
+
+/// `posters` closed-loop posters of `size`-change arrays for `duration`.
+async fn run_batch(server: &Server, posters: usize, size: usize, duration: Duration) -> Result<()> {
+    report::header(&format!(
+        "batch: {posters} poster(s) posting {} changes per array for {} s to {}",
+        report::count(size as u64),
+        duration.as_secs(),
+        server.url("/changes")
+    ));
+    let counters = Arc::new(Counters::default());
+    let _progress = {
+        let counters = Arc::clone(&counters);
+        Progress::start(move |elapsed| {
+            let ok = counters.ok.load(Ordering::Relaxed) * size as u64;
+            format!(
+                "batch: {} changes, {} changes/s, {} errors",
+                report::count(ok),
+                report::rate(ok, elapsed),
+                report::count(counters.errors.load(Ordering::Relaxed))
+            )
+        })
+    };
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = JoinSet::new();
+    for _ in 0..posters {
+        tasks.spawn(batch_loop(
+            server.clone(),
+            size,
+            deadline,
+            Arc::clone(&counters),
+        ));
+    }
+    let mut hist = report::histogram()?;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.context("a batch poster panicked")??;
+        hist.add(&outcome.hist)
+            .context("merging latency histograms")?;
+        first_error = first_error.or(outcome.first_error);
+    }
+    let elapsed = started.elapsed();
+    let posts = counters.ok.load(Ordering::Relaxed);
+    let changes = posts * size as u64;
+    println!(
+        "{posters} batch poster(s): {} changes ({} posts) in {:.1} s = {} changes/s, {} errors",
+        report::count(changes),
+        report::count(posts),
+        elapsed.as_secs_f64(),
+        report::rate(changes, elapsed),
+        report::count(counters.errors.load(Ordering::Relaxed))
+    );
+    println!("post latency {}", Latency::of(&hist).summary());
+    if let Some(err) = first_error {
+        println!("first error: {err}");
+    }
+    if posts == 0 {
+        bail!(
+            "no batch post to {} succeeded in {} s",
+            server.url("/changes"),
+            duration.as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// Posts one `size`-change array after another until `deadline`, timing each.
+async fn batch_loop(
+    server: Server,
+    size: usize,
+    deadline: Instant,
+    counters: Arc<Counters>,
+) -> Result<ClientOutcome> {
+    let url = server.url("/changes");
+    let mut hist = report::histogram()?;
+    let mut first_error = None;
+    while Instant::now() < deadline {
+        let first = counters.next_n.fetch_add(size as u64, Ordering::Relaxed);
+        let mut body = String::with_capacity(size * 36 + 2);
+        body.push('[');
+        for n in first..first + size as u64 {
+            if n > first {
+                body.push(',');
+            }
+            body.push_str(&format!(r#"{{"data":{{"bench":true,"n":{n}}}}}"#));
+        }
+        body.push(']');
+        let started = Instant::now();
+        match post(&server, &url, body).await {
+            Ok(()) => {
+                report::record(&mut hist, started.elapsed());
+                counters.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                first_error.get_or_insert_with(|| format!("POST {url}: {err:#}"));
+                tokio::time::sleep(ERROR_PAUSE).await;
+            }
+        }
+    }
+    Ok(ClientOutcome { hist, first_error })
+}
+
+/// One `POST /changes` of `body`; any non-2xx answer is an error.
+async fn post(server: &Server, url: &str, body: String) -> Result<()> {
+    let resp = server
+        .client()
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .timeout(server::REQUEST_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!(server::describe(&e)))?;
+    server::ok_body(resp).await.map(drop)
 }
 
 /// Posts one change after another until `deadline`, timing each.
@@ -153,20 +350,7 @@ async fn client_loop(
         let n = counters.next_n.fetch_add(1, Ordering::Relaxed);
         let body = format!(r#"{{"data":{{"bench":true,"n":{n}}}}}"#);
         let started = Instant::now();
-        let result = async {
-            let resp = server
-                .client()
-                .post(&url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body)
-                .timeout(server::REQUEST_TIMEOUT)
-                .send()
-                .await
-                .map_err(|e| anyhow::anyhow!(server::describe(&e)))?;
-            server::ok_body(resp).await
-        }
-        .await;
-        match result {
+        match post(&server, &url, body).await {
             Ok(_) => {
                 report::record(&mut hist, started.elapsed());
                 counters.ok.fetch_add(1, Ordering::Relaxed);
@@ -182,16 +366,17 @@ async fn client_loop(
 }
 
 /// Prints the comparison of the runs with the write targets.
-pub fn print_targets(runs: &[WriteRun], fsync: Option<&Latency>) {
+pub fn print_targets(runs: &[WriteRun], fsync: Option<&Latency>, targets: Targets) {
     report::header("write targets");
+    let single_client_overhead = targets.single_client_overhead;
     match (runs.iter().find(|r| r.clients == 1), fsync) {
         (Some(single), Some(fsync)) => {
-            let met = single.latency.p50 <= fsync.p50 + SINGLE_CLIENT_OVERHEAD;
+            let met = single.latency.p50 <= fsync.p50 + single_client_overhead;
             println!(
                 "single-client p50 {} vs fsync p50 {} + {} target: {}",
                 report::ms(single.latency.p50),
                 report::ms(fsync.p50),
-                report::ms(SINGLE_CLIENT_OVERHEAD),
+                report::ms(single_client_overhead),
                 report::verdict(met)
             );
         }
@@ -199,7 +384,7 @@ pub fn print_targets(runs: &[WriteRun], fsync: Option<&Latency>) {
             "single-client p50 {} (pass --fsync-dir <server data dir> to compare it with the \
              fsync p50 + {} target)",
             report::ms(single.latency.p50),
-            report::ms(SINGLE_CLIENT_OVERHEAD)
+            report::ms(single_client_overhead)
         ),
         (None, _) => println!("single-client target: not measured (add 1 to --clients)"),
     }
@@ -209,12 +394,38 @@ pub fn print_targets(runs: &[WriteRun], fsync: Option<&Latency>) {
             println!(
                 "{THROUGHPUT_CLIENTS} clients: {} changes/s vs {} target: {}",
                 report::rate(run.changes, run.elapsed),
-                THROUGHPUT_TARGET,
-                report::verdict(rate >= THROUGHPUT_TARGET)
+                targets.throughput,
+                report::verdict(rate >= targets.throughput)
             );
         }
         None => println!(
             "{THROUGHPUT_CLIENTS}-client target: not measured (add {THROUGHPUT_CLIENTS} to --clients)"
         ),
+    }
+}
+
+/// Prints, per client count, the leader-only and the spread figures side by
+/// side (cluster runs).
+pub fn print_spread(leader: &[WriteRun], spread: &[WriteRun], nodes: usize) {
+    report::header(&format!("write: leader only vs spread over {nodes} nodes"));
+    for run in spread {
+        let alone = leader
+            .iter()
+            .find(|r| r.clients == run.clients)
+            .map(|r| {
+                format!(
+                    "leader only {} changes/s (p50 {})",
+                    report::rate(r.changes, r.elapsed),
+                    report::ms(r.latency.p50)
+                )
+            })
+            .unwrap_or_else(|| "leader only: not measured".to_string());
+        println!(
+            "{} clients: {alone}, spread {} changes/s (p50 {}, p99 {})",
+            run.clients,
+            report::rate(run.changes, run.elapsed),
+            report::ms(run.latency.p50),
+            report::ms(run.latency.p99)
+        );
     }
 }
