@@ -137,6 +137,23 @@ pub async fn run(
         }
     }
     tracing::info!(node_id = node.id, %advertise, "listening on {addr}");
+    // A formation still running (a join waiting to be promoted) can still be refused.
+    let formation = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if formed {
+                return None;
+            }
+            let why = match forming.await {
+                Ok(Ok(())) => return None,
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!("{why}");
+            shutdown.cancel();
+            Some(why)
+        }
+    });
 
     // A Raft node that stopped on a storage error cannot serve writes again: stop the whole
     // process (exit non-zero) so a supervisor restarts it, rather than answer 503 forever.
@@ -156,7 +173,12 @@ pub async fn run(
         }
     }
     fatal.abort();
-    let failure = fatal.await.ok().flatten();
+    formation.abort();
+    let failure = match (fatal.await.ok().flatten(), formation.await.ok().flatten()) {
+        (Some(why), _) => Some(format!("Raft stopped: {why}; restart the node")),
+        (None, Some(why)) => Some(why),
+        (None, None) => None,
+    };
     if failure.is_none() {
         let probe = Duration::from_millis(config.election_timeout_max_ms());
         hand_over(&node.raft, probe, HAND_OVER_TIMEOUT).await;
@@ -164,7 +186,7 @@ pub async fn run(
     node.raft.shutdown().await.ok();
     node.store.sync().context("cannot sync the change store")?;
     match failure {
-        Some(why) => Err(anyhow::anyhow!("Raft stopped: {why}; restart the node")),
+        Some(why) => Err(anyhow::anyhow!("{why}")),
         None => {
             tracing::info!("stopped");
             Ok(())

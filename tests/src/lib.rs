@@ -350,6 +350,13 @@ impl ServerProcess {
         self.spawn().await;
     }
 
+    /// Spawns the binary again on the same data dir after [`kill9`](Self::kill9)
+    /// or [`terminate`](Self::terminate), without waiting for it to serve (for
+    /// a start that is expected to fail).
+    pub fn relaunch(&mut self) {
+        self.spawn_child();
+    }
+
     /// Waits (up to `timeout`) for the process to exit on its own and returns
     /// its exit status; panics with the log if it is still running then.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {

@@ -4,6 +4,7 @@
 //! shows three voters and one leader everywhere.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use changeagent_systests::cluster::{health, Cluster, ClusterOptions, CLUSTER_DEADLINE};
 use changeagent_systests::history::History;
@@ -166,4 +167,49 @@ async fn joined_cluster_replicates_writes_through_every_node() {
     // The joiners took the first node's cluster id.
     let h = health(&cluster.api(n2)).await.expect("/health");
     assert_eq!(h["clusterId"], alone_id.as_str(), "{h}");
+}
+
+/// A node whose data dir was wiped cannot form a second cluster from the peers
+/// file: the lowest-address node finds its peers already in a cluster, exits
+/// non-zero and says to use `--join`; the others carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_seed_refuses_to_initialize_a_second_cluster() {
+    let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    let history = History::new();
+    let leader = cluster.wait_leader().await;
+    cluster
+        .write_acked(&history, 0, leader, "before-wipe")
+        .await;
+    // The node that initializes a peers-file cluster is the lowest address.
+    let seed = (0..3)
+        .min_by_key(|&i| cluster.node(i).advertise.to_string())
+        .expect("three nodes");
+    cluster.kill9(seed);
+    let data = cluster.node(seed).server.data_dir();
+    std::fs::remove_dir_all(&data).unwrap_or_else(|e| panic!("wipe {}: {e}", data.display()));
+    cluster.nodes[seed].server.relaunch();
+    let status = cluster.nodes[seed]
+        .server
+        .wait_exit(Duration::from_secs(30))
+        .await;
+    let log = cluster.node(seed).server.log();
+    assert!(
+        !status.success(),
+        "the wiped seed exited with {status}:\n{log}"
+    );
+    assert!(
+        log.contains("already belongs to a cluster") && log.contains("--join"),
+        "the wiped seed did not explain itself:\n{log}"
+    );
+
+    let survivors = cluster.others(&[seed]);
+    let leader = cluster.wait_leader_among(&survivors).await;
+    cluster.write_acked(&history, 0, leader, "after-wipe").await;
+    let doc = cluster.cluster_doc(leader).await;
+    let voters = changeagent_systests::cluster::voter_ids(&doc).expect("voters");
+    assert_eq!(voters.len(), 3, "membership changed: {doc}");
+    assert!(
+        voters.contains(&cluster.node(seed).id),
+        "the old seed id left the membership: {doc}"
+    );
 }
