@@ -14,13 +14,9 @@ use serde_json::Value;
 async fn restarted_follower_catches_up() {
     let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
     let history = History::new();
-    for k in 0..3 {
-        for i in 0..3 {
-            cluster
-                .write_acked(&history, i, i, &format!("before-{i}-{k}"))
-                .await;
-        }
-    }
+    cluster
+        .write_rounds(&history, &[0, 1, 2], 3, "before")
+        .await;
     let leader = cluster.wait_leader().await;
     let follower = cluster.others(&[leader])[0];
     cluster.kill9(follower);
@@ -99,6 +95,16 @@ async fn joining_node_catches_up_from_a_snapshot() {
     let finals = cluster.wait_converged(&all).await;
     let summary = history.assert_consistent(&finals);
     assert_eq!(summary.acked, POSTS, "{summary:?}");
+    // The leader's log was purged behind its snapshot, so the new node can
+    // only have caught up by installing one, which it keeps as its own.
+    let log = cluster.node(joined).server.log();
+    assert!(
+        log.contains("installed a snapshot from the leader"),
+        "the joined node installed no snapshot:\n{log}"
+    );
+    let kept = snapshot_files(&cluster.node(joined).data_dir())
+        .unwrap_or_else(|e| panic!("the joined node kept no snapshot: {e}"));
+    assert!(kept.iter().any(|f| f == "current.snap"), "{kept:?}");
 
     // Same indexes as the leader, and the leader reports the new node
     // matched up to its own applied log index.
