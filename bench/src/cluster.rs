@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tempfile::TempDir;
 
-use crate::server::{self, Server};
+use crate::server::Server;
 
 /// Last octet of node 1's loopback address (127.0.0.11); node i gets 10 + i.
 /// Every node has its own address, so its outgoing peer connections (which
@@ -526,19 +526,9 @@ impl Drop for LocalCluster {
 
 /// `GET /health` of one node.
 pub async fn health(server: &Server) -> Result<NodeHealth> {
-    let url = server.url("/health");
-    let resp = server
-        .client()
-        .get(&url)
-        .timeout(HEALTH_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!(server::describe(&e)))
-        .with_context(|| format!("GET {url}"))?;
-    let body = server::ok_body(resp)
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    serde_json::from_slice(&body).with_context(|| format!("GET {url}: not a health document"))
+    let body = server.get_ok("/health", HEALTH_TIMEOUT).await?;
+    serde_json::from_slice(&body)
+        .with_context(|| format!("GET {}: not a health document", server.url("/health")))
 }
 
 /// The index of the node that answers as leader (the highest term wins if

@@ -293,22 +293,12 @@ async fn pass(
     let (mut changes, mut bytes) = (0u64, 0u64);
     while changes < want {
         let limit = u64::from(page).min(want - changes);
-        let url = server.url(&format!("/changes?since={since}&limit={limit}"));
+        let path = format!("/changes?since={since}&limit={limit}");
         let started = Instant::now();
-        let resp = server
-            .client()
-            .get(&url)
-            .timeout(server::REQUEST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!(server::describe(&e)))
-            .with_context(|| format!("GET {url}"))?;
-        let body = server::ok_body(resp)
-            .await
-            .with_context(|| format!("GET {url}"))?;
+        let body = server.get_ok(&path, server::REQUEST_TIMEOUT).await?;
         report::record(&mut pages, started.elapsed());
         let parsed: Page = serde_json::from_slice(&body)
-            .with_context(|| format!("GET {url}: answer is not a change list"))?;
+            .with_context(|| format!("GET {path}: answer is not a change list"))?;
         let n = parsed.changes.len() as u64;
         changes += n;
         bytes += body.len() as u64;

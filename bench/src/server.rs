@@ -130,18 +130,25 @@ impl Server {
         self.range_within(REQUEST_TIMEOUT).await
     }
 
-    async fn range_within(&self, timeout: Duration) -> Result<Range> {
-        let url = self.url("/changes?limit=1");
+    /// `GET path_and_query` within `timeout`: the body of a 2xx answer, else an error naming
+    /// the URL and what went wrong.
+    pub async fn get_ok(&self, path_and_query: &str, timeout: Duration) -> Result<bytes::Bytes> {
+        let url = self.url(path_and_query);
         let resp = self
             .client
             .get(&url)
             .timeout(timeout)
             .send()
             .await
+            .map_err(|e| anyhow!(describe(&e)))
             .with_context(|| format!("GET {url}"))?;
-        let body = ok_body(resp).await.with_context(|| format!("GET {url}"))?;
+        ok_body(resp).await.with_context(|| format!("GET {url}"))
+    }
+
+    async fn range_within(&self, timeout: Duration) -> Result<Range> {
+        let body = self.get_ok("/changes?limit=1", timeout).await?;
         let page: Page = serde_json::from_slice(&body)
-            .with_context(|| format!("GET {url}: answer is not a change list"))?;
+            .context("GET /changes?limit=1: answer is not a change list")?;
         Ok(Range {
             first: page.first_index,
             last: page.last_index,
@@ -151,15 +158,7 @@ impl Server {
     /// The sum of all series of metric `name` in `GET /metrics`, or `None`
     /// when the server does not export it.
     pub async fn metric(&self, name: &str) -> Result<Option<f64>> {
-        let url = self.url("/metrics");
-        let resp = self
-            .client
-            .get(&url)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let body = ok_body(resp).await.with_context(|| format!("GET {url}"))?;
+        let body = self.get_ok("/metrics", REQUEST_TIMEOUT).await?;
         Ok(parse_metric(&String::from_utf8_lossy(&body), name))
     }
 }

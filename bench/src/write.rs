@@ -110,6 +110,23 @@ struct Counters {
     errors: AtomicU64,
 }
 
+impl Counters {
+    /// Prints `what: N changes, R changes/s, E errors` while the returned value lives; each
+    /// successful post counts `changes_per_ok` changes.
+    fn progress(self: &Arc<Self>, what: &'static str, changes_per_ok: u64) -> Progress {
+        let counters = Arc::clone(self);
+        Progress::start(move |elapsed| {
+            let ok = counters.ok.load(Ordering::Relaxed) * changes_per_ok;
+            format!(
+                "{what}: {} changes, {} changes/s, {} errors",
+                report::count(ok),
+                report::rate(ok, elapsed),
+                report::count(counters.errors.load(Ordering::Relaxed))
+            )
+        })
+    }
+}
+
 /// What one client saw.
 struct ClientOutcome {
     hist: Histogram<u64>,
@@ -162,18 +179,7 @@ async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Resu
         describe_targets(targets)
     ));
     let counters = Arc::new(Counters::default());
-    let _progress = {
-        let counters = Arc::clone(&counters);
-        Progress::start(move |elapsed| {
-            let ok = counters.ok.load(Ordering::Relaxed);
-            format!(
-                "write: {} changes, {} changes/s, {} errors",
-                report::count(ok),
-                report::rate(ok, elapsed),
-                report::count(counters.errors.load(Ordering::Relaxed))
-            )
-        })
-    };
+    let _progress = counters.progress("write", 1);
 
     let started = Instant::now();
     let deadline = started + duration;
@@ -230,18 +236,7 @@ async fn run_batch(server: &Server, posters: usize, size: usize, duration: Durat
         server.url("/changes")
     ));
     let counters = Arc::new(Counters::default());
-    let _progress = {
-        let counters = Arc::clone(&counters);
-        Progress::start(move |elapsed| {
-            let ok = counters.ok.load(Ordering::Relaxed) * size as u64;
-            format!(
-                "batch: {} changes, {} changes/s, {} errors",
-                report::count(ok),
-                report::rate(ok, elapsed),
-                report::count(counters.errors.load(Ordering::Relaxed))
-            )
-        })
-    };
+    let _progress = counters.progress("batch", size as u64);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = JoinSet::new();

@@ -71,10 +71,6 @@ impl Identity {
             .clone()
     }
 
-    pub fn secret(&self) -> Option<&str> {
-        self.secret.as_deref()
-    }
-
     /// Sets the cluster id if none is known yet and persists it; refuses a different one.
     pub fn adopt(&self, id: &str) -> Result<(), PeerError> {
         let mut current = self.cluster_id.write().unwrap_or_else(|p| p.into_inner());

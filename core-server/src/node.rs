@@ -115,19 +115,13 @@ pub async fn start(
     .context("cannot start Raft")?;
     let standalone = peers.is_none() && config.join.is_none();
     if standalone && !raft.is_initialized().await? {
-        let cid = identity
-            .cluster_id()
-            .map_or_else(|| uuid::Uuid::new_v4().to_string(), |c| c.to_string());
-        identity.adopt(&cid)?;
         let members = BTreeMap::from([(
             id,
             BasicNode {
                 addr: advertise.to_owned(),
             },
         )]);
-        raft.initialize(members)
-            .await
-            .context("cannot initialize a new single-node cluster")?;
+        let cid = initialize(&raft, &identity, members).await?;
         tracing::info!(
             node_id = id,
             cluster_id = cid,
@@ -141,6 +135,23 @@ pub async fn start(
         identity,
         snapshot_dir,
     })
+}
+
+/// Initializes the cluster with `members` under this node's cluster id (a new one if it has
+/// none yet, persisted first); returns the id.
+async fn initialize(
+    raft: &Raft,
+    identity: &Identity,
+    members: BTreeMap<NodeId, BasicNode>,
+) -> anyhow::Result<String> {
+    let cid = identity
+        .cluster_id()
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), |c| c.to_string());
+    identity.adopt(&cid)?;
+    raft.initialize(members)
+        .await
+        .context("cannot initialize the cluster")?;
+    Ok(cid)
 }
 
 /// Forms or joins the cluster as the flags say; runs while the node is already serving (the
@@ -246,14 +257,8 @@ async fn form_from_peers(
         }
         tokio::time::sleep(FORM_RETRY).await;
     };
-    let cid = identity
-        .cluster_id()
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), |c| c.to_string());
-    identity.adopt(&cid)?;
     let n = members.len();
-    raft.initialize(members)
-        .await
-        .context("cannot initialize the cluster")?;
+    let cid = initialize(raft, identity, members).await?;
     tracing::info!(
         cluster_id = cid,
         members = n,

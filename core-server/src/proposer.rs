@@ -31,11 +31,9 @@ const QUEUE_DEPTH: usize = 16_384;
 /// Why a proposal did not get an answer from the state machine.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
+    /// Raft appended nothing (or truncated it uncommitted); `leader` leads now, if known.
     #[error("this node is not the leader")]
-    NotLeader {
-        leader: Option<NodeId>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { leader: Option<NodeId> },
     #[error("raft is shutting down: {0}")]
     Stopped(String),
 }
@@ -154,7 +152,6 @@ impl ProposeWorker {
                                 replies,
                                 ProposeError::NotLeader {
                                     leader: f.leader_id,
-                                    leader_addr: f.leader_node.map(|n| n.addr),
                                 },
                             ),
                             Ok(Err(other)) => {

@@ -428,6 +428,24 @@ impl Cluster {
         }
     }
 
+    /// `rounds` rounds of one write through each node in `nodes` (node `i`
+    /// writes as client `i`, marker `{prefix}-{i}-{round}`), each asserted
+    /// acknowledged.
+    pub async fn write_rounds(
+        &self,
+        history: &History,
+        nodes: &[usize],
+        rounds: usize,
+        prefix: &str,
+    ) {
+        for k in 0..rounds {
+            for &i in nodes {
+                self.write_acked(history, i, i, &format!("{prefix}-{i}-{k}"))
+                    .await;
+            }
+        }
+    }
+
     /// The voters node `i` currently lists in `GET /cluster`.
     async fn voter_ids_of(&self, i: usize) -> BTreeSet<u64> {
         let doc = self.cluster_doc(i).await;

@@ -322,19 +322,29 @@ impl ServerProcess {
     pub async fn terminate(&mut self) -> ExitStatus {
         let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits i32"));
         kill(pid, Signal::SIGTERM).expect("send SIGTERM");
-        let deadline = Instant::now() + STOP_DEADLINE;
-        loop {
-            let child = self.child.as_mut().expect("server is not running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            if Instant::now() >= deadline {
+        match self.exit_within(STOP_DEADLINE).await {
+            Some(status) => status,
+            None => {
                 self.kill9();
                 panic!(
                     "changeagent-server did not exit within {STOP_DEADLINE:?} of SIGTERM; log:\n{}",
                     self.log()
                 );
+            }
+        }
+    }
+
+    /// Polls (up to `timeout`) for the process to exit; its status, or `None`
+    /// if it is still running then.
+    async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        assert!(self.child.is_some(), "server is not running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -360,20 +370,12 @@ impl ServerProcess {
     /// Waits (up to `timeout`) for the process to exit on its own and returns
     /// its exit status; panics with the log if it is still running then.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let child = self.child.as_mut().expect("server is not running");
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "changeagent-server still running {timeout:?} after it should have exited; log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+        match self.exit_within(timeout).await {
+            Some(status) => status,
+            None => panic!(
+                "changeagent-server still running {timeout:?} after it should have exited; log:\n{}",
+                self.log()
+            ),
         }
     }
 

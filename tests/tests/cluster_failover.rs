@@ -152,13 +152,9 @@ async fn sigterm_of_the_leader_hands_over_and_exits_cleanly() {
 async fn idempotent_retry_after_leader_kill_returns_the_same_id() {
     let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
     let history = History::new();
-    for k in 0..3 {
-        for i in 0..3 {
-            cluster
-                .write_acked(&history, 0, i, &format!("before-{i}-{k}"))
-                .await;
-        }
-    }
+    cluster
+        .write_rounds(&history, &[0, 1, 2], 3, "before")
+        .await;
     let old = cluster.wait_leader().await;
     let follower = cluster.others(&[old])[0];
 

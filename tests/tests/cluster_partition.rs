@@ -18,13 +18,9 @@ use futures::future::join_all;
 async fn isolated_leader_commits_nothing_and_converges_after_heal() {
     let cluster = Cluster::start_with_peers(ClusterOptions::new(3).with_proxies()).await;
     let history = History::new();
-    for k in 0..3 {
-        for i in 0..3 {
-            cluster
-                .write_acked(&history, i, i, &format!("before-{i}-{k}"))
-                .await;
-        }
-    }
+    cluster
+        .write_rounds(&history, &[0, 1, 2], 3, "before")
+        .await;
     let old = cluster.wait_leader().await;
     let majority = cluster.others(&[old]);
     cluster.isolate(old);
@@ -62,13 +58,9 @@ async fn isolated_leader_commits_nothing_and_converges_after_heal() {
     // The majority elects a new leader and accepts writes through both
     // of its nodes.
     let new = cluster.wait_new_leader(&majority, old).await;
-    for k in 0..3 {
-        for &i in &majority {
-            cluster
-                .write_acked(&history, i, i, &format!("majority-{i}-{k}"))
-                .await;
-        }
-    }
+    cluster
+        .write_rounds(&history, &majority, 3, "majority")
+        .await;
     // The isolated node really is cut off: it has none of them, and what it
     // serves is a prefix of the majority's list.
     let (_, on_majority) = read_all(&cluster.api(new))

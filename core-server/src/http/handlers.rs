@@ -77,7 +77,7 @@ async fn write(
             ),
             retry_after_secs: 1,
         }),
-        Ok(Err(ProposeError::NotLeader { leader, .. })) => {
+        Ok(Err(ProposeError::NotLeader { leader })) => {
             // Raft appended nothing (or truncated it uncommitted): the forwarding middleware
             // sends the request on to the new leader, seeing the marker.
             let mut resp = ApiError::Unavailable {
