@@ -1,6 +1,13 @@
 //! Errors of the change store. Variants carry ids and names, not formatted text.
+//!
+//! Two kinds: a [`Rejection`] is the caller's doing (bad input, an unknown name, a conflict)
+//! and travels back to the client, through Raft answers too; every other [`Error`] is a
+//! failure of the store itself.
 
 use std::path::PathBuf;
+
+use changeagent_proto::Scope;
+use serde::{Deserialize, Serialize};
 
 /// Everything that can go wrong in the change store.
 #[derive(Debug, thiserror::Error)]
@@ -11,7 +18,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(
         "the store at {path} has format version {found}, this build reads version {supported}; \
-         use a matching ChangeAgent release or start with an empty data dir"
+         start this node with an empty data dir (a core node then catches up from its cluster, \
+         or use --restore-from with a checkpoint)"
     )]
     UnsupportedFormat {
         path: PathBuf,
@@ -20,6 +28,20 @@ pub enum Error {
     },
     #[error("corrupt record in {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("background task failed: {0}")]
+    Join(String),
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+}
+
+/// An operation the store refused because of its input. Serializable: a Raft state machine
+/// sends it back to the node that proposed the write. The api crate maps each variant to an
+/// HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("unknown tenant {0:?}")]
@@ -42,10 +64,34 @@ pub enum Error {
     CollectionExists { tenant: String, collection: String },
     #[error("changes before {first_index} were truncated")]
     Truncated { first_index: u64 },
-    #[error("checkpoint: {0}")]
-    Checkpoint(String),
-    #[error("background task failed: {0}")]
-    Join(String),
+    #[error(
+        "checkpointer {by:?} started a checkpoint of scope {scope} at index {index} \
+         {age_secs} s ago and has not ended it; try again later"
+    )]
+    CheckpointInProgress {
+        scope: Scope,
+        by: String,
+        index: u64,
+        age_secs: u64,
+    },
+    #[error(
+        "no open checkpoint start of scope {scope} at index {index} by {by:?}; send a start \
+         first (another checkpointer may have taken a stale start over)"
+    )]
+    NoOpenStart {
+        scope: Scope,
+        by: String,
+        index: u64,
+    },
+    #[error(
+        "cannot truncate before {before}: the newest full checkpoint is at index {}; \
+         changes after it are not in any checkpoint yet",
+        checkpoint.map_or("none".to_owned(), |c| c.to_string())
+    )]
+    NotCheckpointed {
+        before: u64,
+        checkpoint: Option<u64>,
+    },
 }
 
 impl Error {
@@ -54,6 +100,11 @@ impl Error {
             what,
             detail: detail.to_string(),
         }
+    }
+
+    /// An invalid-input rejection.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Rejected(Rejection::Invalid(message.into()))
     }
 }
 

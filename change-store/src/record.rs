@@ -5,18 +5,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::{Error, Result};
-
-/// Most tags one change may carry; keeps index writes per change bounded.
-pub const MAX_TAGS: usize = 100;
-/// Longest tag in bytes; tags are index keys, so they stay short.
-pub const MAX_TAG_BYTES: usize = 256;
-/// Longest key in bytes (a RocksDB key together with the collection id).
-pub const MAX_KEY_BYTES: usize = 1024;
-/// Longest tenant or collection name.
-pub const MAX_NAME_BYTES: usize = 128;
-/// Most changes in one posted batch.
-pub const MAX_BATCH: usize = 10_000;
+use crate::error::{Error, Rejection, Result};
+pub use changeagent_proto::limits::{
+    MAX_BATCH, MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_TAGS, MAX_TAG_BYTES,
+};
 
 /// One change as a client asked for it, validated, with `data` already compacted.
 /// This is also what travels in Raft entries.
@@ -70,18 +62,16 @@ const KNOWN_FIELDS: [&str; 7] = [
 /// JSON value (taken whole as data), or an array of those (a batch).
 pub fn parse_post_body(body: &[u8]) -> Result<PostBody> {
     let raw: &RawValue = serde_json::from_slice(body)
-        .map_err(|e| Error::Invalid(format!("request body is not valid JSON: {e}")))?;
+        .map_err(|e| Error::invalid(format!("request body is not valid JSON: {e}")))?;
     let text = raw.get();
     if text.starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text)
-            .map_err(|e| Error::Invalid(format!("request body is not valid JSON: {e}")))?;
+            .map_err(|e| Error::invalid(format!("request body is not valid JSON: {e}")))?;
         if items.is_empty() {
-            return Err(Error::Invalid(
-                "a batch must hold at least one change".into(),
-            ));
+            return Err(Error::invalid("a batch must hold at least one change"));
         }
         if items.len() > MAX_BATCH {
-            return Err(Error::Invalid(format!(
+            return Err(Error::invalid(format!(
                 "a batch holds at most {MAX_BATCH} changes, this one has {}",
                 items.len()
             )));
@@ -91,7 +81,9 @@ pub fn parse_post_body(body: &[u8]) -> Result<PostBody> {
             .enumerate()
             .map(|(i, item)| {
                 parse_one(item).map_err(|e| match e {
-                    Error::Invalid(m) => Error::Invalid(format!("batch item {i}: {m}")),
+                    Error::Rejected(Rejection::Invalid(m)) => {
+                        Error::invalid(format!("batch item {i}: {m}"))
+                    }
                     other => other,
                 })
             })
@@ -106,7 +98,7 @@ fn parse_one(raw: &RawValue) -> Result<ChangeInput> {
     let text = raw.get();
     if text.starts_with('{') {
         let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| Error::Invalid(format!("invalid JSON object: {e}")))?;
+            .map_err(|e| Error::invalid(format!("invalid JSON object: {e}")))?;
         let structured = !fields.is_empty()
             && (fields.contains_key("data")
                 || fields.keys().all(|k| KNOWN_FIELDS.contains(&k.as_str())));
@@ -129,26 +121,22 @@ fn parse_one(raw: &RawValue) -> Result<ChangeInput> {
                 deleted: Option<bool>,
             }
             let s: Structured = serde_json::from_str(text)
-                .map_err(|e| Error::Invalid(format!("invalid change: {e}")))?;
+                .map_err(|e| Error::invalid(format!("invalid change: {e}")))?;
             let change_type = match s.change_type {
                 None => 0,
                 Some(t) if (0..=i64::from(i32::MAX)).contains(&t) => t as i32,
                 Some(t) if t < 0 => {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::invalid(format!(
                         "type {t} is reserved: negative types are internal records"
                     )))
                 }
-                Some(t) => return Err(Error::Invalid(format!("type {t} is out of range"))),
+                Some(t) => return Err(Error::invalid(format!("type {t} is out of range"))),
             };
             let collection = match s.collection {
                 None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(c)) => Some(c),
                 Some(serde_json::Value::Number(n)) if n.is_u64() => Some(n.to_string()),
-                Some(_) => {
-                    return Err(Error::Invalid(
-                        "collection must be a name or a numeric id".into(),
-                    ))
-                }
+                Some(_) => return Err(Error::invalid("collection must be a name or a numeric id")),
             };
             let input = ChangeInput {
                 change_type,
@@ -173,45 +161,39 @@ impl ChangeInput {
     /// Checks the limits every change must meet, whoever built it.
     pub fn validate(&self) -> Result<()> {
         if self.tags.len() > MAX_TAGS {
-            return Err(Error::Invalid(format!(
+            return Err(Error::invalid(format!(
                 "a change has at most {MAX_TAGS} tags, this one has {}",
                 self.tags.len()
             )));
         }
         for tag in &self.tags {
             if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
-                return Err(Error::Invalid(format!(
+                return Err(Error::invalid(format!(
                     "tags must be 1 to {MAX_TAG_BYTES} bytes long"
                 )));
             }
         }
         match (&self.collection, &self.key) {
             (Some(_), None) => {
-                return Err(Error::Invalid(
-                    "a change with a collection needs a key".into(),
-                ))
+                return Err(Error::invalid("a change with a collection needs a key"))
             }
             (None, Some(_)) => {
-                return Err(Error::Invalid(
-                    "a change with a key needs a collection".into(),
-                ))
+                return Err(Error::invalid("a change with a key needs a collection"))
             }
             _ => {}
         }
         if let Some(key) = &self.key {
             if key.is_empty() || key.len() > MAX_KEY_BYTES {
-                return Err(Error::Invalid(format!(
+                return Err(Error::invalid(format!(
                     "keys must be 1 to {MAX_KEY_BYTES} bytes long"
                 )));
             }
         }
         if self.deleted && self.key.is_none() {
-            return Err(Error::Invalid(
-                "\"deleted\" applies to keyed changes only".into(),
-            ));
+            return Err(Error::invalid("\"deleted\" applies to keyed changes only"));
         }
         if self.deleted && self.data.is_some() {
-            return Err(Error::Invalid("a delete carries no data".into()));
+            return Err(Error::invalid("a delete carries no data"));
         }
         Ok(())
     }
@@ -220,25 +202,7 @@ impl ChangeInput {
 /// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
 /// digits (all-digit path segments are ids).
 pub fn validate_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(Error::Invalid(format!(
-            "names must be 1 to {MAX_NAME_BYTES} characters long"
-        )));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(Error::Invalid(format!(
-            "name {name:?} may hold only letters, digits, '.', '_' and '-'"
-        )));
-    }
-    if name.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Error::Invalid(format!(
-            "name {name:?} is all digits, which would read as an id"
-        )));
-    }
-    Ok(())
+    changeagent_proto::types::check_name(name).map_err(Error::invalid)
 }
 
 /// The client's JSON with insignificant whitespace removed; key order, number spelling and
@@ -246,7 +210,7 @@ pub fn validate_name(name: &str) -> Result<()> {
 pub fn compact_raw(raw: &RawValue) -> Result<Box<RawValue>> {
     let text = raw.get();
     let compacted = compact_json(text);
-    RawValue::from_string(compacted).map_err(|e| Error::Invalid(format!("invalid JSON value: {e}")))
+    RawValue::from_string(compacted).map_err(|e| Error::invalid(format!("invalid JSON value: {e}")))
 }
 
 /// Removes whitespace outside strings from valid JSON text.
@@ -469,7 +433,10 @@ mod tests {
             br#"{"data":1,"tags":"a"}"#,
         ] {
             assert!(
-                matches!(parse_post_body(body), Err(Error::Invalid(_))),
+                matches!(
+                    parse_post_body(body),
+                    Err(Error::Rejected(Rejection::Invalid(_)))
+                ),
                 "{}",
                 String::from_utf8_lossy(body)
             );

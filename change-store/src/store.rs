@@ -11,11 +11,11 @@ use rocksdb::{
 };
 use tokio::sync::watch;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Rejection, Result};
 use crate::layout::{self, cf, meta};
 use crate::record::{validate_name, ChangeInput, Resolved, StoredChange};
 
-pub use changeagent_client::types::{Collection, Tenant};
+pub use changeagent_proto::types::{Collection, Tenant};
 
 /// How long an idempotency key is remembered, in nanoseconds of change time (24 hours, the
 /// usual retry horizon of HTTP clients and of Stripe-style idempotency keys).
@@ -131,7 +131,7 @@ impl Catalog {
         match (found.next(), found.next()) {
             (None, _) => Ok(None),
             (Some(id), None) => Ok(Some(id)),
-            (Some(_), Some(_)) => Err(Error::AmbiguousCollection(reference.to_owned())),
+            (Some(_), Some(_)) => Err(Rejection::AmbiguousCollection(reference.to_owned()).into()),
         }
     }
 
@@ -396,7 +396,7 @@ impl Store {
             (s.first_index, s.last_id)
         };
         if since.saturating_add(1) < first_index {
-            return Err(Error::Truncated { first_index });
+            return Err(Rejection::Truncated { first_index }.into());
         }
         let mut info = PageInfo {
             count: 0,
@@ -546,7 +546,7 @@ impl Store {
         let cat = self.catalog_guard();
         cat.collection(reference, None)?
             .and_then(|id| cat.collection_view(id))
-            .ok_or_else(|| Error::UnknownCollection(reference.to_owned()))
+            .ok_or_else(|| Rejection::UnknownCollection(reference.to_owned()).into())
     }
 
     /// The wire JSON of a key's latest change, if the key is live.
@@ -736,7 +736,7 @@ impl Txn<'_> {
                 && tenant.is_none_or(|t| rec.tenant_id == t)
         });
         match (committed, staged) {
-            (Some(_), Some(_)) => Err(Error::AmbiguousCollection(reference.to_owned())),
+            (Some(_), Some(_)) => Err(Rejection::AmbiguousCollection(reference.to_owned()).into()),
             (Some(id), None) => Ok(Some(id)),
             (None, Some((id, _))) => Ok(Some(*id)),
             (None, None) => Ok(None),
@@ -761,7 +761,7 @@ impl Txn<'_> {
     pub fn create_tenant(&mut self, name: &str) -> Result<Tenant> {
         validate_name(name)?;
         if self.find_tenant(name).is_some() {
-            return Err(Error::TenantExists(name.to_owned()));
+            return Err(Rejection::TenantExists(name.to_owned()).into());
         }
         let id = self.state.next_tenant_id;
         self.state.next_tenant_id += 1;
@@ -786,12 +786,13 @@ impl Txn<'_> {
         validate_name(name)?;
         let (tenant_id, tenant_name) = self
             .find_tenant(tenant)
-            .ok_or_else(|| Error::UnknownTenant(tenant.to_owned()))?;
+            .ok_or_else(|| Rejection::UnknownTenant(tenant.to_owned()))?;
         if self.find_collection(name, Some(tenant_id))?.is_some() {
-            return Err(Error::CollectionExists {
+            return Err(Rejection::CollectionExists {
                 tenant: tenant_name,
                 collection: name.to_owned(),
-            });
+            }
+            .into());
         }
         let id = self.state.next_collection_id;
         self.state.next_collection_id += 1;
@@ -832,7 +833,7 @@ impl Txn<'_> {
         let mut tenant = match &c.tenant {
             Some(t) => Some(
                 self.find_tenant(t)
-                    .ok_or_else(|| Error::UnknownTenant(t.clone()))?,
+                    .ok_or_else(|| Rejection::UnknownTenant(t.clone()))?,
             ),
             None => None,
         };
@@ -841,17 +842,18 @@ impl Txn<'_> {
             Some(reference) => {
                 let id = self
                     .find_collection(reference, tenant.as_ref().map(|t| t.0))?
-                    .ok_or_else(|| Error::UnknownCollection(reference.clone()))?;
+                    .ok_or_else(|| Rejection::UnknownCollection(reference.clone()))?;
                 let rec = self
                     .collection_rec(id)
-                    .ok_or_else(|| Error::UnknownCollection(reference.clone()))?;
+                    .ok_or_else(|| Rejection::UnknownCollection(reference.clone()))?;
                 match &tenant {
                     Some((tid, tname)) if *tid != rec.tenant_id => {
-                        return Err(Error::CollectionTenantMismatch {
+                        return Err(Rejection::CollectionTenantMismatch {
                             collection: rec.name,
                             owner: self.tenant_name(rec.tenant_id).unwrap_or_default(),
                             requested: tname.clone(),
-                        })
+                        }
+                        .into())
                     }
                     Some(_) => {}
                     None => {
@@ -884,10 +886,11 @@ impl Txn<'_> {
                         None => self.key_is_live(&ck)?,
                     };
                     if !live {
-                        return Err(Error::UnknownKey {
+                        return Err(Rejection::UnknownKey {
                             collection: cname.clone(),
                             key: key.clone(),
-                        });
+                        }
+                        .into());
                     }
                 }
                 pending_keys.insert(ck, !c.deleted);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use changeagent_store::export::ExportOptions;
-use changeagent_store::{parse_post_body, ChangeInput, Error, Filter, Store};
+use changeagent_store::{parse_post_body, ChangeInput, Error, Filter, Rejection, Store};
 use serde_json::Value;
 
 fn open() -> (tempfile::TempDir, Arc<Store>) {
@@ -141,7 +141,7 @@ fn batch_is_all_or_nothing() {
     let mut txn = s.begin();
     assert!(matches!(
         txn.append(2, &changes),
-        Err(Error::UnknownTenant(_))
+        Err(Error::Rejected(Rejection::UnknownTenant(_)))
     ));
     // The failed append staged nothing; a later one in the same transaction still applies.
     assert_eq!(txn.append(2, &[change(r#"{"data":4}"#)]).unwrap(), vec![2]);
@@ -190,7 +190,7 @@ fn keys_upsert_delete_and_list_sorted() {
                 r#"{"collection":"flags","key":"zz","deleted":true}"#
             )]
         ),
-        Err(Error::UnknownKey { .. })
+        Err(Error::Rejected(Rejection::UnknownKey { .. }))
     ));
     drop(txn);
     assert_eq!(s.last_id(), 5);
@@ -203,24 +203,24 @@ fn catalog_names_conflict_and_resolve() {
     txn.create_tenant("acme").unwrap();
     assert!(matches!(
         txn.create_tenant("acme"),
-        Err(Error::TenantExists(_))
+        Err(Error::Rejected(Rejection::TenantExists(_)))
     ));
     txn.create_tenant("other").unwrap();
     txn.create_collection("acme", "flags").unwrap();
     txn.create_collection("other", "flags").unwrap();
     assert!(matches!(
         txn.create_collection("acme", "flags"),
-        Err(Error::CollectionExists { .. })
+        Err(Error::Rejected(Rejection::CollectionExists { .. }))
     ));
     assert!(matches!(
         txn.create_collection("nobody", "x"),
-        Err(Error::UnknownTenant(_))
+        Err(Error::Rejected(Rejection::UnknownTenant(_)))
     ));
     s.commit(txn).unwrap();
     assert_eq!(s.tenants().len(), 2);
     assert!(matches!(
         s.collection("flags"),
-        Err(Error::AmbiguousCollection(_))
+        Err(Error::Rejected(Rejection::AmbiguousCollection(_)))
     ));
     assert_eq!(s.collection("1").unwrap().tenant, "acme");
     assert_eq!(s.tenant("2").unwrap().name, "other");

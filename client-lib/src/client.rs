@@ -47,7 +47,8 @@ use crate::types::{
 
 /// Header that makes a retried post return the first answer instead of
 /// appending again.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub const IDEMPOTENCY_KEY: HeaderName =
+    HeaderName::from_static(changeagent_proto::headers::IDEMPOTENCY_KEY);
 
 /// Time allowed for one request and its answer, long polls excepted (they
 /// get their `block` time on top). Generous enough for a quorum write with

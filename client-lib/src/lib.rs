@@ -1,7 +1,7 @@
-//! ChangeAgent's client side: the wire types of the HTTP API (shared with the
-//! servers), an async client over one or more endpoints with retries,
-//! failover and idempotent posts, the [`Client::follow`] change stream, and
-//! the logic of the `changeagent` command-line tool.
+//! ChangeAgent's client side: an async client over one or more endpoints with
+//! retries, failover and idempotent posts, the [`Client::follow`] change
+//! stream, and the logic of the `changeagent` command-line tool. The wire
+//! types come from `changeagent-proto` and are re-exported here.
 //!
 //! ```no_run
 //! # async fn example() -> changeagent_client::Result<()> {
@@ -22,8 +22,8 @@
 //!
 //! # Layout
 //!
-//! - [`types`]: the JSON bodies of the API (`Change`, `NewChange`, `ChangeList`, …).
-//! - [`query`]: [`Query`], the parameters of `GET /changes`.
+//! - [`types`], [`query`]: the wire types and query parameters (re-exported
+//!   from `changeagent-proto`).
 //! - [`client`]: [`Client`] and [`ClientBuilder`]: every route, retries and
 //!   failover, [`Client::follow`].
 //! - [`error`]: [`Error`], the one error type, and [`Result`].
@@ -32,8 +32,9 @@
 pub mod cli;
 pub mod client;
 pub mod error;
-pub mod query;
-pub mod types;
+
+pub use changeagent_proto as proto;
+pub use changeagent_proto::{query, types};
 
 pub use client::{Client, ClientBuilder, RawResponse, RetryPolicy};
 pub use error::{Error, Result};

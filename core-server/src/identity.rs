@@ -12,15 +12,14 @@
 use std::sync::{Arc, RwLock};
 
 use axum::http::HeaderMap;
-use changeagent_store::http::ApiError;
+use changeagent_api::ApiError;
 
 use crate::raft::log_store::{write_cluster_id, LogStore};
 use crate::raft::types::NodeId;
 
-/// Header carrying the sender's cluster id on peer requests (and on every answer).
-pub const CLUSTER_ID_HEADER: &str = "x-cluster-id";
-/// Header carrying the cluster secret on peer requests.
-pub const SECRET_HEADER: &str = "x-cluster-secret";
+pub use changeagent_proto::headers::{
+    CLUSTER_ID as CLUSTER_ID_HEADER, CLUSTER_SECRET as SECRET_HEADER,
+};
 
 /// A peer request the node refuses.
 #[derive(Debug, thiserror::Error)]

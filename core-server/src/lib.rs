@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
-use changeagent_store::http::{HttpMetrics, ReadApi, ReadLimits};
+use changeagent_api::serve::Serving;
+use changeagent_api::{HttpMetrics, ReadApi, ReadLimits};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +65,7 @@ pub async fn run(
     let read = Arc::new(ReadApi {
         store: node.store.clone(),
         limits: ReadLimits {
-            max_block: Duration::from_secs(config.max_block_secs),
+            max_block_secs: config.max_block_secs,
         },
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
@@ -84,15 +84,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let router = http::routes::router(app, read);
-    // No Nagle delay on answers (Raft RPC answers and small JSON replies are latency-bound).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+    let server = Serving::start(listener, router, shutdown.clone());
 
     let forming = node::form(
         config.clone(),
@@ -159,19 +151,9 @@ pub async fn run(
     // process (exit non-zero) so a supervisor restarts it, rather than answer 503 forever.
     let fatal = tokio::spawn(watch_fatal(node.raft.clone(), shutdown.clone()));
 
-    tokio::select! {
-        result = &mut server => {
-            result.context("HTTP server task failed")?.context("HTTP server failed")?;
-        }
-        _ = shutdown.cancelled() => {
-            tracing::info!("shutting down: draining requests");
-            let drain = Duration::from_millis(config.drain_timeout_ms);
-            if tokio::time::timeout(drain, &mut server).await.is_err() {
-                tracing::warn!("requests still running after {drain:?}; closing them");
-                server.abort();
-            }
-        }
-    }
+    server
+        .until_shutdown(Duration::from_millis(config.drain_timeout_ms))
+        .await?;
     fatal.abort();
     formation.abort();
     let failure = match (fatal.await.ok().flatten(), formation.await.ok().flatten()) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use changeagent_client::types::JoinRequest;
+use changeagent_proto::types::JoinRequest;
 use changeagent_store::Store;
 use openraft::BasicNode;
 use tokio::time::Instant;

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use changeagent_client::types::{ClusterInfo, ClusterMember, JoinRequest, Removed};
-use changeagent_store::http::body::json_body;
-use changeagent_store::http::ApiError;
+use changeagent_api::body::json_body;
+use changeagent_api::ApiError;
+use changeagent_proto::types::{ClusterInfo, ClusterMember, JoinRequest, Removed};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use tokio::time::Instant;
 
@@ -236,7 +237,7 @@ pub async fn remove_member(
 pub async fn leave(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-) -> Result<Json<Removed>, ApiError> {
+) -> Result<Response, ApiError> {
     app.identity.check_member(&headers)?;
     let deadline = Instant::now() + app.config.write_timeout();
     let removed = match leader(&app.raft, app.node_id, deadline, None).await {
@@ -259,11 +260,17 @@ pub async fn leave(
                 .map_err(|e| raft_error("asking the leader to remove this node", e))?;
             let status = resp.status();
             if !status.is_success() {
-                let text = resp.text().await.unwrap_or_default();
-                return Err(ApiError::from_status(
-                    status.as_u16(),
-                    format!("the leader refused to remove this node: {text}"),
-                ));
+                // The leader's refusal goes to the client as the leader sent it.
+                let body = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| raft_error("reading the leader's answer", e))?;
+                let mut answer = (status, body).into_response();
+                answer.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return Ok(answer);
             }
             resp.json::<Removed>()
                 .await
@@ -272,5 +279,5 @@ pub async fn leave(
     };
     tracing::info!(node_id = app.node_id, "left the cluster; shutting down");
     app.shutdown.cancel();
-    Ok(Json(removed))
+    Ok(Json(removed).into_response())
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use changeagent_store::http::{ApiError, BarrierFuture, ReadBarrier};
+use changeagent_api::{ApiError, BarrierFuture, ReadBarrier};
 use tokio::time::Instant;
 
 use super::forward::{leader, LeaderIs};

@@ -18,8 +18,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use changeagent_store::http::body::body_bytes;
-use changeagent_store::http::ApiError;
+use changeagent_api::body::body_bytes;
+use changeagent_api::ApiError;
 use openraft::ServerState;
 use tokio::time::Instant;
 
@@ -27,8 +27,7 @@ use super::AppState;
 use crate::identity::{base_url, CLUSTER_ID_HEADER};
 use crate::raft::types::{NodeId, Raft};
 
-/// Marks a request a follower forwarded (value: the forwarder's node id).
-pub const FORWARDED_HEADER: &str = "x-changeagent-forwarded";
+use changeagent_proto::headers::FORWARDED as FORWARDED_HEADER;
 /// Extra time a forwarded request is given beyond the caller's deadline, so the leader's own
 /// answer (which honours the same write timeout) arrives before ours.
 const FORWARD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);

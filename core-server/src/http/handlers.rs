@@ -12,11 +12,11 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use changeagent_client::types::{Health, NameRequest};
-use changeagent_store::http::body::json_body;
-use changeagent_store::http::handlers::{json_response, tenant_or_404};
-use changeagent_store::http::metrics::gauge;
-use changeagent_store::http::ApiError;
+use changeagent_api::body::json_body;
+use changeagent_api::handlers::{json_response, tenant_or_404};
+use changeagent_api::metrics::gauge;
+use changeagent_api::ApiError;
+use changeagent_proto::types::{Health, NameRequest};
 use changeagent_store::record::{compact_raw, validate_name};
 use changeagent_store::{parse_post_body, ChangeInput, PostBody};
 use openraft::ServerState;
@@ -27,11 +27,10 @@ use super::AppState;
 use crate::proposer::ProposeError;
 use crate::raft::types::{Op, Outcome, Request};
 
-/// Longest accepted `Idempotency-Key`.
-const MAX_IDEMPOTENCY_KEY: usize = 256;
+use changeagent_proto::limits::MAX_IDEMPOTENCY_KEY;
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else {
+    let Some(v) = headers.get(changeagent_proto::headers::IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
     match v.to_str() {
@@ -96,7 +95,7 @@ async fn write(
             retry_after_secs: 1,
         }),
         Ok(Ok(Outcome::Ok { body })) => Ok(json_response(body.into_bytes())),
-        Ok(Ok(Outcome::Rejected { status, error })) => Err(ApiError::from_status(status, error)),
+        Ok(Ok(Outcome::Rejected { rejection })) => Err(rejection.into()),
     }
 }
 

@@ -11,7 +11,7 @@ pub mod routes;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use changeagent_store::http::HttpMetrics;
+use changeagent_api::HttpMetrics;
 use changeagent_store::Store;
 use tokio_util::sync::CancellationToken;
 

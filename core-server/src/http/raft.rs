@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use changeagent_store::http::ApiError;
+use changeagent_api::ApiError;
 use futures::StreamExt;
 use openraft::error::{Fatal, RaftError};
 use openraft::raft::{

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
-use changeagent_store::http::{finish_router, read_router, ReadApi};
+use changeagent_api::{finish_router, read_router, ReadApi};
 
 use super::{cluster, forward, handlers, raft, AppState};
 

@@ -21,7 +21,6 @@ use super::types::{
     StoredMembership, TypeConfig,
 };
 use changeagent_store::export::{ExportOptions, Header};
-use changeagent_store::http::ApiError;
 use changeagent_store::{Error as StoreError, Store, Txn};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
@@ -122,25 +121,12 @@ fn apply_command(txn: &mut Txn<'_>, cmd: &Command) -> Result<Vec<Outcome>, Store
                 }
                 out.push(Outcome::Ok { body });
             }
-            Err(e) if is_fatal(&e) => return Err(e),
-            Err(e) => {
-                let api = ApiError::from(e);
-                out.push(Outcome::Rejected {
-                    status: api.status().as_u16(),
-                    error: api.to_string(),
-                });
-            }
+            Err(StoreError::Rejected(rejection)) => out.push(Outcome::Rejected { rejection }),
+            // Storage failures stop the state machine.
+            Err(e) => return Err(e),
         }
     }
     Ok(out)
-}
-
-/// Storage failures stop the state machine; input errors are answers.
-fn is_fatal(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Db(_) | StoreError::Io(_) | StoreError::Corrupt { .. } | StoreError::Join(_)
-    )
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {

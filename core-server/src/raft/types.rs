@@ -2,7 +2,7 @@
 //! requests the leader grouped into one entry; the state machine answers each with an
 //! [`Outcome`].
 
-use changeagent_store::ChangeInput;
+use changeagent_store::{ChangeInput, Rejection};
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
@@ -74,10 +74,11 @@ pub enum Op {
 /// The state machine's answers, one per request of a command, in order.
 pub type Response = Vec<Outcome>;
 
-/// The answer to one request: the JSON body to send, or an error status and message.
+/// The answer to one request: the JSON body to send, or why the store refused it (the api
+/// crate maps that to a status).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok { body: String },
-    Rejected { status: u16, error: String },
+    Rejected { rejection: Rejection },
 }

@@ -9,15 +9,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::time::Instant;
 
-use super::error::ApiError;
-use super::query::{parse_bool, parse_limit, ChangesQuery, DEFAULT_LIMIT};
-use super::ReadApi;
-use crate::store::{Collection, Filter, Store, Tenant};
+use changeagent_proto::limits::DEFAULT_LIMIT;
+use changeagent_proto::query::{parse_bool, parse_limit, ChangesQuery};
+use changeagent_store::{Collection, Filter, PageInfo, Store, Tenant};
+
+use crate::error::ApiError;
+use crate::ReadApi;
 
 /// Runs a blocking store call off the async workers.
 pub async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, ApiError>
 where
-    F: FnOnce(&Store) -> crate::Result<T> + Send + 'static,
+    F: FnOnce(&Store) -> changeagent_store::Result<T> + Send + 'static,
     T: Send + 'static,
 {
     let store = store.clone();
@@ -43,7 +45,7 @@ pub async fn list_changes(
     OriginalUri(uri): OriginalUri,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
+    let q = ChangesQuery::parse(raw.as_deref(), api.limits.max_block_secs)?;
     api.barrier(q.consistent).await?;
     serve_changes(&api, uri.path(), q).await
 }
@@ -55,7 +57,7 @@ pub async fn tenant_changes(
     OriginalUri(uri): OriginalUri,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut q = ChangesQuery::parse(raw.as_deref(), &api.limits)?;
+    let mut q = ChangesQuery::parse(raw.as_deref(), api.limits.max_block_secs)?;
     q.tenant = Some(tenant);
     api.barrier(q.consistent).await?;
     serve_changes(&api, uri.path(), q).await
@@ -121,7 +123,7 @@ fn render_page(
     q: &ChangesQuery,
     since: u64,
     changes: Vec<u8>,
-    info: crate::store::PageInfo,
+    info: PageInfo,
 ) -> Response {
     let mut out = Vec::with_capacity(changes.len() + 96);
     out.extend_from_slice(b"{\"changes\":[");
@@ -160,7 +162,7 @@ fn parse_id(raw: &str) -> Result<u64, ApiError> {
 fn consistent_param(raw: Option<&str>) -> Result<bool, ApiError> {
     for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         if k == "consistent" {
-            return parse_bool("consistent", &v);
+            return Ok(parse_bool("consistent", &v)?);
         }
     }
     Ok(false)

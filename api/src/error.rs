@@ -3,9 +3,8 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use changeagent_client::types::ErrorBody;
-
-use crate::error::Error;
+use changeagent_proto::{ErrorBody, QueryError};
+use changeagent_store::{Error, Rejection};
 
 /// An HTTP error answer.
 #[derive(Debug, thiserror::Error)]
@@ -61,20 +60,25 @@ impl ApiError {
     }
 }
 
-impl ApiError {
-    /// Rebuilds an error from a status and message (e.g. a state machine's answer).
-    pub fn from_status(status: u16, message: String) -> Self {
-        match status {
-            400 => ApiError::BadRequest(message),
-            401 => ApiError::Unauthorized(message),
-            403 => ApiError::Forbidden(message),
-            404 => ApiError::NotFound(message),
-            409 => ApiError::Conflict(message),
-            503 => ApiError::Unavailable {
-                message,
-                retry_after_secs: 1,
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        let message = r.to_string();
+        match r {
+            Rejection::Invalid(m) => ApiError::BadRequest(m),
+            Rejection::CollectionTenantMismatch { .. } => ApiError::BadRequest(message),
+            Rejection::UnknownTenant(_)
+            | Rejection::UnknownCollection(_)
+            | Rejection::UnknownKey { .. } => ApiError::NotFound(message),
+            Rejection::AmbiguousCollection(_)
+            | Rejection::TenantExists(_)
+            | Rejection::CollectionExists { .. }
+            | Rejection::CheckpointInProgress { .. }
+            | Rejection::NoOpenStart { .. }
+            | Rejection::NotCheckpointed { .. } => ApiError::Conflict(message),
+            Rejection::Truncated { first_index } => ApiError::Gone {
+                first_index,
+                checkpoint: None,
             },
-            _ => ApiError::Internal(message),
         }
     }
 }
@@ -82,20 +86,15 @@ impl ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::Invalid(m) => ApiError::BadRequest(m),
-            Error::CollectionTenantMismatch { .. } => ApiError::BadRequest(e.to_string()),
-            Error::UnknownTenant(_) | Error::UnknownCollection(_) | Error::UnknownKey { .. } => {
-                ApiError::NotFound(e.to_string())
-            }
-            Error::AmbiguousCollection(_)
-            | Error::TenantExists(_)
-            | Error::CollectionExists { .. } => ApiError::Conflict(e.to_string()),
-            Error::Truncated { first_index } => ApiError::Gone {
-                first_index,
-                checkpoint: None,
-            },
+            Error::Rejected(r) => r.into(),
             other => ApiError::Internal(other.to_string()),
         }
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        ApiError::BadRequest(e.to_string())
     }
 }
 

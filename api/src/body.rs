@@ -3,7 +3,7 @@
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 /// True for `application/json` and `application/json; charset=…`.
 pub fn is_json(headers: &HeaderMap) -> bool {

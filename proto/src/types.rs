@@ -4,14 +4,23 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Records with a type below zero are written by ChangeAgent itself.
+use crate::checkpoint::{Manifest, Scope};
+use crate::limits::MAX_NAME_BYTES;
+
+/// Records with a type below zero are written by ChangeAgent itself; they appear in the
+/// unfiltered list only, and clients may not post them.
 pub mod internal_type {
-    /// A checkpointer started a checkpoint.
+    /// A checkpointer started a checkpoint; `data` is a [`StartRecord`](super::StartRecord).
     pub const CHECKPOINT_START: i32 = -1;
-    /// A checkpoint was written; `data` is its manifest.
+    /// A checkpoint was written; `data` is its [`Manifest`](crate::Manifest).
     pub const CHECKPOINT_END: i32 = -2;
-    /// Changes before `data.before` were truncated.
+    /// Changes before `data.before` were truncated; `data` is a
+    /// [`TruncateRecord`](super::TruncateRecord).
     pub const TRUNCATE: i32 = -3;
+    /// A tenant was created; `data` is a [`TenantRecord`](super::TenantRecord).
+    pub const TENANT_CREATED: i32 = -4;
+    /// A collection was created; `data` is a [`CollectionRecord`](super::CollectionRecord).
+    pub const COLLECTION_CREATED: i32 = -5;
 }
 
 /// One change as served by `GET /changes`.
@@ -144,6 +153,123 @@ pub struct Collection {
     pub name: String,
     /// Name of the owning tenant.
     pub tenant: String,
+}
+
+/// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
+/// digits (all-digit path segments are ids).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "names must be 1 to {MAX_NAME_BYTES} characters long"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "name {name:?} may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "name {name:?} is all digits, which would read as an id"
+        ));
+    }
+    Ok(())
+}
+
+/// Answer to `POST /tenants`: the tenant, plus `tenant` (its id) as the original ChangeAgent
+/// answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantCreated {
+    #[serde(rename = "_id")]
+    pub id: u64,
+    pub name: String,
+    /// The tenant's id again, under the original API's name.
+    pub tenant: u64,
+}
+
+/// Answer to `POST /tenants/{t}/collections`: the collection, plus `collection` (its id) as
+/// the original ChangeAgent answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionCreated {
+    #[serde(rename = "_id")]
+    pub id: u64,
+    pub name: String,
+    /// Name of the owning tenant.
+    pub tenant: String,
+    /// The collection's id again, under the original API's name.
+    pub collection: u64,
+}
+
+/// `data` of a tenant-created record (type -4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    #[serde(rename = "_id")]
+    pub id: u64,
+    pub name: String,
+}
+
+/// `data` of a collection-created record (type -5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    #[serde(rename = "_id")]
+    pub id: u64,
+    pub name: String,
+    /// Name of the owning tenant.
+    pub tenant: String,
+}
+
+/// `data` of a checkpoint-start record (type -1), and the body of
+/// `POST /admin/checkpoints/start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRecord {
+    /// The index the checkpoint exports.
+    pub index: u64,
+    /// Id of the checkpointer.
+    pub by: String,
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+/// Body of `POST /admin/checkpoints/end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndRequest {
+    pub manifest: Manifest,
+    /// Id of the checkpointer that sent the start.
+    pub by: String,
+    /// Manifests of the scope the core keeps (the newest ones); older ones are forgotten.
+    pub keep: u32,
+}
+
+/// Body of `POST /admin/truncate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TruncateRequest {
+    /// Changes with `_id < before` are removed from the list.
+    pub before: u64,
+}
+
+/// `data` of a truncate record (type -3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TruncateRecord {
+    /// Changes with `_id < before` are gone.
+    pub before: u64,
+    /// Index of the newest full checkpoint, which holds what was removed.
+    pub checkpoint: u64,
+}
+
+/// Answer to the admin routes: the internal record's `_id` (none when nothing was appended,
+/// e.g. a truncation below the current first index) and the store's first index after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminAnswer {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub first_index: u64,
 }
 
 /// Body of `POST /tenants` and `POST /tenants/{t}/collections`.

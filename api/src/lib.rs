@@ -1,12 +1,20 @@
-//! The read-only HTTP API that core nodes and edges both serve: change lists with long-poll,
-//! single changes, tenants, collections and keys; plus the error type, body reading and
-//! metrics shared with the write routes.
+//! ChangeAgent's read API, served identically by core nodes and edges: change lists with
+//! long-poll, single changes, tenants, collections and keys; plus what the write routes of a
+//! core share with it: [`ApiError`] (the one place store errors become HTTP statuses), body
+//! reading, metrics, and serving with a drain on shutdown.
+//!
+//! # Layout
+//! - [`handlers`]: the read handlers.
+//! - [`error`]: [`ApiError`] and the mapping from store errors and rejections.
+//! - [`body`]: reading request bodies (415, 413).
+//! - [`metrics`]: Prometheus metrics of the HTTP layer.
+//! - [`serve`]: serving a router until shutdown, then draining.
 
 pub mod body;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
-pub mod query;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -18,10 +26,24 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use changeagent_store::Store;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
-pub use query::ReadLimits;
+
+/// Limits the read API enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Longest `block` a client may ask for, in seconds.
+    pub max_block_secs: u64,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_block_secs: changeagent_proto::limits::DEFAULT_MAX_BLOCK_SECS,
+        }
+    }
+}
 
 /// State of the read routes.
 pub struct ReadApi {
@@ -85,7 +107,8 @@ pub async fn cluster_id_header(
     let mut resp = next.run(req).await;
     if let Some(id) = store.cluster_id() {
         if let Ok(v) = HeaderValue::from_str(&id) {
-            resp.headers_mut().insert("x-cluster-id", v);
+            resp.headers_mut()
+                .insert(changeagent_proto::headers::CLUSTER_ID, v);
         }
     }
     resp

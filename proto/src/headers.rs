@@ -1,0 +1,10 @@
+//! Names of the HTTP headers ChangeAgent defines (lower case, as HTTP/2 sends them).
+
+/// The cluster's id: on every answer of a core node or edge, and on every peer request.
+pub const CLUSTER_ID: &str = "x-cluster-id";
+/// The shared cluster secret, required on peer and admin requests when one is configured.
+pub const CLUSTER_SECRET: &str = "x-cluster-secret";
+/// Makes a retried write return the first answer instead of applying twice.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Marks a write a follower forwarded to its leader (value: the forwarder's node id).
+pub const FORWARDED: &str = "x-changeagent-forwarded";

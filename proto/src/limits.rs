@@ -1,0 +1,22 @@
+//! Limits every change and request must meet, whoever checks them (server, client, edge).
+
+/// Most tags one change may carry; keeps index writes per change bounded.
+pub const MAX_TAGS: usize = 100;
+/// Longest tag in bytes; tags are index keys, so they stay short.
+pub const MAX_TAG_BYTES: usize = 256;
+/// Longest key in bytes (a RocksDB key together with the collection id).
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest tenant or collection name.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Most changes in one posted batch.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest accepted `Idempotency-Key`: room for a UUID or a hash with a prefix, while the
+/// remembered keys stay small.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Default page size of `GET /changes`, as in the original ChangeAgent.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest page: bounds the memory and time one request may take.
+pub const MAX_LIMIT: usize = 10_000;
+/// Longest `block` a server allows by default, in seconds (five minutes, well past the idle
+/// timeouts of most proxies; clients use 30 s).
+pub const DEFAULT_MAX_BLOCK_SECS: u64 = 300;
