@@ -13,7 +13,10 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{self, LocalCluster, NodeArgs, LEADER_DEADLINE};
+use changeagent_testkit::cluster::{Cluster, CLUSTER_DEADLINE};
+use changeagent_testkit::POLL_INTERVAL;
+
+use crate::cluster::{self, NodeArgs};
 use crate::report::{self, Latency};
 use crate::server::{self, Server};
 
@@ -148,12 +151,12 @@ impl Shared {
 
 /// Starts the cluster, measures, and stops it (keeping its files on error).
 pub async fn run(args: &FailoverArgs) -> Result<()> {
-    let mut cluster = LocalCluster::start(args.cluster, &args.nodes).await?;
+    let mut cluster = cluster::start(args.cluster, &args.nodes).await?;
     let result = measure(&mut cluster, args).await;
     cluster.keep_on_error(result)
 }
 
-async fn measure(cluster: &mut LocalCluster, args: &FailoverArgs) -> Result<()> {
+async fn measure(cluster: &mut Cluster, args: &FailoverArgs) -> Result<()> {
     report::header(&format!(
         "failover: {} × kill -9 of the leader of a {}-node cluster under one writer",
         args.rounds,
@@ -167,11 +170,14 @@ async fn measure(cluster: &mut LocalCluster, args: &FailoverArgs) -> Result<()> 
         report::ms(RETRY_PAUSE)
     );
 
-    let leader = cluster.wait_leader(LEADER_DEADLINE).await?;
-    let base = cluster::health(cluster.server(leader)).await?.last_index;
+    let leader = cluster.try_wait_leader(CLUSTER_DEADLINE).await?;
+    let base = cluster.healths().await[leader]
+        .as_ref()
+        .map(|h| h.last_index)
+        .with_context(|| format!("{} did not answer GET /health", cluster.label(leader)))?;
     let shared = Arc::new(Shared::default());
     let mut writer = tokio::spawn(write_loop(
-        cluster.servers(),
+        cluster::servers(cluster)?,
         Arc::clone(&shared),
         Duration::from_millis(args.attempt_timeout_ms),
     ));
@@ -206,7 +212,7 @@ async fn measure(cluster: &mut LocalCluster, args: &FailoverArgs) -> Result<()> 
     println!("failover {}", Latency::of(&failover).summary());
     println!(
         "new leader named by every survivor in /health (polled every {}) {}",
-        report::ms(cluster::POLL_INTERVAL),
+        report::ms(POLL_INTERVAL),
         Latency::of(&elections).summary()
     );
     println!(
@@ -256,7 +262,7 @@ struct Rounds {
 
 /// The kill / measure / restart / catch-up rounds, then stops the writer.
 async fn rounds(
-    cluster: &mut LocalCluster,
+    cluster: &mut Cluster,
     args: &FailoverArgs,
     shared: &Shared,
     writer: &mut JoinHandle<Result<()>>,
@@ -266,11 +272,12 @@ async fn rounds(
     let mut catch_up = report::histogram()?;
     wait_acks(shared, writer, WARMUP_ACKS).await?;
     for round in 1..=args.rounds {
-        let leader = cluster.wait_leader(LEADER_DEADLINE).await?;
+        let leader = cluster.try_wait_leader(CLUSTER_DEADLINE).await?;
         let (tx, rx) = oneshot::channel();
         let killed = Instant::now();
-        cluster.kill9(leader)?;
+        cluster.try_kill9(leader)?;
         shared.arm(Instant::now(), tx);
+        let survivors = cluster.running();
         let acked = async {
             tokio::select! {
                 ack = rx => ack.map_err(|_| anyhow!("the writer stopped")),
@@ -279,13 +286,19 @@ async fn rounds(
                     "no write acknowledged within {} s of killing {} (last failure: {}); \
                      health now:\n{}",
                     ACK_DEADLINE.as_secs(),
-                    cluster.name(leader),
+                    cluster.label(leader),
                     shared.last_failure(),
                     cluster.status().await
                 )),
             }
         };
-        let (ack, elected) = tokio::join!(acked, cluster.wait_new_leader(leader, ACK_DEADLINE));
+        let elected = async {
+            let new = cluster
+                .try_wait_new_leader(&survivors, leader, ACK_DEADLINE)
+                .await?;
+            anyhow::Ok((new, Instant::now()))
+        };
+        let (ack, elected) = tokio::join!(acked, elected);
         let (ack, (_, elected_at)) = (ack?, elected?);
         let took = ack.acked.duration_since(killed);
         report::record(&mut failover, took);
@@ -293,7 +306,7 @@ async fn rounds(
         report::record(&mut elections, election);
 
         let restarted = Instant::now();
-        cluster.restart(leader).await?;
+        cluster.try_restart(leader).await?;
         let survivors = cluster.healths().await;
         let target = survivors
             .iter()
@@ -302,7 +315,7 @@ async fn rounds(
             .max()
             .unwrap_or(0);
         let new_leader = cluster
-            .wait_caught_up(leader, target, CATCH_UP_DEADLINE)
+            .try_wait_caught_up(leader, target, CATCH_UP_DEADLINE)
             .await?;
         let caught_up = restarted.elapsed();
         report::record(&mut catch_up, caught_up);
@@ -310,11 +323,11 @@ async fn rounds(
             "  … round {round}/{}: killed leader {}; new leader in /health after {}, next \
              write acknowledged after {} (by {}); leader now {}; restarted node caught up in {}",
             args.rounds,
-            cluster.name(leader),
+            cluster.label(leader),
             report::ms(election),
             report::ms(took),
-            cluster.name(ack.node),
-            cluster.name(new_leader),
+            cluster.label(ack.node),
+            cluster.label(new_leader),
             report::ms(caught_up)
         );
         let acked = shared.acked.load(Ordering::Relaxed);

@@ -89,9 +89,11 @@
 //! `changeagent-server` next to this executable, i.e.
 //! `target/release/changeagent-server`) on 127.0.0.11, 127.0.0.12, … with a
 //! free port each, all started with one `--peers` file, `--heartbeat-ms`
-//! (100) and `--election-timeout-ms` (400), plus any `--server-arg "…"`
-//! (split at spaces). Their data dirs, peers file and logs (`nodeK.log`)
-//! live in a temporary directory under `--cluster-dir` (default the current
+//! (50) and `--election-timeout-ms` (250), plus any `--server-arg "…"`
+//! (split at spaces), through the same harness the system tests use
+//! (`changeagent-testkit`). The peers file and one directory per node
+//! (`nK/data` and the log `nK/changeagent-server.log`, K from 0) live in a
+//! temporary directory under `--cluster-dir` (default the current
 //! directory; put it on the disk to measure), removed at the end unless
 //! `--keep-cluster-dir` is given or the run failed. The exact command line
 //! is printed with the results. The nodes are killed when the benchmark
@@ -121,7 +123,8 @@
 //! - `write`: closed-loop single-change posters and the write targets.
 //! - `read`: batch loader and sequential pagers.
 //! - `longpoll`: idle long-poll memory and wake-up latency.
-//! - `cluster`: a local N-node cluster: start, find the leader, kill, restart.
+//! - `cluster`: the flags of a local N-node cluster and starting it with the
+//!   test kit (which finds the leader, kills and restarts nodes).
 //! - `failover`: leader kills under a retrying writer.
 //! - `server`: the shared HTTP client and the node's index range and metrics.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
@@ -141,7 +144,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Result};
 use clap::{Parser, Subcommand};
 
-use crate::cluster::{ClusterArgs, LocalCluster, LEADER_DEADLINE};
+use changeagent_testkit::cluster::{Cluster, CLUSTER_DEADLINE};
+
+use crate::cluster::ClusterArgs;
 use crate::failover::FailoverArgs;
 use crate::fsync::{FsyncArgs, FsyncSampling};
 use crate::longpoll::LongpollArgs;
@@ -244,7 +249,7 @@ async fn run(cli: Cli) -> Result<()> {
             write.validate()?;
             validate_sampling(&sampling)?;
             node_args.validate()?;
-            let mut cluster = LocalCluster::start(nodes, &node_args).await?;
+            let mut cluster = cluster::start(nodes, &node_args).await?;
             let phases = Phases {
                 fsync_dir: fsync_dir.as_deref(),
                 sampling: &sampling,
@@ -298,7 +303,7 @@ async fn run(cli: Cli) -> Result<()> {
             longpoll.validate()?;
             if let Some(nodes) = cluster.cluster {
                 cluster.nodes.validate()?;
-                let mut cluster = LocalCluster::start(nodes, &cluster.nodes).await?;
+                let mut cluster = cluster::start(nodes, &cluster.nodes).await?;
                 let phases = Phases {
                     fsync_dir: fsync_dir.as_deref(),
                     sampling: &sampling,
@@ -333,18 +338,18 @@ struct Phases<'a> {
 
 /// fsync, the write runs against the leader, the same spread over every
 /// node, then (for `all`) read and longpoll against the leader.
-async fn run_cluster(cluster: &LocalCluster, phases: Phases<'_>) -> Result<()> {
-    let leader = cluster.wait_leader(LEADER_DEADLINE).await?;
+async fn run_cluster(cluster: &Cluster, phases: Phases<'_>) -> Result<()> {
+    let leader = cluster.try_wait_leader(CLUSTER_DEADLINE).await?;
     report::header("cluster");
     println!("{}", cluster.describe());
-    println!("leader: {}", cluster.name(leader));
-    let server = connect(cluster.server(leader).base()).await?;
+    println!("leader: {}", cluster.label(leader));
+    let server = connect(&cluster.node(leader).url()).await?;
     let fsync_dir = phases.fsync_dir.unwrap_or(cluster.dir());
     let floor = fsync::run(fsync_dir, phases.sampling).await?;
     let runs = write::run(&server, phases.write).await?;
     // With one node, spreading would repeat the leader-only runs.
     let spread = if cluster.len() > 1 {
-        write::run_spread(&cluster.servers(), phases.write).await?
+        write::run_spread(&cluster::servers(cluster)?, phases.write).await?
     } else {
         Vec::new()
     };
@@ -362,12 +367,12 @@ async fn run_cluster(cluster: &LocalCluster, phases: Phases<'_>) -> Result<()> {
         longpoll.pid = longpoll.pid.or(cluster.pid(leader));
         run_longpoll(&server, &longpoll).await?;
     }
-    let now = cluster.wait_leader(LEADER_DEADLINE).await?;
+    let now = cluster.try_wait_leader(CLUSTER_DEADLINE).await?;
     if now != leader {
         println!(
             "note: the leader changed during the run, from {} to {}",
-            cluster.name(leader),
-            cluster.name(now)
+            cluster.label(leader),
+            cluster.label(now)
         );
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use changeagent_systests::{Api, Reply, ServerOptions, ServerProcess};
+use changeagent_testkit::{Api, Reply, ServerOptions, ServerProcess};
 use serde_json::{json, Value};
 
 const JSON: Option<&str> = Some("application/json");

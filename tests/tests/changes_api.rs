@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use changeagent_systests::{
+use changeagent_testkit::{
     change_id, change_ids, change_ts, raw_changes, rfc3339_from_nanos, Api, ServerOptions,
     ServerProcess,
 };

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use changeagent_client::{Client, Error, NewChange, Query};
-use changeagent_systests::{ServerOptions, ServerProcess};
+use changeagent_testkit::{ServerOptions, ServerProcess};
 use futures::StreamExt;
 use serde_json::json;
 

@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use changeagent_systests::cluster::{health, Cluster, ClusterOptions, CLUSTER_DEADLINE};
-use changeagent_systests::history::History;
-use changeagent_systests::wait_until;
+use changeagent_testkit::cluster::{Cluster, ClusterOptions, CLUSTER_DEADLINE};
+use changeagent_testkit::history::History;
+use changeagent_testkit::{health, wait_until};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

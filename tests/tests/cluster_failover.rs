@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use changeagent_systests::cluster::{
-    read_all, write_once, write_retrying, Cluster, ClusterOptions, Writers, CLUSTER_DEADLINE,
-    WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
+use changeagent_testkit::cluster::{
+    read_all, Cluster, ClusterOptions, CLUSTER_DEADLINE, WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
 };
-use changeagent_systests::history::{write_body, AttemptResult, History};
-use changeagent_systests::wait_until;
+use changeagent_testkit::history::{write_body, AttemptResult, History};
+use changeagent_testkit::wait_until;
+use changeagent_testkit::workload::{write_once, write_retrying, Writers};
 
 /// Writers in the kill test.
 const WRITERS: usize = 8;
@@ -196,7 +196,7 @@ async fn idempotent_retry_after_leader_kill_returns_the_same_id() {
             key,
             "order-17",
             if r.status == 200 {
-                AttemptResult::Acked(changeagent_systests::posted_id(&r.json()))
+                AttemptResult::Acked(changeagent_testkit::posted_id(&r.json()))
             } else {
                 AttemptResult::Unknown(format!("{} {}", r.status, r.text()))
             },

@@ -6,9 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use changeagent_systests::cluster::{health, Cluster, ClusterOptions, CLUSTER_DEADLINE};
-use changeagent_systests::history::History;
-use changeagent_systests::wait_until;
+use changeagent_testkit::cluster::{Cluster, ClusterOptions, CLUSTER_DEADLINE};
+use changeagent_testkit::history::History;
+use changeagent_testkit::{health, wait_until};
 use serde_json::Value;
 
 /// Writes `rounds` changes through every node in turn and checks the
@@ -206,7 +206,7 @@ async fn a_wiped_seed_refuses_to_initialize_a_second_cluster() {
     let leader = cluster.wait_leader_among(&survivors).await;
     cluster.write_acked(&history, 0, leader, "after-wipe").await;
     let doc = cluster.cluster_doc(leader).await;
-    let voters = changeagent_systests::cluster::voter_ids(&doc).expect("voters");
+    let voters = changeagent_testkit::cluster::voter_ids(&doc).expect("voters");
     assert_eq!(voters.len(), 3, "membership changed: {doc}");
     assert!(
         voters.contains(&cluster.node(seed).id),

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use changeagent_systests::cluster::{read_all, Cluster, ClusterOptions};
-use changeagent_systests::history::History;
-use changeagent_systests::STOP_DEADLINE;
+use changeagent_testkit::cluster::{read_all, Cluster, ClusterOptions};
+use changeagent_testkit::history::History;
+use changeagent_testkit::STOP_DEADLINE;
 
 /// The voter ids of the nodes `among`.
 fn ids(cluster: &Cluster, among: &[usize]) -> BTreeSet<u64> {

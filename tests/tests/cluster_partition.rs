@@ -6,12 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use changeagent_systests::cluster::{
-    consistent_read, plain_read, read_all, write_once, Cluster, ClusterOptions, CLUSTER_DEADLINE,
-    WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
+use changeagent_testkit::cluster::{
+    read_all, Cluster, ClusterOptions, CLUSTER_DEADLINE, WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
 };
-use changeagent_systests::history::{marker_of, History};
-use changeagent_systests::wait_until;
+use changeagent_testkit::history::{marker_of, History};
+use changeagent_testkit::wait_until;
+use changeagent_testkit::workload::{consistent_read, plain_read, write_once};
 use futures::future::join_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

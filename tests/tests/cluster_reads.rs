@@ -2,8 +2,9 @@
 //! `GET /changes?consistent=true` and `GET /changes/{id}?consistent=true` on
 //! any node B include it at once, with no waiting by the client.
 
-use changeagent_systests::cluster::{consistent_read, Cluster, ClusterOptions};
-use changeagent_systests::history::{marker_of, History};
+use changeagent_testkit::cluster::{Cluster, ClusterOptions};
+use changeagent_testkit::history::{marker_of, History};
+use changeagent_testkit::workload::consistent_read;
 
 /// Rounds over every ordered pair of nodes.
 const ROUNDS: usize = 5;

@@ -6,9 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use changeagent_systests::cluster::{health, Cluster, ClusterOptions};
-use changeagent_systests::history::History;
-use changeagent_systests::{wait_until, Api, Reply, ServerOptions, ServerProcess};
+use changeagent_testkit::cluster::{Cluster, ClusterOptions};
+use changeagent_testkit::history::History;
+use changeagent_testkit::{health, wait_until, Api, Reply, ServerOptions, ServerProcess};
 use serde_json::{json, Value};
 
 /// A vote request for `term` from a node no cluster has.
@@ -258,7 +258,7 @@ async fn cluster_secret_guards_raft_and_membership_routes() {
                     .map_err(|e| e.to_string())?;
                 let doc: Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
                 let n = doc["members"].as_array().map_or(0, Vec::len);
-                let listed = changeagent_systests::cluster::voter_ids(&doc)?;
+                let listed = changeagent_testkit::cluster::voter_ids(&doc)?;
                 if n > voters.len() || listed != voters {
                     Ok(doc)
                 } else {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use changeagent_systests::{change_id, posted_id, ServerOptions, ServerProcess};
+use changeagent_testkit::{change_id, posted_id, ServerOptions, ServerProcess};
 use serde_json::{json, Value};
 
 const POSTERS: u64 = 64;

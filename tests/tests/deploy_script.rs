@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use changeagent_systests::{server_bin, wait_until, Api};
+use changeagent_testkit::{server_bin, wait_until, Api};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use changeagent_systests::{change_id, posted_id, wait_until, Api, ServerOptions, ServerProcess};
+use changeagent_testkit::{change_id, posted_id, wait_until, Api, ServerOptions, ServerProcess};
 use serde_json::{json, Value};
 
 /// Everything a client could have observed before the restart.
@@ -27,7 +27,7 @@ async fn state(api: &Api) -> State {
     let mut envelope = r.json();
     envelope["changes"] = Value::Null;
     State {
-        changes: changeagent_systests::raw_changes(&r.body),
+        changes: changeagent_testkit::raw_changes(&r.body),
         envelope,
         tenants: api.get("/tenants").await.text(),
         collections: api.get("/tenants/acme/collections").await.text(),

@@ -2,7 +2,7 @@
 //! conflicts, keyed PUT/POST/GET/DELETE, sorted key listing with
 //! `after`/`limit`, and keyed writes showing up in the change feeds.
 
-use changeagent_systests::{
+use changeagent_testkit::{
     change_id, change_ids, change_ts, raw_changes, Api, ServerOptions, ServerProcess,
 };
 use serde_json::{json, Value};
@@ -36,7 +36,7 @@ fn id_of(v: &Value) -> u64 {
 
 /// Asserts an error status with a JSON `{"error": "…"}` body.
 #[track_caller]
-fn assert_error(r: &changeagent_systests::Reply, status: u16, what: &str) {
+fn assert_error(r: &changeagent_testkit::Reply, status: u16, what: &str) {
     assert_eq!(r.status, status, "{what}: {}", r.text());
     let v = r.json();
     assert!(

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use changeagent_systests::{change_ids, wait_until, Api, Reply, ServerOptions, ServerProcess};
+use changeagent_testkit::{change_ids, wait_until, Api, Reply, ServerOptions, ServerProcess};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 

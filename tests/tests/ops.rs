@@ -1,7 +1,7 @@
 //! Operational endpoints: `/health` on a single node, `/metrics` in the
 //! Prometheus text format, and the `X-Cluster-Id` header.
 
-use changeagent_systests::{ServerOptions, ServerProcess};
+use changeagent_testkit::{ServerOptions, ServerProcess};
 
 #[tokio::test]
 async fn health_reports_a_single_leader() {

@@ -1,8 +1,7 @@
-//! A TCP proxy the test controls, placed in front of one cluster node: peers
-//! reach the node through it (it is the node's `--advertise` address), and
-//! the test cuts traffic by the connecting side's source IP. Nodes connect
-//! out from their own listen IP, so blocking `127.x.y.11` on node B's proxy
-//! cuts every connection node A opens to B.
+//! A TCP proxy in front of one cluster node (its `--advertise` address)
+//! that cuts traffic by the connecting side's source IP. Nodes connect out
+//! from their own listen IP, so blocking `127.x.y.11` on node B's proxy cuts
+//! every connection node A opens to B.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -10,6 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::error::{self, Error, OrPanic};
 
 /// A running proxy: accepts on [`addr`](Self::addr), forwards each accepted
 /// connection to its target, and drops the connections of blocked source IPs.
@@ -73,19 +74,27 @@ impl Proxy {
     /// runs the forwarding tasks: use a multi-threaded test runtime so the
     /// proxy keeps forwarding while the test blocks briefly (e.g. reaping a
     /// killed process).
-    pub async fn start(listen: SocketAddr, target: SocketAddr) -> Proxy {
+    pub async fn try_start(listen: SocketAddr, target: SocketAddr) -> error::Result<Proxy> {
+        let bound = |action| Error::io(action, listen.to_string());
         let listener = TcpListener::bind(listen)
             .await
-            .unwrap_or_else(|e| panic!("proxy: bind {listen}: {e}"));
-        let addr = listener.local_addr().expect("proxy local_addr");
+            .map_err(bound("proxy: binding"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(bound("proxy: reading the bound address of"))?;
         let shared = Arc::new(Shared::default());
         let accept = tokio::spawn(accept_loop(listener, target, Arc::clone(&shared)));
-        Proxy {
+        Ok(Proxy {
             addr,
             target,
             shared,
             accept,
-        }
+        })
+    }
+
+    /// [`try_start`](Self::try_start); panics if it cannot bind.
+    pub async fn start(listen: SocketAddr, target: SocketAddr) -> Proxy {
+        Self::try_start(listen, target).await.or_panic()
     }
 
     /// The address the proxy accepts on.

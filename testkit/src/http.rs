@@ -1,0 +1,384 @@
+//! Raw HTTP to a node: [`Api`] sends requests and keeps each answer's exact
+//! bytes, status and headers in a [`Reply`]; [`raw_changes`] and friends read
+//! a `GET /changes` body without re-serialising the changes, so field order
+//! and spacing stay visible to the tests.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// Upper bound on any single HTTP request from a test. Long-polls in the tests
+/// block for at most 30 s, so anything longer is a hang worth failing on.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One HTTP answer with its raw body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as (lossy) UTF-8 text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; panics with the body if it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): status {} body {:?}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+
+    /// A header's value as a string.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    /// Panics unless the status is `want`, showing the body.
+    #[track_caller]
+    pub fn expect_status(&self, want: u16) -> &Self {
+        assert_eq!(
+            self.status,
+            want,
+            "unexpected status; body: {}",
+            self.text()
+        );
+        self
+    }
+
+    /// Asserts status 200 and returns the JSON body.
+    #[track_caller]
+    pub fn ok_json(&self) -> Value {
+        self.expect_status(200);
+        self.json()
+    }
+
+    /// The URL in a `Link: <URL>; rel="next"` header, if any.
+    pub fn link_next(&self) -> Option<String> {
+        let link = self.header("link")?;
+        for part in link.split(',') {
+            let part = part.trim();
+            if !part.contains("rel=\"next\"") && !part.contains("rel=next") {
+                continue;
+            }
+            let start = part.find('<')?;
+            let end = part[start..].find('>')? + start;
+            return Some(part[start + 1..end].to_string());
+        }
+        None
+    }
+}
+
+/// A small HTTP client bound to one server URL. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// A client for `base` (`http://host:port`), ignoring any proxy settings.
+    pub fn new(base: impl Into<String>) -> Api {
+        Self::with_timeout(base, REQUEST_TIMEOUT)
+    }
+
+    /// [`new`](Self::new) with a shorter per-request timeout, for clients that
+    /// must notice a hung node and try another (fault tests).
+    pub fn with_timeout(base: impl Into<String>, timeout: Duration) -> Api {
+        // Building fails only when a TLS backend cannot start, and the
+        // workspace builds reqwest without one.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(timeout)
+            .build()
+            .expect("build reqwest client");
+        Api {
+            client,
+            base: base.into(),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Resolves `path_or_url`: absolute URLs are kept, paths are appended to
+    /// the base URL.
+    pub fn url(&self, path_or_url: &str) -> String {
+        if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
+            path_or_url.to_string()
+        } else {
+            format!("{}{}", self.base, path_or_url)
+        }
+    }
+
+    /// Sends any request; transport errors are returned, not panicked on.
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, reqwest::Error> {
+        // Callers name methods with literals; an invalid one is a bug in the
+        // caller, not a state of the system under test.
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(ct) = content_type {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await?.to_vec();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Sends any request; panics on transport errors.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        self.try_request(method, path, content_type, body, headers)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `GET`, returning transport errors.
+    pub async fn try_get(&self, path: &str) -> Result<Reply, reqwest::Error> {
+        self.try_request("GET", path, None, None, &[]).await
+    }
+
+    /// `GET`; panics on transport errors.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, None, None, &[]).await
+    }
+
+    /// `POST` a JSON body (given as text, sent byte for byte) with
+    /// `Content-Type: application/json`, returning transport errors.
+    pub async fn try_post_json(&self, path: &str, body: &str) -> Result<Reply, reqwest::Error> {
+        self.try_send_json("POST", path, body).await
+    }
+
+    /// `POST` a JSON body with `Content-Type: application/json`.
+    pub async fn post_json(&self, path: &str, body: &str) -> Reply {
+        self.send_json("POST", path, body).await
+    }
+
+    /// `PUT` a JSON body with `Content-Type: application/json`.
+    pub async fn put_json(&self, path: &str, body: &str) -> Reply {
+        self.send_json("PUT", path, body).await
+    }
+
+    /// `method` with a JSON body (sent byte for byte) and
+    /// `Content-Type: application/json`, returning transport errors.
+    async fn try_send_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> Result<Reply, reqwest::Error> {
+        self.try_request(
+            method,
+            path,
+            Some("application/json"),
+            Some(body.as_bytes().to_vec()),
+            &[],
+        )
+        .await
+    }
+
+    /// [`try_send_json`](Self::try_send_json); panics on transport errors.
+    async fn send_json(&self, method: &str, path: &str, body: &str) -> Reply {
+        self.try_send_json(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `DELETE`.
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.request("DELETE", path, None, None, &[]).await
+    }
+
+    /// `POST /changes` with `body`; asserts 200 and returns the new `_id`.
+    pub async fn post_change(&self, body: &str) -> u64 {
+        let r = self.post_json("/changes", body).await;
+        assert_eq!(r.status, 200, "POST /changes {body}: {}", r.text());
+        posted_id(&r.json())
+    }
+
+    /// `lastIndex` as reported by `GET /changes`.
+    pub async fn last_index(&self) -> u64 {
+        let r = self.get("/changes?limit=1").await;
+        let v = r.ok_json();
+        v["lastIndex"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no numeric lastIndex in {v}"))
+    }
+
+    /// Every change matching `query` (e.g. `"tag=x"`, may be empty), read in
+    /// pages of 1000 by following `since`. Returns the raw JSON text of each.
+    pub async fn all_raw_changes(&self, query: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut since = 0u64;
+        loop {
+            let sep = if query.is_empty() { "" } else { "&" };
+            let r = self
+                .get(&format!("/changes?since={since}&limit=1000{sep}{query}"))
+                .await;
+            r.expect_status(200);
+            let page = raw_changes(&r.body);
+            let at_end = r.json()["atEnd"].as_bool().expect("atEnd is a bool");
+            if let Some(last) = page.last() {
+                since = change_id(last);
+            }
+            let empty = page.is_empty();
+            out.extend(page);
+            if at_end || empty {
+                return out;
+            }
+        }
+    }
+}
+
+/// The `_id` in a `{"_id": N}` answer.
+#[track_caller]
+pub fn posted_id(v: &Value) -> u64 {
+    v["_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no numeric _id in {v}"))
+}
+
+#[derive(Deserialize)]
+struct RawChangeList<'a> {
+    #[serde(borrow)]
+    changes: Vec<&'a RawValue>,
+}
+
+/// The changes of a `GET /changes` body, each as the exact JSON text the
+/// server sent (no re-serialisation, so field order and spacing are kept).
+#[track_caller]
+pub fn raw_changes(body: &[u8]) -> Vec<String> {
+    let list: RawChangeList<'_> = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not a change list ({e}): {}", String::from_utf8_lossy(body)));
+    list.changes.iter().map(|c| c.get().to_string()).collect()
+}
+
+/// The `_id` of one change given as JSON text.
+#[track_caller]
+pub fn change_id(raw: &str) -> u64 {
+    change_field(raw, "_id", Value::as_u64)
+}
+
+/// The `_ts` of one change given as JSON text.
+#[track_caller]
+pub fn change_ts(raw: &str) -> i64 {
+    change_field(raw, "_ts", Value::as_i64)
+}
+
+/// Field `name` of one change given as JSON text, read by `as_number`;
+/// panics when the text is not JSON or the field is not such a number.
+#[track_caller]
+fn change_field<T>(raw: &str, name: &str, as_number: impl Fn(&Value) -> Option<T>) -> T {
+    let v: Value =
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("bad change JSON ({e}): {raw}"));
+    as_number(&v[name]).unwrap_or_else(|| panic!("change without numeric {name}: {raw}"))
+}
+
+/// The `_id`s of the changes in a `GET /changes` body.
+#[track_caller]
+pub fn change_ids(body: &[u8]) -> Vec<u64> {
+    raw_changes(body).iter().map(|c| change_id(c)).collect()
+}
+
+/// The `data` of each change (parsed) keyed by `_id`.
+pub fn data_by_id(raws: &[String]) -> BTreeMap<u64, Value> {
+    raws.iter()
+        .map(|raw| {
+            let v: Value = serde_json::from_str(raw).expect("change JSON");
+            (
+                change_id(raw),
+                v.get("data").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+/// Formats nanoseconds since the epoch as RFC 3339 in UTC with full
+/// sub-second precision, e.g. `2024-06-01T12:00:41.291100178Z`.
+pub fn rfc3339_from_nanos(nanos: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .expect("timestamp in range");
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("format RFC 3339")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            "link",
+            "</changes?since=10&limit=10&tag=x>; rel=\"next\""
+                .parse()
+                .unwrap(),
+        );
+        let r = Reply {
+            status: 200,
+            headers,
+            body: Vec::new(),
+        };
+        assert_eq!(
+            r.link_next().as_deref(),
+            Some("/changes?since=10&limit=10&tag=x")
+        );
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(
+            rfc3339_from_nanos(1_464_805_241_291_100_178),
+            "2016-06-01T18:20:41.291100178Z"
+        );
+    }
+
+    #[test]
+    fn raw_changes_keep_bytes() {
+        let body = br#"{"changes":[{"_id":1,"_ts":5,"data":{"b":1,"a":[1,2]}}],"atStart":true}"#;
+        assert_eq!(
+            raw_changes(body),
+            vec![r#"{"_id":1,"_ts":5,"data":{"b":1,"a":[1,2]}}"#.to_string()]
+        );
+    }
+}
