@@ -30,6 +30,8 @@ pub enum Error {
     Corrupt { what: &'static str, detail: String },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("record {id} cannot be applied: {detail}")]
+    BadRecord { id: u64, detail: String },
     #[error("background task failed: {0}")]
     Join(String),
     #[error(transparent)]

@@ -1,100 +1,58 @@
-//! The checkpoint file: the full state as of one `_id`, as zstd-compressed JSON Lines.
-//! Line 1 is a header; then one change per line in `_id` order (every retained change and the
-//! latest change of every live key); then, for Raft snapshots only, one line per remembered
-//! idempotency key. `zstd -dc file | jq` reads it.
+//! Exporting the state as a checkpoint: zstd JSON Lines in one pass and constant memory (see
+//! `changeagent_proto::checkpoint` for the lines).
+//!
+//! Records come in `_id` order from three sources merged as they are read: the catalog
+//! records, the list (changes without a key, or every retained change for a Raft snapshot),
+//! and the keyed state walked by `_id`. No set of keys is ever held in memory.
+//!
+//! Ordering rules:
+//! 1. Take the RocksDB snapshot first.
+//! 2. Then sync the WAL: everything the snapshot holds is durable before a Raft snapshot of
+//!    it lets openraft purge the log behind it.
+//! 3. Then ask the caller whether to go on with the snapshot's index (a checkpointer
+//!    registers its start at that index first).
+//! 4. Then stream the lines.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
+use std::time::{Duration, Instant};
 
-use rocksdb::{IteratorMode, WriteBatch, WriteOptions};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use changeagent_proto::checkpoint::{record_id, Header, Internal, OpenStart, Trailer};
+use changeagent_proto::types::{internal_type, CollectionRecord, TenantRecord};
+use changeagent_proto::{Manifest, Scope};
+use rocksdb::{DBRawIteratorWithThreadMode, SnapshotWithThreadMode, DB};
 
 use crate::error::{Error, Result};
 use crate::layout::{self, cf, meta};
-use crate::record::{Resolved, StoredChange};
-use crate::store::{Collection, Store, Tenant};
+use crate::record::StoredChange;
+use crate::store::{catalog_record_data, Store};
 
-/// The `format` field of the header line.
-pub const CHECKPOINT_FORMAT: &str = "changeagent-checkpoint";
-/// The checkpoint format version this build writes and reads.
-pub const CHECKPOINT_VERSION: u32 = 1;
 /// zstd level: level 3 is zstd's default, a good ratio at well over 100 MB/s.
 const ZSTD_LEVEL: i32 = 3;
+/// How often a long export reports progress in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-/// Line 1 of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Header {
-    pub format: String,
-    pub version: u32,
-    pub cluster_id: Option<String>,
-    /// The state is as of this `_id`.
-    pub index: u64,
-    /// Change lines that follow.
-    pub records: u64,
-    pub created_ts: i64,
-    /// Oldest retained `_id` in the state.
-    pub first_index: u64,
-    pub last_ts: i64,
-    pub next_tenant_id: u64,
-    pub next_collection_id: u64,
-    pub tenants: Vec<Tenant>,
-    pub collections: Vec<Collection>,
-    /// Idempotency lines that follow the changes.
-    #[serde(default)]
-    pub idempotency_keys: u64,
-    /// The store owner's values (Raft applied log id and membership), for Raft snapshots.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub owner: BTreeMap<String, String>,
-}
-
-/// What to include in an export.
-#[derive(Debug, Clone, Copy, Default)]
+/// What to export.
+#[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
-    /// Include remembered idempotency keys (Raft snapshots need them; checkpoints for
-    /// consumers do not).
-    pub idempotency: bool,
-    /// Include the owner's values (see [`Header::owner`]).
-    pub owner: bool,
+    /// Everything, or one tenant's catalog, keys and changes.
+    pub scope: Scope,
+    /// A Raft snapshot: every retained change (keyed ones too), the internal lines and the
+    /// owner's values, so an install restores exactly this state.
+    pub raft: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-struct IdempotencyLine<'a> {
-    #[serde(rename = "_idempotency", borrow)]
-    key: std::borrow::Cow<'a, str>,
-    ts: i64,
-    #[serde(borrow)]
-    answer: &'a RawValue,
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub header: Header,
+    pub trailer: Trailer,
 }
 
-#[derive(Deserialize)]
-struct ChangeLine<'a> {
-    #[serde(rename = "_id")]
-    id: u64,
-    #[serde(rename = "_ts", default)]
-    ts: i64,
-    #[serde(rename = "type", default)]
-    change_type: i32,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(default)]
-    collection: Option<String>,
-    #[serde(default)]
-    key: Option<String>,
-    #[serde(default)]
-    deleted: bool,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-}
+type Snap<'a> = SnapshotWithThreadMode<'a, DB>;
 
-fn snapshot_u64(
-    snap: &rocksdb::Snapshot<'_>,
-    cf: &impl rocksdb::AsColumnFamilyRef,
-    key: &[u8],
-) -> Result<Option<u64>> {
-    match snap.get_cf(cf, key)? {
+fn snap_u64(snap: &Snap<'_>, family: &rocksdb::ColumnFamily, key: &[u8]) -> Result<Option<u64>> {
+    match snap.get_cf(family, key)? {
         None => Ok(None),
         Some(v) => layout::decode_u64(&v)
             .map(Some)
@@ -102,344 +60,334 @@ fn snapshot_u64(
     }
 }
 
-impl Store {
-    /// Writes the full state, read from one consistent RocksDB snapshot, as a checkpoint.
-    pub fn export(&self, out: impl Write, opts: ExportOptions) -> Result<Header> {
-        let db = self.db();
-        let snap = db.snapshot();
-        let meta_cf = self.cf(cf::META)?;
-        let last_id = snapshot_u64(&snap, &meta_cf, meta::LAST_ID)?.unwrap_or(0);
-        let first_index = snapshot_u64(&snap, &meta_cf, meta::FIRST_INDEX)?.unwrap_or(1);
+/// Counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
 
-        // Catalog as of the snapshot.
-        let cat_cf = self.cf(cf::CATALOG)?;
-        let mut tenants = Vec::new();
-        let mut raw_collections = Vec::new();
-        for item in snap.iterator_cf(&cat_cf, IteratorMode::Start) {
-            let (k, v) = item?;
-            let id = layout::decode_u64(&k[1..]).ok_or_else(|| Error::corrupt("catalog", "key"))?;
-            match k.first() {
-                Some(b'T') => tenants.push(Tenant {
-                    id,
-                    name: String::from_utf8_lossy(&v).into_owned(),
-                }),
-                Some(b'C') => {
-                    let tid =
-                        layout::decode_u64(&v).ok_or_else(|| Error::corrupt("catalog", "value"))?;
-                    raw_collections.push((id, tid, String::from_utf8_lossy(&v[8..]).into_owned()));
-                }
-                _ => return Err(Error::corrupt("catalog", "unknown record kind")),
-            }
-        }
-        let tenant_names: HashMap<u64, String> =
-            tenants.iter().map(|t| (t.id, t.name.clone())).collect();
-        let collections = raw_collections
-            .into_iter()
-            .map(|(id, tid, name)| Collection {
-                id,
-                name,
-                tenant: tenant_names.get(&tid).cloned().unwrap_or_default(),
-            })
-            .collect();
-
-        // Live keys whose latest change was truncated from the list.
-        let keys_cf = self.cf(cf::KEYS)?;
-        let mut orphan_keys = Vec::new();
-        for item in snap.iterator_cf(&keys_cf, IteratorMode::Start) {
-            let (_, v) = item?;
-            let id = layout::decode_u64(&v).ok_or_else(|| Error::corrupt("keys", "value"))?;
-            if id < first_index {
-                orphan_keys.push((id, v.get(8..).unwrap_or_default().to_vec()));
-            }
-        }
-        orphan_keys.sort_by_key(|(id, _)| *id);
-        let changes_cf = self.cf(cf::CHANGES)?;
-        let retained = snap
-            .iterator_cf(&changes_cf, IteratorMode::Start)
-            .take_while(|item| match item {
-                Ok((k, _)) => layout::decode_u64(k).is_some_and(|id| id <= last_id),
-                Err(_) => true,
-            })
-            .count() as u64;
-        let idem_cf = self.cf(cf::IDEMPOTENCY)?;
-        let idempotency_keys = if opts.idempotency {
-            snap.iterator_cf(&idem_cf, IteratorMode::Start).count() as u64
-        } else {
-            0
-        };
-
-        let mut owner = BTreeMap::new();
-        if opts.owner {
-            let prefix = meta::OWNER_PREFIX;
-            for item in snap.iterator_cf(
-                &meta_cf,
-                IteratorMode::From(prefix, rocksdb::Direction::Forward),
-            ) {
-                let (k, v) = item?;
-                let Some(name) = k.strip_prefix(prefix) else {
-                    break;
-                };
-                owner.insert(
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(&v).into_owned(),
-                );
-            }
-        }
-        let header = Header {
-            owner,
-            format: CHECKPOINT_FORMAT.to_owned(),
-            version: CHECKPOINT_VERSION,
-            cluster_id: snap
-                .get_cf(&meta_cf, meta::CLUSTER_ID)?
-                .map(|v| String::from_utf8_lossy(&v).into_owned()),
-            index: last_id,
-            records: retained + orphan_keys.len() as u64,
-            created_ts: now_nanos(),
-            first_index,
-            last_ts: snapshot_u64(&snap, &meta_cf, meta::LAST_TS)?.map_or(0, |v| v as i64),
-            next_tenant_id: snapshot_u64(&snap, &meta_cf, meta::NEXT_TENANT_ID)?.unwrap_or(1),
-            next_collection_id: snapshot_u64(&snap, &meta_cf, meta::NEXT_COLLECTION_ID)?
-                .unwrap_or(1),
-            tenants,
-            collections,
-            idempotency_keys,
-        };
-
-        let mut z = zstd::Encoder::new(out, ZSTD_LEVEL)?;
-        serde_json::to_writer(&mut z, &header).map_err(|e| Error::Checkpoint(e.to_string()))?;
-        z.write_all(b"\n")?;
-        for (_, json) in &orphan_keys {
-            z.write_all(json)?;
-            z.write_all(b"\n")?;
-        }
-        for item in snap.iterator_cf(&changes_cf, IteratorMode::Start) {
-            let (k, v) = item?;
-            if layout::decode_u64(&k).is_none_or(|id| id > last_id) {
-                break;
-            }
-            z.write_all(StoredChange::decode(&v)?.json)?;
-            z.write_all(b"\n")?;
-        }
-        if opts.idempotency {
-            for item in snap.iterator_cf(&idem_cf, IteratorMode::Start) {
-                let (k, v) = item?;
-                let ts =
-                    layout::decode_i64(&v).ok_or_else(|| Error::corrupt("idempotency", "ts"))?;
-                let answer_text = std::str::from_utf8(v.get(8..).unwrap_or_default())
-                    .map_err(|e| Error::corrupt("idempotency", e))?;
-                let answer: &RawValue = serde_json::from_str(answer_text)
-                    .map_err(|e| Error::corrupt("idempotency", e))?;
-                let line = IdempotencyLine {
-                    key: String::from_utf8_lossy(&k),
-                    ts,
-                    answer,
-                };
-                serde_json::to_writer(&mut z, &line)
-                    .map_err(|e| Error::Checkpoint(e.to_string()))?;
-                z.write_all(b"\n")?;
-            }
-        }
-        z.finish()?.flush()?;
-        Ok(header)
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
     }
-
-    /// Replaces the whole state with a checkpoint, in one atomic write, together with the
-    /// owner's values (`owner` = name → bytes, e.g. the Raft snapshot's log id).
-    ///
-    /// Ordering: 1. read and check the whole file into one batch that first clears every
-    /// column family; 2. write the batch; 3. reload the in-memory mirrors and wake readers.
-    /// A crash before 2 leaves the old state; after 2, the new one.
-    pub fn import(&self, input: impl Read, owner: &[(&str, &[u8])]) -> Result<Header> {
-        let mut lines = BufReader::new(zstd::Decoder::new(input)?);
-        let mut line = Vec::new();
-        lines.read_until(b'\n', &mut line)?;
-        let header: Header = serde_json::from_slice(&line)
-            .map_err(|e| Error::Checkpoint(format!("bad header line: {e}")))?;
-        if header.format != CHECKPOINT_FORMAT || header.version != CHECKPOINT_VERSION {
-            return Err(Error::Checkpoint(format!(
-                "unsupported checkpoint {} version {}",
-                header.format, header.version
-            )));
-        }
-        let mut batch = WriteBatch::default();
-        for name in cf::ALL {
-            let cf = self.cf(name)?;
-            batch.delete_range_cf(cf, &[][..], &[0xffu8; 32][..]);
-        }
-        let meta_cf = self.cf(cf::META)?;
-        batch.put_cf(
-            &meta_cf,
-            meta::FORMAT_VERSION,
-            layout::FORMAT_VERSION.to_be_bytes(),
-        );
-        batch.put_cf(&meta_cf, meta::LAST_ID, header.index.to_be_bytes());
-        batch.put_cf(
-            &meta_cf,
-            meta::FIRST_INDEX,
-            header.first_index.to_be_bytes(),
-        );
-        batch.put_cf(
-            &meta_cf,
-            meta::LAST_TS,
-            (header.last_ts as u64).to_be_bytes(),
-        );
-        batch.put_cf(
-            &meta_cf,
-            meta::NEXT_TENANT_ID,
-            header.next_tenant_id.to_be_bytes(),
-        );
-        batch.put_cf(
-            &meta_cf,
-            meta::NEXT_COLLECTION_ID,
-            header.next_collection_id.to_be_bytes(),
-        );
-        if let Some(id) = &header.cluster_id {
-            batch.put_cf(&meta_cf, meta::CLUSTER_ID, id.as_bytes());
-        }
-        let from_header = header.owner.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-        for (name, value) in from_header.chain(owner.iter().copied()) {
-            let mut k = meta::OWNER_PREFIX.to_vec();
-            k.extend_from_slice(name.as_bytes());
-            batch.put_cf(&meta_cf, k, value);
-        }
-        let cat_cf = self.cf(cf::CATALOG)?;
-        let mut tenant_ids = HashMap::new();
-        for t in &header.tenants {
-            batch.put_cf(&cat_cf, layout::tenant_catalog_key(t.id), t.name.as_bytes());
-            tenant_ids.insert(t.name.clone(), t.id);
-        }
-        let mut collection_ids = HashMap::new();
-        for c in &header.collections {
-            let tid = *tenant_ids.get(&c.tenant).ok_or_else(|| {
-                Error::Checkpoint(format!(
-                    "collection {} names unknown tenant {}",
-                    c.name, c.tenant
-                ))
-            })?;
-            let mut v = tid.to_be_bytes().to_vec();
-            v.extend_from_slice(c.name.as_bytes());
-            batch.put_cf(&cat_cf, layout::collection_catalog_key(c.id), v);
-            collection_ids.insert((c.tenant.clone(), c.name.clone()), c.id);
-        }
-
-        let cfs = [
-            self.cf(cf::CHANGES)?,
-            self.cf(cf::BY_TAG)?,
-            self.cf(cf::BY_TYPE)?,
-            self.cf(cf::BY_TENANT)?,
-            self.cf(cf::BY_TS)?,
-            self.cf(cf::KEYS)?,
-        ];
-        let idem_cf = self.cf(cf::IDEMPOTENCY)?;
-        let idem_ts_cf = self.cf(cf::IDEMPOTENCY_BY_TS)?;
-        let mut records = 0u64;
-        let mut idempotency = 0u64;
-        let mut previous = 0u64;
-        loop {
-            line.clear();
-            if lines.read_until(b'\n', &mut line)? == 0 {
-                break;
-            }
-            let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            if text.is_empty() {
-                continue;
-            }
-            if text.starts_with(b"{\"_idempotency\"") {
-                let l: IdempotencyLine = serde_json::from_slice(text)
-                    .map_err(|e| Error::Checkpoint(format!("bad idempotency line: {e}")))?;
-                let mut v = layout::ordered_i64(l.ts).to_vec();
-                v.extend_from_slice(l.answer.get().as_bytes());
-                batch.put_cf(&idem_cf, l.key.as_bytes(), v);
-                let mut k = layout::ordered_i64(l.ts).to_vec();
-                k.extend_from_slice(l.key.as_bytes());
-                batch.put_cf(&idem_ts_cf, k, []);
-                idempotency += 1;
-                continue;
-            }
-            let c: ChangeLine = serde_json::from_slice(text)
-                .map_err(|e| Error::Checkpoint(format!("bad change line {}: {e}", records + 1)))?;
-            if c.id <= previous || c.id > header.index {
-                return Err(Error::Checkpoint(format!(
-                    "change {} out of order or past index {}",
-                    c.id, header.index
-                )));
-            }
-            previous = c.id;
-            let tenant = match &c.tenant {
-                Some(n) => Some((
-                    *tenant_ids
-                        .get(n)
-                        .ok_or_else(|| Error::Checkpoint(format!("unknown tenant {n}")))?,
-                    n.as_str(),
-                )),
-                None => None,
-            };
-            let collection = match (&c.collection, &c.tenant) {
-                (Some(n), Some(t)) => Some((
-                    *collection_ids
-                        .get(&(t.clone(), n.clone()))
-                        .ok_or_else(|| Error::Checkpoint(format!("unknown collection {n}")))?,
-                    n.as_str(),
-                )),
-                (Some(n), None) => {
-                    return Err(Error::Checkpoint(format!("collection {n} without tenant")))
-                }
-                _ => None,
-            };
-            let r = Resolved {
-                id: c.id,
-                ts: c.ts,
-                change_type: c.change_type,
-                tags: &c.tags,
-                tenant,
-                collection,
-                key: c.key.as_deref(),
-                deleted: c.deleted,
-                data: c.data.map(RawValue::get),
-            };
-            let [changes, by_tag, by_type, by_tenant, by_ts, keys] = &cfs;
-            // Lines of truncated keys come before the first retained change.
-            if c.id >= header.first_index {
-                batch.put_cf(changes, layout::id_key(c.id), r.stored_value(text));
-                for tag in &c.tags {
-                    batch.put_cf(by_tag, layout::tag_key(tag.as_bytes(), c.id), []);
-                }
-                batch.put_cf(by_type, layout::type_key(c.change_type, c.id), []);
-                if let Some((tid, _)) = tenant {
-                    batch.put_cf(by_tenant, layout::pair_key(tid, c.id), []);
-                }
-                batch.put_cf(by_ts, layout::ts_key(c.ts, c.id), []);
-            }
-            if let (Some((cid, _)), Some(key)) = (collection, &c.key) {
-                let ck = layout::coll_key(cid, key);
-                if c.deleted {
-                    batch.delete_cf(keys, ck);
-                } else {
-                    let mut v = c.id.to_be_bytes().to_vec();
-                    v.extend_from_slice(text);
-                    batch.put_cf(keys, ck, v);
-                }
-            }
-            records += 1;
-        }
-        if records != header.records || idempotency != header.idempotency_keys {
-            return Err(Error::Checkpoint(format!(
-                "checkpoint is incomplete: header promises {} changes and {} idempotency keys, \
-                 file holds {records} and {idempotency}",
-                header.records, header.idempotency_keys
-            )));
-        }
-        self.db().write_opt(batch, &WriteOptions::default())?;
-        self.sync()?;
-        self.reload()?;
-        Ok(header)
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
-/// Nanoseconds since the Unix epoch.
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+impl Store {
+    /// Exports the state as a checkpoint into `out` (see the module docs for the order).
+    /// `go_on` gets the index the snapshot is at; when it answers false nothing is written
+    /// and the result is `None`.
+    pub fn export(
+        &self,
+        out: impl Write,
+        opts: &ExportOptions,
+        go_on: impl FnOnce(u64) -> bool,
+    ) -> Result<Option<Exported>> {
+        let db = self.db();
+        // 1. and 2.
+        let snap = db.db.snapshot();
+        db.db.flush_wal(true)?;
+        let meta_cf = db.cf(cf::META)?;
+        let index = snap_u64(&snap, meta_cf, meta::LAST_ID)?.unwrap_or(0);
+        let first_index = snap_u64(&snap, meta_cf, meta::FIRST_INDEX)?.unwrap_or(1);
+        // 3.
+        if !go_on(index) {
+            return Ok(None);
+        }
+        let cluster_id = snap
+            .get_cf(meta_cf, meta::CLUSTER_ID)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let header = Header::new(cluster_id, index, opts.scope.clone(), crate::now_nanos());
+
+        // The catalog: few records, read whole and ordered by `_id`.
+        let mut catalog: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut collection_tenant: HashMap<u64, String> = HashMap::new();
+        let mut scope_tenant_id = None;
+        let wanted = |tenant: &str| opts.scope.tenant().is_none_or(|t| t == tenant);
+        for item in snap.iterator_cf(db.cf(cf::CATALOG)?, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            let keep = match k.first() {
+                Some(b'T') => {
+                    let t: TenantRecord = catalog_record_data(&v)?;
+                    if opts.scope.tenant() == Some(t.name.as_str()) {
+                        scope_tenant_id = Some(t.id);
+                    }
+                    wanted(&t.name)
+                }
+                Some(b'C') => {
+                    let c: CollectionRecord = catalog_record_data(&v)?;
+                    let keep = wanted(&c.tenant);
+                    collection_tenant.insert(c.id, c.tenant);
+                    keep
+                }
+                _ => return Err(Error::corrupt("catalog", "unknown record kind")),
+            };
+            if keep {
+                let id = record_id(&v).ok_or_else(|| Error::corrupt("catalog", "record id"))?;
+                catalog.push((id, v.to_vec()));
+            }
+        }
+        catalog.sort_by_key(|(id, _)| *id);
+        if let (Some(t), None) = (opts.scope.tenant(), scope_tenant_id) {
+            return Err(crate::Rejection::UnknownTenant(t.to_owned()).into());
+        }
+
+        let mut list = ListSource {
+            it: snap.raw_iterator_cf(db.cf(cf::CHANGES)?),
+            last: index,
+            raft: opts.raft,
+            tenant: scope_tenant_id,
+            current: None,
+        };
+        list.it.seek_to_first();
+        list.settle()?;
+        let mut keys = KeySource {
+            it: snap.raw_iterator_cf(db.cf(cf::KEYS_BY_ID)?),
+            snap: &snap,
+            keys_cf: db.cf(cf::KEYS)?,
+            below: if opts.raft { first_index } else { u64::MAX },
+            last: index,
+            wanted_tenant: opts.scope.tenant(),
+            collection_tenant: &collection_tenant,
+            current: None,
+        };
+        keys.it.seek_to_first();
+        keys.settle()?;
+
+        // 4.
+        let mut z = zstd::Encoder::new(
+            Counting {
+                inner: out,
+                bytes: 0,
+            },
+            ZSTD_LEVEL,
+        )?;
+        // zstd's own checksum of the content: a damaged file fails to decompress even where
+        // no sha256 from a manifest is at hand (a Raft snapshot).
+        z.include_checksum(true)?;
+        write_line(&mut z, &header)?;
+        let mut internal = 0u64;
+        if opts.raft {
+            let state = Internal::State {
+                first_index,
+                last_ts: snap_u64(&snap, meta_cf, meta::LAST_TS)?.map_or(0, |v| v as i64),
+                next_tenant_id: snap_u64(&snap, meta_cf, meta::NEXT_TENANT_ID)?.unwrap_or(1),
+                next_collection_id: snap_u64(&snap, meta_cf, meta::NEXT_COLLECTION_ID)?
+                    .unwrap_or(1),
+            };
+            write_line(&mut z, &state)?;
+            internal += 1;
+        }
+        let started = Instant::now();
+        let mut last_report = started;
+        let mut records = 0u64;
+        let mut next_catalog = catalog.into_iter().peekable();
+        loop {
+            let c = next_catalog.peek().map(|(id, _)| *id);
+            let l = list.current;
+            let k = keys.current.as_ref().map(|(id, _)| *id);
+            let Some(min) = [c, l, k].into_iter().flatten().min() else {
+                break;
+            };
+            if c == Some(min) {
+                if let Some((_, json)) = next_catalog.next() {
+                    z.write_all(&json)?;
+                }
+            } else if l == Some(min) {
+                z.write_all(list.json()?)?;
+                list.advance()?;
+            } else {
+                if let Some((_, json)) = &keys.current {
+                    z.write_all(json)?;
+                }
+                keys.advance()?;
+            }
+            z.write_all(b"\n")?;
+            records += 1;
+            if records.is_multiple_of(4096) && last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    index,
+                    records,
+                    compressed_bytes = z.get_ref().bytes,
+                    records_per_sec = (records as f64 / secs) as u64,
+                    "exporting a checkpoint"
+                );
+            }
+        }
+        let mut owner = BTreeMap::new();
+        if opts.raft {
+            internal += write_internal_lines(&mut z, &db, &snap)?;
+            let mut it = snap.raw_iterator_cf(meta_cf);
+            it.seek(meta::OWNER_PREFIX);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let Some(name) = k.strip_prefix(meta::OWNER_PREFIX) else {
+                    break;
+                };
+                let value =
+                    serde_json::from_slice(v).map_err(|e| Error::corrupt("owner value", e))?;
+                owner.insert(String::from_utf8_lossy(name).into_owned(), value);
+                it.next();
+            }
+            it.status()?;
+        }
+        let trailer = Trailer {
+            end: true,
+            records,
+            internal,
+            owner,
+        };
+        write_line(&mut z, &trailer)?;
+        let mut counted = z.finish()?;
+        counted.flush()?;
+        tracing::debug!(
+            index,
+            records,
+            bytes = counted.bytes,
+            "exported a checkpoint"
+        );
+        Ok(Some(Exported { header, trailer }))
+    }
+}
+
+fn write_line<W: Write>(out: &mut W, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Idempotency keys, committed manifests and open starts, for a Raft snapshot.
+fn write_internal_lines<W: Write>(out: &mut W, db: &crate::db::Db, snap: &Snap<'_>) -> Result<u64> {
+    let mut n = 0;
+    for item in snap.iterator_cf(db.cf(cf::IDEMPOTENCY)?, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let ts = layout::decode_i64(&v).ok_or_else(|| Error::corrupt("idempotency", "ts"))?;
+        let answer = String::from_utf8(v.get(8..).unwrap_or_default().to_vec())
+            .map_err(|e| Error::corrupt("idempotency", e))?;
+        let line = Internal::Idempotency {
+            key: String::from_utf8_lossy(&k).into_owned(),
+            ts,
+            answer,
+        };
+        write_line(out, &line)?;
+        n += 1;
+    }
+    for item in snap.iterator_cf(db.cf(cf::CHECKPOINTS)?, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let bad = |e: serde_json::Error| Error::corrupt("checkpoints", e);
+        let line = if k.starts_with(&layout::all_manifests_prefix()) {
+            Internal::Manifest {
+                manifest: serde_json::from_slice::<Manifest>(&v).map_err(bad)?,
+            }
+        } else {
+            Internal::OpenStart {
+                start: serde_json::from_slice::<OpenStart>(&v).map_err(bad)?,
+            }
+        };
+        write_line(out, &line)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The list rows an export includes, in `_id` order. Catalog records are skipped here (they
+/// come from the catalog, which outlives truncation); so are keyed changes outside a Raft
+/// snapshot (the keyed state holds their latest).
+struct ListSource<'a> {
+    it: DBRawIteratorWithThreadMode<'a, DB>,
+    last: u64,
+    raft: bool,
+    /// Only this tenant's changes (a tenant scope).
+    tenant: Option<u64>,
+    /// `_id` of the row the iterator is on, once it is one to export.
+    current: Option<u64>,
+}
+
+impl ListSource<'_> {
+    /// Moves to the next row to export at or after the iterator's position.
+    fn settle(&mut self) -> Result<()> {
+        self.current = None;
+        while let (Some(k), Some(v)) = (self.it.key(), self.it.value()) {
+            let id = layout::decode_u64(k).ok_or_else(|| Error::corrupt("changes", "key"))?;
+            if id > self.last {
+                break;
+            }
+            let c = StoredChange::decode(v)?;
+            let catalog = c.change_type == internal_type::TENANT_CREATED
+                || c.change_type == internal_type::COLLECTION_CREATED;
+            let in_scope = self.tenant.is_none_or(|t| c.tenant_id == t);
+            if !catalog && in_scope && (self.raft || !c.keyed) {
+                self.current = Some(id);
+                return Ok(());
+            }
+            self.it.next();
+        }
+        self.it.status()?;
+        Ok(())
+    }
+
+    fn json(&self) -> Result<&[u8]> {
+        let v = self
+            .it
+            .value()
+            .ok_or_else(|| Error::corrupt("changes", "iterator lost its row"))?;
+        Ok(StoredChange::decode(v)?.json)
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        self.it.next();
+        self.settle()
+    }
+}
+
+/// Live keys in `_id` order, with their latest change's JSON.
+struct KeySource<'a, 's> {
+    it: DBRawIteratorWithThreadMode<'a, DB>,
+    snap: &'a Snap<'s>,
+    keys_cf: &'a rocksdb::ColumnFamily,
+    /// Only keys whose change is below this `_id` (a Raft snapshot takes the others from the
+    /// list).
+    below: u64,
+    last: u64,
+    wanted_tenant: Option<&'a str>,
+    collection_tenant: &'a HashMap<u64, String>,
+    current: Option<(u64, Vec<u8>)>,
+}
+
+impl KeySource<'_, '_> {
+    fn settle(&mut self) -> Result<()> {
+        self.current = None;
+        while let (Some(k), Some(ck)) = (self.it.key(), self.it.value()) {
+            let id = layout::decode_u64(k).ok_or_else(|| Error::corrupt("keys_by_id", "key"))?;
+            if id >= self.below || id > self.last {
+                break;
+            }
+            let cid = layout::coll_key_collection(ck)
+                .ok_or_else(|| Error::corrupt("keys_by_id", "value"))?;
+            let in_scope = self
+                .wanted_tenant
+                .is_none_or(|t| self.collection_tenant.get(&cid).is_some_and(|ct| ct == t));
+            if in_scope {
+                let v = self
+                    .snap
+                    .get_pinned_cf(self.keys_cf, ck)?
+                    .ok_or_else(|| Error::corrupt("keys_by_id", "names a key that is not live"))?;
+                self.current = Some((id, v.get(8..).unwrap_or_default().to_vec()));
+                return Ok(());
+            }
+            self.it.next();
+        }
+        self.it.status()?;
+        Ok(())
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        self.it.next();
+        self.settle()
+    }
 }

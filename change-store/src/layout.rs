@@ -1,6 +1,8 @@
 //! The RocksDB layout: column families and how their keys are encoded. Integers are
 //! big-endian (signed ones with the sign bit flipped) so byte order is numeric order.
 
+use changeagent_proto::Scope;
+
 /// Column families, each with its key → value shape.
 pub mod cf {
     /// `_id` → stored change (header + wire JSON).
@@ -16,8 +18,16 @@ pub mod cf {
     pub const BY_TS: &str = "by_ts";
     /// collection id + key → `_id` + wire JSON of the key's latest change (live keys only).
     pub const KEYS: &str = "keys";
-    /// `T` + tenant id → name; `C` + collection id → tenant id + name.
+    /// `_id` → collection id + key, for every live key: walks keyed state in `_id` order, so
+    /// an export merges it with the list in one pass without holding keys in memory.
+    pub const KEYS_BY_ID: &str = "keys_by_id";
+    /// `T` + tenant id → wire JSON of its tenant-created record; `C` + collection id → wire
+    /// JSON of its collection-created record. Kept whole so exports emit them even after the
+    /// list rows were truncated.
     pub const CATALOG: &str = "catalog";
+    /// `M` + scope + 0 + index → manifest of a committed checkpoint the core keeps;
+    /// `S` + scope → the open checkpoint start of that scope.
+    pub const CHECKPOINTS: &str = "checkpoints";
     /// idempotency key → ts (8 bytes) + stored answer.
     pub const IDEMPOTENCY: &str = "idempotency";
     /// ts + idempotency key → empty; lets expiry find old keys without a scan.
@@ -26,18 +36,24 @@ pub mod cf {
     pub const META: &str = "meta";
 
     /// Every column family, in creation order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         CHANGES,
         BY_TAG,
         BY_TYPE,
         BY_TENANT,
         BY_TS,
         KEYS,
+        KEYS_BY_ID,
         CATALOG,
+        CHECKPOINTS,
         IDEMPOTENCY,
         IDEMPOTENCY_BY_TS,
         META,
     ];
+
+    /// Index column families whose keys end in an `_id`: entries below the first retained
+    /// `_id` are garbage after a truncation, dropped by a compaction filter.
+    pub const LIST_INDEXES: [&str; 4] = [BY_TAG, BY_TYPE, BY_TENANT, BY_TS];
 }
 
 /// Keys of the `meta` column family.
@@ -53,8 +69,46 @@ pub mod meta {
     pub const OWNER_PREFIX: &[u8] = b"owner/";
 }
 
-/// The on-disk format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version this build reads and writes. Version 2 added the generation
+/// directories, catalog records, keyed state by `_id`, checkpoints and truncation.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Kind byte of a committed manifest in the checkpoints family.
+const MANIFEST: u8 = b'M';
+/// Kind byte of an open start in the checkpoints family.
+const OPEN_START: u8 = b'S';
+
+/// Key prefix of a scope's committed manifests.
+pub fn manifest_prefix(scope: &Scope) -> Vec<u8> {
+    let mut k = vec![MANIFEST];
+    k.extend_from_slice(scope.to_string().as_bytes());
+    k.push(0);
+    k
+}
+
+/// Key of a committed manifest.
+pub fn manifest_key(scope: &Scope, index: u64) -> Vec<u8> {
+    let mut k = manifest_prefix(scope);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Key prefix of every committed manifest, all scopes.
+pub fn all_manifests_prefix() -> [u8; 1] {
+    [MANIFEST]
+}
+
+/// Key of a scope's open checkpoint start.
+pub fn open_start_key(scope: &Scope) -> Vec<u8> {
+    let mut k = vec![OPEN_START];
+    k.extend_from_slice(scope.to_string().as_bytes());
+    k
+}
+
+/// Key prefix of every open start.
+pub fn all_open_starts_prefix() -> [u8; 1] {
+    [OPEN_START]
+}
 
 pub fn id_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
@@ -115,6 +169,11 @@ pub fn ts_key(ts: i64, id: u64) -> [u8; 16] {
     k[..8].copy_from_slice(&ordered_i64(ts));
     k[8..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+/// The collection id at the front of a keyed-state key.
+pub fn coll_key_collection(k: &[u8]) -> Option<u64> {
+    decode_u64(k)
 }
 
 pub fn coll_key(collection: u64, key: &str) -> Vec<u8> {

@@ -1,21 +1,37 @@
-//! ChangeAgent's change store: the RocksDB change list with its indexes, keyed state and
-//! tenant catalog; the applied-index watch long-polls wait on; and the checkpoint format
-//! (streaming export and import). It knows nothing of HTTP: refusals are typed
-//! [`Rejection`]s that the api crate maps to statuses.
+//! ChangeAgent's change store: the RocksDB change list with its indexes, keyed state, tenant
+//! catalog and checkpoint records; the applied-index watch long-polls wait on; and the
+//! checkpoint format (streaming export and import). It knows nothing of HTTP: refusals are
+//! typed [`Rejection`]s that the api crate maps to statuses.
 //!
 //! # Layout
-//! - [`store`]: opening the database, the batch [`Txn`], and reads.
+//! - [`store`]: opening the store, its in-memory mirrors, and reads.
+//! - [`txn`]: the write transaction and the one row writer every change goes through.
 //! - [`record`]: client input, validation, the wire JSON and the stored header.
 //! - [`layout`]: column families and key encodings.
-//! - [`export`]: checkpoint export and import (also the Raft snapshot format).
-//! - [`error`]: the crate's error type.
+//! - [`db`]: generation directories and how a new one is swapped in.
+//! - [`export`] and [`import`]: the checkpoint format, both ways (also Raft snapshots).
+//! - [`error`]: the crate's error and rejection types.
 
+mod db;
 pub mod error;
 pub mod export;
+pub mod import;
 pub mod layout;
 pub mod record;
 pub mod store;
+pub mod txn;
 
 pub use error::{Error, Rejection, Result};
+pub use export::{ExportOptions, Exported};
+pub use import::{ImportMode, Imported};
 pub use record::{parse_post_body, ChangeInput, PostBody};
-pub use store::{Collection, Filter, PageInfo, Store, Tenant, Txn};
+pub use store::{Collection, Filter, PageInfo, State, Store, Tenant};
+pub use txn::Txn;
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

@@ -260,8 +260,12 @@ pub struct Resolved<'a> {
     pub data: Option<&'a str>,
 }
 
-/// Version byte of the stored change header.
-const HEADER_VERSION: u8 = 1;
+/// Version byte of the stored change header. Version 2 added the flags byte.
+const HEADER_VERSION: u8 = 2;
+/// Header flag: the change is a keyed write (it has a collection and a key).
+const FLAG_KEYED: u8 = 1;
+/// Bytes of the fixed part of the header: version, type, tenant id, flags, tag count.
+const HEADER_FIXED: usize = 1 + 4 + 8 + 1 + 2;
 
 impl Resolved<'_> {
     /// The wire JSON, fields in the documented order, empty ones omitted.
@@ -310,10 +314,11 @@ impl Resolved<'_> {
 
     /// The value stored in the change list: header, then wire JSON.
     pub fn stored_value(&self, json: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + json.len() + self.tags.len() * 8);
+        let mut out = Vec::with_capacity(HEADER_FIXED + json.len() + self.tags.len() * 8);
         out.push(HEADER_VERSION);
         out.extend_from_slice(&self.change_type.to_be_bytes());
         out.extend_from_slice(&self.tenant.map_or(0, |t| t.0).to_be_bytes());
+        out.push(if self.key.is_some() { FLAG_KEYED } else { 0 });
         out.extend_from_slice(&(self.tags.len() as u16).to_be_bytes());
         for t in self.tags {
             out.extend_from_slice(&(t.len() as u16).to_be_bytes());
@@ -334,6 +339,8 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 pub struct StoredChange<'a> {
     pub change_type: i32,
     pub tenant_id: u64,
+    /// A keyed write (collection and key).
+    pub keyed: bool,
     tags: &'a [u8],
     tag_count: u16,
     pub json: &'a [u8],
@@ -343,13 +350,14 @@ impl<'a> StoredChange<'a> {
     /// Splits a stored value into header and JSON.
     pub fn decode(value: &'a [u8]) -> Result<Self> {
         let bad = || Error::corrupt("change", "truncated header");
-        if value.len() < 15 || value[0] != HEADER_VERSION {
+        if value.len() < HEADER_FIXED || value[0] != HEADER_VERSION {
             return Err(Error::corrupt("change", "unknown header version"));
         }
         let change_type = i32::from_be_bytes(value[1..5].try_into().map_err(|_| bad())?);
         let tenant_id = u64::from_be_bytes(value[5..13].try_into().map_err(|_| bad())?);
-        let tag_count = u16::from_be_bytes(value[13..15].try_into().map_err(|_| bad())?);
-        let mut pos = 15;
+        let keyed = value[13] & FLAG_KEYED != 0;
+        let tag_count = u16::from_be_bytes(value[14..16].try_into().map_err(|_| bad())?);
+        let mut pos = HEADER_FIXED;
         for _ in 0..tag_count {
             let len_bytes = value.get(pos..pos + 2).ok_or_else(bad)?;
             let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
@@ -361,7 +369,8 @@ impl<'a> StoredChange<'a> {
         Ok(StoredChange {
             change_type,
             tenant_id,
-            tags: &value[15..pos],
+            keyed,
+            tags: &value[HEADER_FIXED..pos],
             tag_count,
             json: &value[pos..],
         })
@@ -477,6 +486,7 @@ mod tests {
         let view = StoredChange::decode(&stored).unwrap();
         assert_eq!(view.change_type, 3);
         assert_eq!(view.tenant_id, 4);
+        assert!(view.keyed);
         assert_eq!(view.json, &json[..]);
         let t: Vec<&[u8]> = view.tags().collect();
         assert_eq!(t, vec![&b"a"[..], &b"b\"c"[..]]);

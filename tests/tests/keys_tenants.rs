@@ -13,19 +13,37 @@ async fn start() -> (ServerProcess, Api) {
     (server, api)
 }
 
+/// Creates a tenant; checks that the answer also carries `tenant` (its id), as the original
+/// ChangeAgent answered, and returns the tenant as `GET` shows it (`_id`, `name`).
 async fn create_tenant(api: &Api, name: &str) -> Value {
-    api.post_json("/tenants", &json!({ "name": name }).to_string())
+    let mut answer = api
+        .post_json("/tenants", &json!({ "name": name }).to_string())
         .await
-        .ok_json()
+        .ok_json();
+    let seed = answer
+        .as_object_mut()
+        .and_then(|o| o.remove("tenant"))
+        .unwrap_or_else(|| panic!("no \"tenant\" in the answer {answer}"));
+    assert_eq!(seed, answer["_id"], "{answer}");
+    answer
 }
 
+/// Creates a collection; checks that the answer also carries `collection` (its id), as the
+/// original ChangeAgent answered, and returns the collection as `GET` shows it.
 async fn create_collection(api: &Api, tenant: &str, name: &str) -> Value {
-    api.post_json(
-        &format!("/tenants/{tenant}/collections"),
-        &json!({ "name": name }).to_string(),
-    )
-    .await
-    .ok_json()
+    let mut answer = api
+        .post_json(
+            &format!("/tenants/{tenant}/collections"),
+            &json!({ "name": name }).to_string(),
+        )
+        .await
+        .ok_json();
+    let seed = answer
+        .as_object_mut()
+        .and_then(|o| o.remove("collection"))
+        .unwrap_or_else(|| panic!("no \"collection\" in the answer {answer}"));
+    assert_eq!(seed, answer["_id"], "{answer}");
+    answer
 }
 
 fn id_of(v: &Value) -> u64 {
@@ -481,4 +499,32 @@ async fn keyed_writes_appear_in_the_feeds() {
         404,
         "post to unknown tenant",
     );
+}
+
+#[tokio::test]
+async fn the_catalog_travels_in_the_feed_as_internal_records() {
+    let (_server, api) = start().await;
+    let acme = create_tenant(&api, "acme").await;
+    let flags = create_collection(&api, "acme", "flags").await;
+    api.post_change(r#"{"data":1,"tenant":"acme"}"#).await;
+    let raws = api.all_raw_changes("").await;
+    assert_eq!(raws.len(), 3, "{raws:?}");
+    let tenant: Value = serde_json::from_str(&raws[0]).unwrap();
+    assert_eq!(tenant["type"], -4);
+    assert_eq!(tenant["data"], json!({"_id": id_of(&acme), "name": "acme"}));
+    let collection: Value = serde_json::from_str(&raws[1]).unwrap();
+    assert_eq!(collection["type"], -5);
+    assert_eq!(
+        collection["data"],
+        json!({"_id": id_of(&flags), "name": "flags", "tenant": "acme"})
+    );
+    // A tenant's list and filtered lists skip internal records.
+    let tenant_list = api.get("/tenants/acme/changes").await;
+    assert_eq!(change_ids(&tenant_list.body), vec![3]);
+    let by_tenant = api.get("/changes?tenant=acme").await;
+    assert_eq!(change_ids(&by_tenant.body), vec![3]);
+    // Clients cannot post internal records.
+    let refused = api.post_json("/changes", r#"{"data":1,"type":-4}"#).await;
+    assert_error(&refused, 400, "negative type");
+    assert_eq!(api.last_index().await, 3);
 }

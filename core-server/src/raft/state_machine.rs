@@ -6,12 +6,13 @@
 //!    last applied log id and membership, so the state and "how far it got" never disagree.
 //! 2. `_id`s are assigned inside the transaction, from the state alone, so every replica
 //!    assigns the same ones.
-//! 3. A snapshot first syncs the store's WAL, then exports from one RocksDB snapshot, so the
-//!    state it covers is durable before openraft purges the log behind it.
-//! 4. An installed snapshot replaces the whole state in one write that also records the
-//!    snapshot's log id and membership.
+//! 3. A snapshot first takes a RocksDB snapshot, then syncs the store's WAL, then exports
+//!    from it, so the state it covers is durable before openraft purges the log behind it
+//!    (syncing first would let entries applied in between into the snapshot undurable).
+//! 4. An installed snapshot is imported into a new store generation with the snapshot's log
+//!    id and membership, which replaces the old one whole (see the store's import rules).
 
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,8 +21,9 @@ use super::types::{
     Command, Entry, LogId, Op, Outcome, Response, Snapshot, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig,
 };
-use changeagent_store::export::{ExportOptions, Header};
+use changeagent_proto::Scope;
 use changeagent_store::{Error as StoreError, Store, Txn};
+use changeagent_store::{ExportOptions, ImportMode};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 
@@ -76,6 +78,11 @@ fn read_owner<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The JSON body of an answer; our answer types always serialize.
+fn to_body<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
 /// Applies one command's requests, each all-or-nothing, and answers each.
 fn apply_command(txn: &mut Txn<'_>, cmd: &Command) -> Result<Vec<Outcome>, StoreError> {
     txn.expire_idempotency(cmd.ts, EXPIRE_PER_COMMAND)?;
@@ -98,12 +105,18 @@ fn apply_command(txn: &mut Txn<'_>, cmd: &Command) -> Result<Vec<Outcome>, Store
                     items.join(",")
                 }
             }),
-            Op::CreateTenant { name } => txn
-                .create_tenant(name)
-                .map(|t| serde_json::to_string(&t).unwrap_or_default()),
+            Op::CreateTenant { name } => txn.create_tenant(cmd.ts, name).map(|t| to_body(&t)),
             Op::CreateCollection { tenant, name } => txn
-                .create_collection(tenant, name)
-                .map(|c| serde_json::to_string(&c).unwrap_or_default()),
+                .create_collection(cmd.ts, tenant, name)
+                .map(|c| to_body(&c)),
+            Op::CheckpointStart {
+                start,
+                stale_after_nanos,
+            } => txn
+                .checkpoint_start(cmd.ts, start, *stale_after_nanos)
+                .map(|a| to_body(&a)),
+            Op::CheckpointEnd { end } => txn.checkpoint_end(cmd.ts, end).map(|a| to_body(&a)),
+            Op::Truncate { before } => txn.truncate(cmd.ts, *before).map(|a| to_body(&a)),
             Op::SetClusterId { id } => {
                 let current = txn.state().cluster_id.clone();
                 match current {
@@ -254,7 +267,8 @@ fn install(
     file.seek(SeekFrom::Start(0)).map_err(any)?;
     store
         .import(
-            BufReader::with_capacity(1 << 16, (&mut file).take(data_len)),
+            (&mut file).take(data_len),
+            ImportMode::Raft,
             &[(APPLIED, &applied), (MEMBERSHIP, &membership)],
         )
         .map_err(any)?;
@@ -283,42 +297,41 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Exports the state into a new snapshot file and publishes it as the current one.
+/// Exports the state into a new snapshot file and publishes it as the current one. The
+/// export takes its RocksDB snapshot before it syncs the WAL (rule 3).
 fn build(store: &Store, dir: &Path) -> Result<Snapshot, AnyError> {
-    store.sync().map_err(any)?;
     let tmp = snapshot_file::temp_in(dir).map_err(any)?;
     let mut file = tmp.reopen().map_err(any)?;
-    let header: Header = {
+    let exported = {
         let mut out = BufWriter::with_capacity(1 << 16, &mut file);
-        let header = store
-            .export(
-                &mut out,
-                ExportOptions {
-                    idempotency: true,
-                    owner: true,
-                },
-            )
-            .map_err(any)?;
+        let opts = ExportOptions {
+            scope: Scope::All,
+            raft: true,
+        };
+        let exported = store
+            .export(&mut out, &opts, |_| true)
+            .map_err(any)?
+            .ok_or_else(|| any("the export stopped without writing"))?;
         out.flush().map_err(any)?;
-        header
+        exported
     };
-    let applied: Option<LogId> = header
-        .owner
+    let owner = &exported.trailer.owner;
+    let applied: Option<LogId> = owner
         .get(APPLIED)
-        .map(|v| serde_json::from_str(v))
+        .map(|v| serde_json::from_value(v.clone()))
         .transpose()
         .map_err(any)?
         .flatten();
-    let membership: StoredMembership = header
-        .owner
+    let membership: StoredMembership = owner
         .get(MEMBERSHIP)
-        .map(|v| serde_json::from_str(v))
+        .map(|v| serde_json::from_value(v.clone()))
         .transpose()
         .map_err(any)?
         .unwrap_or_default();
+    let created = exported.header.created_ts;
     let snapshot_id = match applied {
-        Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, header.created_ts),
-        None => format!("0-0-{}", header.created_ts),
+        Some(l) => format!("{}-{}-{created}", l.leader_id.term, l.index),
+        None => format!("0-0-{created}"),
     };
     let meta = SnapshotMeta {
         last_log_id: applied,
@@ -355,7 +368,7 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let leader = store(a.path());
         let mut txn = leader.begin();
-        txn.create_tenant("acme").unwrap();
+        txn.create_tenant(1, "acme").unwrap();
         txn.remember_idempotent("k", 1, b"{\"_id\":1}".to_vec())
             .unwrap();
         let changes = parse_post_body(br#"[{"data":{"z":1,"a":2}},{"data":"two","tags":["t"]}]"#)

@@ -2,6 +2,7 @@
 //! requests the leader grouped into one entry; the state machine answers each with an
 //! [`Outcome`].
 
+use changeagent_proto::types::{EndRequest, StartRecord};
 use changeagent_store::{ChangeInput, Rejection};
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
@@ -68,6 +69,20 @@ pub enum Op {
     /// Sets the cluster id if none is set yet; the first one applied wins.
     SetClusterId {
         id: String,
+    },
+    /// `POST /admin/checkpoints/start`. The leader's `--checkpoint-stale-after` travels with
+    /// it, so every replica decides the same.
+    CheckpointStart {
+        start: StartRecord,
+        stale_after_nanos: i64,
+    },
+    /// `POST /admin/checkpoints/end`.
+    CheckpointEnd {
+        end: EndRequest,
+    },
+    /// `POST /admin/truncate`.
+    Truncate {
+        before: u64,
     },
 }
 
