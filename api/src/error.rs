@@ -3,7 +3,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use changeagent_proto::{ErrorBody, QueryError};
+use changeagent_proto::{ErrorBody, Manifest, QueryError};
 use changeagent_store::{Error, Rejection};
 
 /// An HTTP error answer.
@@ -26,7 +26,7 @@ pub enum ApiError {
     #[error("changes before {first_index} were truncated")]
     Gone {
         first_index: u64,
-        checkpoint: Option<serde_json::Value>,
+        checkpoint: Option<Box<Manifest>>,
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },

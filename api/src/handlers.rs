@@ -74,16 +74,16 @@ pub async fn serve_changes(
         Some(t) => Some(
             store
                 .tenant(t)
-                .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {t:?}")))?
-                .id,
+                .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {t:?}")))?,
         ),
         None => None,
     };
     let filter = Arc::new(Filter {
         tags: q.tags.clone(),
         change_type: q.change_type,
-        tenant,
+        tenant: tenant.as_ref().map(|t| t.id),
     });
+    let tenant_name = tenant.map(|t| t.name);
     let since = match q.since_time {
         Some(t) => q
             .since
@@ -96,12 +96,16 @@ pub async fn serve_changes(
     loop {
         applied.borrow_and_update();
         let (f, limit) = (filter.clone(), q.limit);
-        let (body, info) = blocking(store, move |s| {
+        let page = blocking(store, move |s| {
             let mut body = Vec::new();
             let info = s.read_page(since, limit, &f, &mut body)?;
             Ok((body, info))
         })
-        .await?;
+        .await;
+        let (body, info) = match page {
+            Ok(page) => page,
+            Err(e) => return Err(api.with_checkpoint(e, tenant_name.as_deref()).await),
+        };
         let stop = info.count > 0 || Instant::now() >= deadline || api.shutdown.is_cancelled();
         if stop || applied.has_changed().is_err() {
             return Ok(render_page(path, &q, since, body, info));
@@ -176,7 +180,11 @@ pub async fn get_change(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     api.barrier(consistent_param(raw.as_deref())?).await?;
-    match blocking(&api.store, move |s| s.get_change(id)).await? {
+    let change = match blocking(&api.store, move |s| s.get_change(id)).await {
+        Ok(change) => change,
+        Err(e) => return Err(api.with_checkpoint(e, None).await),
+    };
+    match change {
         Some(json) => Ok(json_response(json)),
         None => Err(ApiError::NotFound(format!("change {id} not found"))),
     }

@@ -5,12 +5,14 @@
 //!
 //! # Layout
 //! - [`handlers`]: the read handlers.
+//! - [`checkpoints`]: the kept checkpoints and their bytes.
 //! - [`error`]: [`ApiError`] and the mapping from store errors and rejections.
 //! - [`body`]: reading request bodies (415, 413).
 //! - [`metrics`]: Prometheus metrics of the HTTP layer.
 //! - [`serve`]: serving a router until shutdown, then draining.
 
 pub mod body;
+pub mod checkpoints;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
@@ -26,7 +28,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use changeagent_store::Store;
+use changeagent_store::{Objects, Store};
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 
@@ -55,6 +57,8 @@ pub struct ReadApi {
     /// What `consistent=true` waits for; `None` where local state is always current (a
     /// single store with no cluster behind it).
     pub barrier: Option<Arc<dyn ReadBarrier>>,
+    /// Where checkpoint data is read from for `GET /checkpoints/{index}/data`.
+    pub objects: Option<Arc<Objects>>,
 }
 
 /// A future answering a read barrier.
@@ -68,6 +72,30 @@ pub trait ReadBarrier: Send + Sync {
 }
 
 impl ReadApi {
+    /// A `410` names the checkpoint to load: for a tenant's list that tenant's newest scoped
+    /// checkpoint when there is one, else the newest full one.
+    pub async fn with_checkpoint(&self, err: ApiError, tenant: Option<&str>) -> ApiError {
+        let ApiError::Gone {
+            first_index,
+            checkpoint: None,
+        } = err
+        else {
+            return err;
+        };
+        let tenant = tenant.map(str::to_owned);
+        let manifest = handlers::blocking(&self.store, move |s| {
+            s.manifest_for_reset(tenant.as_deref())
+        })
+        .await;
+        match manifest {
+            Ok(m) => ApiError::Gone {
+                first_index,
+                checkpoint: m.map(Box::new),
+            },
+            Err(e) => e,
+        }
+    }
+
     /// Waits for the read barrier when `consistent` is asked for.
     pub async fn barrier(&self, consistent: bool) -> Result<(), ApiError> {
         match (&self.barrier, consistent) {
@@ -95,6 +123,9 @@ pub fn read_router(api: Arc<ReadApi>) -> Router {
             "/collections/{collection}/keys/{key}",
             get(handlers::get_key),
         )
+        .route("/checkpoints", get(checkpoints::list))
+        .route("/checkpoints/latest", get(checkpoints::latest))
+        .route("/checkpoints/{index}/data", get(checkpoints::data))
         .with_state(api)
 }
 

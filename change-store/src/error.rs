@@ -34,6 +34,12 @@ pub enum Error {
     BadRecord { id: u64, detail: String },
     #[error("background task failed: {0}")]
     Join(String),
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    #[error("{0}")]
+    Objects(String),
+    #[error("checkpoint object {object} failed verification: {detail}")]
+    Verify { object: String, detail: String },
     #[error(transparent)]
     Rejected(#[from] Rejection),
 }

@@ -10,6 +10,7 @@
 //! - [`layout`]: column families and key encodings.
 //! - [`db`]: generation directories and how a new one is swapped in.
 //! - [`export`] and [`import`]: the checkpoint format, both ways (also Raft snapshots).
+//! - [`objects`]: checkpoint objects in object storage.
 //! - [`error`]: the crate's error and rejection types.
 
 mod db;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod export;
 pub mod import;
 pub mod layout;
+pub mod objects;
 pub mod record;
 pub mod store;
 pub mod txn;
@@ -24,6 +26,7 @@ pub mod txn;
 pub use error::{Error, Rejection, Result};
 pub use export::{ExportOptions, Exported};
 pub use import::{ImportMode, Imported};
+pub use objects::Objects;
 pub use record::{parse_post_body, ChangeInput, PostBody};
 pub use store::{Collection, Filter, PageInfo, State, Store, Tenant};
 pub use txn::Txn;

@@ -587,8 +587,9 @@ impl Txn<'_> {
             .collect()
     }
 
-    /// Stages a committed manifest (checkpoint import of a Raft snapshot).
-    pub(crate) fn put_manifest(&mut self, m: &Manifest) -> Result<()> {
+    /// Records a committed checkpoint without an end record: a Raft snapshot's manifests, or
+    /// the checkpoint a restored cluster started from.
+    pub fn put_manifest(&mut self, m: &Manifest) -> Result<()> {
         self.stage_checkpoint_row(
             layout::manifest_key(&m.scope, m.index),
             Some(to_json(m)?.into_bytes()),

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
-use serde_json::Value;
 
 use crate::types::ErrorBody;
 
@@ -68,7 +67,7 @@ pub enum Error {
         /// Oldest `_id` the server still retains.
         first_index: u64,
         /// Manifest of the checkpoint to load, when the server has one.
-        checkpoint: Option<Value>,
+        checkpoint: Option<Box<changeagent_proto::Manifest>>,
     },
 
     /// 502, 503 or 504: no leader, no quorum, a write timeout or a proxy
@@ -275,7 +274,8 @@ mod tests {
             "error": "truncated",
             "message": "changes before 100 were truncated",
             "firstIndex": 100,
-            "checkpoint": {"index": 90, "key": "c/00090.jsonl.zst"}
+            "checkpoint": {"index": 90, "scope": "all", "object": "c/00090.jsonl.zst",
+                "size": 5, "sha256": "ab", "records": 3, "createdTs": 1, "clusterId": "c"}
         });
         let err = Error::from_response(
             StatusCode::GONE,
@@ -288,10 +288,8 @@ mod tests {
                 checkpoint,
             } => {
                 assert_eq!(first_index, 100);
-                assert_eq!(
-                    checkpoint,
-                    Some(json!({"index": 90, "key": "c/00090.jsonl.zst"}))
-                );
+                let m = checkpoint.expect("a manifest");
+                assert_eq!((m.index, m.object.as_str()), (90, "c/00090.jsonl.zst"));
             }
             other => panic!("expected Truncated, got {other:?}"),
         }

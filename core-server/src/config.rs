@@ -79,6 +79,55 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests before it stops serving.
     #[arg(long, env = "CHANGEAGENT_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
+
+    /// Object store holding the checkpoints (`file:///path`, `file://./relative`,
+    /// `s3://bucket/prefix` with `AWS_*` variables, `gs://…`, `az://…`). Use the same store as
+    /// the checkpointers: `GET /checkpoints/{index}/data` streams from it.
+    #[arg(
+        long,
+        env = "CHANGEAGENT_OBJECT_STORE",
+        default_value = "file://./checkpoints"
+    )]
+    pub object_store: String,
+
+    /// How long a checkpoint start blocks other checkpointers of its scope (`600`, `90s`,
+    /// `10m`, `1h`); after that another may take it over.
+    #[arg(
+        long,
+        env = "CHANGEAGENT_CHECKPOINT_STALE_AFTER",
+        default_value = "10m",
+        value_parser = parse_duration
+    )]
+    pub checkpoint_stale_after: Duration,
+
+    /// On an empty data dir: start a new one-voter cluster (new cluster id) whose state is the
+    /// newest full checkpoint in this object store URL (`latest.json` of any cluster under
+    /// it); its list starts after the checkpoint's index. Other nodes then join it. Ignored
+    /// once the data dir holds a cluster.
+    #[arg(long, env = "CHANGEAGENT_RESTORE_FROM", conflicts_with_all = ["peers", "join"])]
+    pub restore_from: Option<String>,
+}
+
+/// Parses a duration: seconds (`600`) or a number with `ms`, `s`, `m` or `h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 600, 90s, 10m or 1h"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: the unit must be ms, s, m or h"
+            ))
+        }
+    };
+    Ok(Duration::from_millis(ms))
 }
 
 impl Config {
@@ -171,7 +220,20 @@ pub fn parse_peers(text: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_peers;
+    use super::{parse_duration, parse_peers};
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("600").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        for bad in ["", "m", "10d", "-5s", "1.5m"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn peers_file_lines() {

@@ -8,6 +8,7 @@
 //! - [`raft`]: Raft types, log store, state machine, HTTP transport.
 //! - [`proposer`]: groups concurrent writes into one Raft entry.
 //! - [`http`]: routes and handlers.
+//! - [`restore`]: a new cluster from a checkpoint (`--restore-from`).
 
 pub mod config;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod node;
 pub mod proposer;
 pub mod raft;
+pub mod restore;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +72,7 @@ pub async fn run(
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         barrier: Some(Arc::new(barrier)),
+        objects: Some(node.objects.clone()),
     });
     let app = Arc::new(http::AppState {
         node_id: node.id,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use changeagent_proto::types::JoinRequest;
-use changeagent_store::Store;
+use changeagent_store::{Objects, Store};
 use openraft::BasicNode;
 use tokio::time::Instant;
 
@@ -26,6 +26,7 @@ use crate::raft::log_store::{read_cluster_id, read_node_id, write_node_id, LogSt
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::types::{NodeId, Op, Raft, Request};
+use crate::restore;
 
 /// Pause between two attempts to reach peers while forming or joining a cluster.
 const FORM_RETRY: Duration = Duration::from_millis(250);
@@ -42,6 +43,8 @@ pub struct Node {
     pub store: Arc<Store>,
     pub identity: Arc<Identity>,
     pub snapshot_dir: PathBuf,
+    /// Where checkpoints are read from.
+    pub objects: Arc<Objects>,
 }
 
 /// A fresh node id: random, below 2^53 so JSON clients in every language read it exactly.
@@ -72,6 +75,7 @@ pub async fn start(
         .with_context(|| format!("cannot create data dir {}", dir.display()))?;
     let store = Store::open(dir.join("changes"))
         .with_context(|| format!("cannot open the change store in {}", dir.display()))?;
+    let objects = Arc::new(Objects::from_url(&config.object_store)?);
     let log_store = LogStore::open(&dir.join("raft"))
         .with_context(|| format!("cannot open the Raft log in {}", dir.display()))?;
     let id = match read_node_id(&log_store).map_err(|e| anyhow::anyhow!("{e}"))? {
@@ -114,7 +118,18 @@ pub async fn start(
     .await
     .context("cannot start Raft")?;
     let standalone = peers.is_none() && config.join.is_none();
-    if standalone && !raft.is_initialized().await? {
+    let initialized = raft.is_initialized().await?;
+    // A restore only ever fills a node with an empty log: its log then replays nothing over
+    // the imported state.
+    let restored = match &config.restore_from {
+        Some(url) if !initialized => restore::import_if_empty(&store, url, dir).await?,
+        Some(_) => {
+            tracing::info!("this node already belongs to a cluster; --restore-from is ignored");
+            false
+        }
+        None => false,
+    };
+    if standalone && !initialized {
         let members = BTreeMap::from([(
             id,
             BasicNode {
@@ -127,6 +142,9 @@ pub async fn start(
             cluster_id = cid,
             "initialized a new single-node cluster"
         );
+        if restored {
+            restore::seal(&raft).await?;
+        }
     }
     Ok(Node {
         id,
@@ -134,6 +152,7 @@ pub async fn start(
         store,
         identity,
         snapshot_dir,
+        objects,
     })
 }
 

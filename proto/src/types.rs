@@ -309,7 +309,7 @@ pub struct ErrorBody {
     pub first_index: Option<u64>,
     /// Manifest of the checkpoint to load, on `410 truncated` when one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<Value>,
+    pub checkpoint: Option<Box<Manifest>>,
 }
 
 /// Body of `GET /health`.

@@ -205,6 +205,9 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.opts.args)
+            // Relative defaults (`file://./checkpoints`, …) land in the process's own
+            // directory, never in the checkout.
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))

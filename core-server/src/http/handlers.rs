@@ -29,7 +29,7 @@ use crate::raft::types::{Op, Outcome, Request};
 
 use changeagent_proto::limits::MAX_IDEMPOTENCY_KEY;
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(changeagent_proto::headers::IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -47,7 +47,7 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiEr
 }
 
 /// Parses a body that must be a JSON object (serde would also accept an array for a struct).
-fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         return Err(ApiError::BadRequest(
             "the request body must be a JSON object".into(),
@@ -57,7 +57,7 @@ fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, Api
 }
 
 /// Proposes one request and turns the outcome into an answer.
-async fn write(
+pub(crate) async fn write(
     app: &AppState,
     idempotency_key: Option<String>,
     op: Op,

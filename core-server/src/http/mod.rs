@@ -1,6 +1,7 @@
-//! The core node's HTTP surface: the shared read routes from the change store, the write and
-//! ops routes, membership routes, and the Raft RPC endpoints under `/raft/*`.
+//! The core node's HTTP surface: the shared read routes of the api crate, the write, admin
+//! and ops routes, membership routes, and the Raft RPC endpoints under `/raft/*`.
 
+pub mod admin;
 pub mod cluster;
 pub mod consistent;
 pub mod forward;

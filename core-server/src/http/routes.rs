@@ -7,7 +7,7 @@ use axum::routing::{delete, get, post, put};
 use axum::Router;
 use changeagent_api::{finish_router, read_router, ReadApi};
 
-use super::{cluster, forward, handlers, raft, AppState};
+use super::{admin, cluster, forward, handlers, raft, AppState};
 
 /// Largest Raft RPC body: AppendEntries batches are bounded by openraft's
 /// `max_payload_entries` times the largest entry. Snapshots are streamed to a file, unbounded.
@@ -31,6 +31,9 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
             "/collections/{collection}/keys/{key}",
             put(handlers::put_key).delete(handlers::delete_key),
         )
+        .route("/admin/checkpoints/start", post(admin::checkpoint_start))
+        .route("/admin/checkpoints/end", post(admin::checkpoint_end))
+        .route("/admin/truncate", post(admin::truncate))
         .route("/cluster/join", post(cluster::join))
         .route("/cluster/members/{id}", delete(cluster::remove_member))
         // Followers forward these to the leader.
