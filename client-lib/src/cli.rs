@@ -3,15 +3,19 @@
 //! calls [`run`] and prints [`describe`]'s line.
 
 use std::io::{self, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
+use changeagent_proto::{Manifest, Scope};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::client::{Client, DEFAULT_FOLLOW_LIMIT};
 use crate::error::Error;
+use crate::follow::FollowEvent;
 use crate::query::Query;
 use crate::types::{Change, NewChange};
 
@@ -56,6 +60,66 @@ pub enum Command {
     Tail(TailArgs),
     /// Print the server's health.
     Health,
+    /// List, show and download checkpoints.
+    #[command(subcommand)]
+    Checkpoints(CheckpointsCommand),
+}
+
+/// The subcommands of `checkpoints`.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointsCommand {
+    /// Print the manifests of the checkpoints the server keeps, newest
+    /// first, one JSON per line.
+    List {
+        /// Only this scope: `all` or `tenant=NAME` (default: every scope).
+        #[arg(long)]
+        scope: Option<Scope>,
+    },
+    /// Print one checkpoint's manifest.
+    Show(CheckpointArgs),
+    /// Download a checkpoint's compressed data to a file, checking its size
+    /// and sha256 against the manifest (`zstd -dc FILE` reads it).
+    Download {
+        /// Which checkpoint.
+        #[command(flatten)]
+        which: CheckpointArgs,
+        /// The file to write; it only appears once the data checked out.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+    },
+}
+
+/// Which checkpoint a `checkpoints` subcommand is about.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    /// The checkpoint's index, or `latest`.
+    #[arg(default_value = "latest")]
+    pub checkpoint: CheckpointRef,
+    /// The checkpoint's scope: `all` or `tenant=NAME`.
+    #[arg(long, default_value = "all")]
+    pub scope: Scope,
+}
+
+/// A checkpoint by index, or the newest one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointRef {
+    /// The newest checkpoint of the scope.
+    Latest,
+    /// The checkpoint at this index.
+    Index(u64),
+}
+
+impl FromStr for CheckpointRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "latest" {
+            return Ok(CheckpointRef::Latest);
+        }
+        s.parse()
+            .map(CheckpointRef::Index)
+            .map_err(|_| format!("invalid checkpoint {s:?}: expected an index or \"latest\""))
+    }
 }
 
 /// Which changes to show.
@@ -164,6 +228,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let health = client.health().await?;
             emit(&serde_json::to_string_pretty(&health)?)
         }
+        Command::Checkpoints(command) => checkpoints(&client, command).await,
+    }
+}
+
+async fn checkpoints(client: &Client, command: CheckpointsCommand) -> anyhow::Result<()> {
+    match command {
+        CheckpointsCommand::List { scope } => {
+            for manifest in client.checkpoints(scope.as_ref()).await? {
+                emit(&serde_json::to_string(&manifest)?)?;
+            }
+            Ok(())
+        }
+        CheckpointsCommand::Show(which) => {
+            let manifest = find_checkpoint(client, &which).await?;
+            emit(&serde_json::to_string_pretty(&manifest)?)
+        }
+        CheckpointsCommand::Download { which, output } => {
+            let manifest = find_checkpoint(client, &which).await?;
+            client
+                .download_checkpoint_to(&manifest, &output)
+                .await
+                .with_context(|| format!("cannot download checkpoint {}", manifest.index))?;
+            emit(&format!(
+                "checkpoint {} ({}) saved to {}: {} bytes, sha256 {}; size and sha256 match the manifest",
+                manifest.index,
+                manifest.scope,
+                output.display(),
+                manifest.size,
+                manifest.sha256
+            ))
+        }
+    }
+}
+
+/// The manifest of the checkpoint `which` names.
+async fn find_checkpoint(client: &Client, which: &CheckpointArgs) -> anyhow::Result<Manifest> {
+    let scope = &which.scope;
+    match which.checkpoint {
+        CheckpointRef::Latest => client.latest_checkpoint(scope).await?.with_context(|| {
+            format!("the server has no checkpoint of scope {scope} yet")
+        }),
+        CheckpointRef::Index(index) => client.checkpoint(index, scope).await?.with_context(|| {
+            format!(
+                "the server keeps no checkpoint {index} of scope {scope} (see `changeagent checkpoints list`)"
+            )
+        }),
     }
 }
 
@@ -235,9 +345,29 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
     };
     let filter = args.filter.query();
     if args.follow {
-        let mut changes = Box::pin(client.follow(since, filter));
-        while let Some(change) = changes.next().await {
-            emit_change(&change?)?;
+        let mut events = Box::pin(client.follow(since, filter));
+        while let Some(event) = events.next().await {
+            match event? {
+                FollowEvent::Change(change) | FollowEvent::Record(change) => emit_change(&change)?,
+                FollowEvent::Reset {
+                    checkpoint,
+                    first_index,
+                } => {
+                    note(&format!(
+                        "changes before {first_index} were truncated: reset to checkpoint {} \
+                         ({}, {} records); its records follow",
+                        checkpoint.index, checkpoint.scope, checkpoint.records
+                    ));
+                    let reset =
+                        json!({"reset": {"firstIndex": first_index, "checkpoint": checkpoint}});
+                    emit(&reset.to_string())?;
+                }
+                FollowEvent::ResetEnd { index } => {
+                    note(&format!(
+                        "end of checkpoint {index}'s records; changes after {index} follow"
+                    ));
+                }
+            }
         }
         return Ok(());
     }
@@ -264,6 +394,12 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
 
 fn emit_change(change: &Change) -> anyhow::Result<()> {
     emit(&serde_json::to_string(change)?)
+}
+
+/// Prints a remark for the reader on stderr, apart from the JSON on stdout.
+/// A closed stderr is not worth failing for.
+fn note(line: &str) {
+    let _ = writeln!(io::stderr().lock(), "changeagent: {line}");
 }
 
 /// Prints one line and flushes it, so `tail -f` output is seen at once.
@@ -313,8 +449,21 @@ fn hint(error: &Error) -> &'static str {
             "the cluster has no leader or quorum right now; retry shortly and check `changeagent health` on each node"
         }
         Error::Truncated { .. } => {
-            "those changes were truncated: start at the server's firstIndex with --since, or load the latest checkpoint"
+            "those changes were truncated: start at the server's firstIndex with --since, follow with `tail -f` (which loads the checkpoint), or fetch it with `changeagent checkpoints download`"
         }
+        Error::ChecksumMismatch { .. }
+        | Error::SizeMismatch { .. }
+        | Error::ManifestMismatch { .. }
+        | Error::BadCheckpoint { .. } => {
+            "the checkpoint does not match its manifest or is damaged; retry, and if it persists check the object store and the checkpointer's log"
+        }
+        Error::WrongScope { .. } => {
+            "follow with --tenant of that checkpoint's tenant, or ask the server for a full checkpoint"
+        }
+        Error::TimedOut { .. } => {
+            "the transfer stalled; check the network and the server, or raise --timeout-secs"
+        }
+        Error::Io { .. } => "check the path, its permissions and the free space",
         Error::Api { status: 400, .. } => "fix the arguments (see --help)",
         Error::Api { status: 404, .. } => "check the id, tenant, collection or key",
         Error::Api { status: 409, .. } => {
@@ -420,6 +569,45 @@ mod tests {
         };
         assert!(args.follow);
         assert_eq!(args.lines, 3);
+    }
+
+    #[test]
+    fn checkpoints_subcommands_take_an_index_or_latest_and_a_scope() {
+        let cli = Cli::try_parse_from(["changeagent", "checkpoints", "list"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Checkpoints(CheckpointsCommand::List { scope: None })
+        ));
+        let cli = Cli::try_parse_from(["changeagent", "checkpoints", "show"]).expect("parse");
+        let Command::Checkpoints(CheckpointsCommand::Show(which)) = cli.command else {
+            panic!("not show: {:?}", cli.command)
+        };
+        assert_eq!(which.checkpoint, CheckpointRef::Latest);
+        assert_eq!(which.scope, Scope::All);
+        let cli = Cli::try_parse_from([
+            "changeagent",
+            "checkpoints",
+            "download",
+            "120",
+            "--scope",
+            "tenant=acme",
+            "-o",
+            "out.zst",
+        ])
+        .expect("parse");
+        let Command::Checkpoints(CheckpointsCommand::Download { which, output }) = cli.command
+        else {
+            panic!("not download: {:?}", cli.command)
+        };
+        assert_eq!(which.checkpoint, CheckpointRef::Index(120));
+        assert_eq!(which.scope, Scope::Tenant("acme".into()));
+        assert_eq!(output, PathBuf::from("out.zst"));
+        // -o is required; bad scopes and indices are refused.
+        assert!(Cli::try_parse_from(["changeagent", "checkpoints", "download"]).is_err());
+        assert!(
+            Cli::try_parse_from(["changeagent", "checkpoints", "show", "--scope", "x"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["changeagent", "checkpoints", "show", "newest"]).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The async HTTP client: one shared connection pool over one or more
 //! endpoints, with retries and failover, idempotent posts, typed errors and
-//! the [`Client::follow`] change stream.
+//! checkpoint downloads checked against their manifest. The change streams,
+//! [`Client::follow`] and [`Client::follow_raw`], live in [`crate::follow`].
 //!
 //! # Retries
 //!
@@ -22,22 +23,31 @@
 //! for the next delay of the exponential schedule of [`RetryPolicy`] (at
 //! least the server's `Retry-After`), until `max_attempts` or the
 //! `deadline` is reached. Then the last failure is returned.
+//!
+//! A request pinned to one endpoint (the download of a checkpoint that
+//! endpoint named in a `410`) is retried on that endpoint only. A streamed
+//! answer (checkpoint data) is retried until it begins; the request timeout
+//! then bounds the wait for each chunk rather than the whole transfer, and a
+//! transfer that breaks off fails the call (transient) without resuming.
 
-use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
-use futures::Stream;
+use changeagent_proto::{Manifest, Scope};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use url::Url;
 
+use crate::checkpoint::{check_not_longer, temp_file, Digest, VerifiedCheckpoint};
 use crate::error::{is_unavailable, retry_after, Error, Result};
 use crate::query::Query;
 use crate::types::{
@@ -76,12 +86,6 @@ pub const DEFAULT_FOLLOW_LIMIT: u32 = 1000;
 /// answers, so a consumer resumes within a few seconds of a server coming
 /// back.
 pub const FOLLOW_MAX_DELAY: Duration = Duration::from_secs(5);
-
-/// Shortest time between two [`Client::follow`] polls that returned nothing.
-/// A server honours `block` and only answers empty after the wait, so this
-/// only bites when one answers empty at once (shutting down, or `block=0`),
-/// and then keeps the consumer from spinning.
-const EMPTY_POLL_MIN_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How and how long failed requests are retried. See the
 /// [module docs](self) for which failures are retried at all.
@@ -143,7 +147,7 @@ impl RetryPolicy {
 
     /// The schedule [`Client::follow`] uses while no server answers: the
     /// same growth, capped at [`FOLLOW_MAX_DELAY`], without end.
-    fn for_follow(&self) -> Self {
+    pub(crate) fn for_follow(&self) -> Self {
         Self {
             min_delay: self.min_delay.min(FOLLOW_MAX_DELAY),
             max_delay: FOLLOW_MAX_DELAY,
@@ -162,6 +166,7 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     auto_idempotency: bool,
     follow_block_secs: u32,
+    checkpoint_dir: Option<PathBuf>,
 }
 
 impl ClientBuilder {
@@ -182,6 +187,7 @@ impl ClientBuilder {
             retry: RetryPolicy::default(),
             auto_idempotency: true,
             follow_block_secs: DEFAULT_FOLLOW_BLOCK_SECS,
+            checkpoint_dir: None,
         }
     }
 
@@ -232,6 +238,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Directory of the temp files that checkpoints are downloaded into
+    /// before their records are read ([`Client::follow`] after a `410`,
+    /// [`Client::fetch_checkpoint`]): it needs room for the largest
+    /// checkpoint. Default: the system's temp dir.
+    pub fn checkpoint_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
     /// Checks the endpoints and builds the client.
     pub fn build(self) -> Result<Client> {
         let endpoints = self
@@ -256,6 +271,7 @@ impl ClientBuilder {
                 retry: self.retry,
                 auto_idempotency: self.auto_idempotency,
                 follow_block_secs: self.follow_block_secs,
+                checkpoint_dir: self.checkpoint_dir,
             }),
         })
     }
@@ -282,6 +298,7 @@ struct Inner {
     retry: RetryPolicy,
     auto_idempotency: bool,
     follow_block_secs: u32,
+    checkpoint_dir: Option<PathBuf>,
 }
 
 /// Status, headers and body bytes of an answer, exactly as received.
@@ -299,7 +316,7 @@ enum KeyChoice<'a> {
 }
 
 /// One logical request, sent once per attempt.
-struct Call {
+pub(crate) struct Call {
     /// Names the request in errors.
     what: &'static str,
     method: Method,
@@ -312,6 +329,13 @@ struct Call {
     idempotency_key: Option<HeaderValue>,
     /// Added to the request timeout: a long poll's `block` time.
     extra_timeout: Duration,
+    /// Send only to this endpoint (an index into the endpoints), e.g. the
+    /// one that named a checkpoint; `None` fails over across all.
+    endpoint: Option<usize>,
+    /// Leave the body of a successful answer unread, for the caller to
+    /// stream: the request timeout then bounds the wait for the answer to
+    /// begin, and each chunk after it, not the whole transfer.
+    stream: bool,
 }
 
 impl Call {
@@ -324,6 +348,8 @@ impl Call {
             body: None,
             idempotency_key: None,
             extra_timeout: Duration::ZERO,
+            endpoint: None,
+            stream: false,
         }
     }
 
@@ -484,41 +510,6 @@ impl Client {
     pub async fn get_change(&self, id: u64) -> Result<Change> {
         let id = id.to_string();
         self.read(Call::get("get change", &["changes", &id])).await
-    }
-
-    /// Follows the change list from `since` on: yields every change with
-    /// `_id > since` matching `filter`, in order, each once, then waits for
-    /// new ones with long polls, forever.
-    ///
-    /// - `filter.since` is ignored (the argument wins). `filter.block`
-    ///   defaults to [`ClientBuilder::follow_block_secs`], `filter.limit`
-    ///   to [`DEFAULT_FOLLOW_LIMIT`]; `filter.since_time` applies until the
-    ///   first change arrives.
-    /// - Transient failures (no server reachable, `503`, `5xx`) are not
-    ///   yielded: the stream retries across the endpoints with backoff up to
-    ///   [`FOLLOW_MAX_DELAY`] between tries, logging each at `warn`, so it
-    ///   survives restarts of any server. A change is never yielded twice or
-    ///   out of order, also when the answering server changes.
-    /// - Permanent failures (`4xx`, an undecodable answer) are yielded as the
-    ///   last item.
-    /// - `410 Gone` is yielded as [`Error::Truncated`] as the last item. Later
-    ///   this will instead yield the checkpoint's records and continue after
-    ///   them (DESIGN "follow"); until then the caller restarts from the
-    ///   checkpoint's index.
-    pub fn follow(
-        &self,
-        since: u64,
-        filter: Query,
-    ) -> impl Stream<Item = Result<Change>> + Send + 'static {
-        let follow = Follow {
-            client: self.clone(),
-            since,
-            filter,
-            pending: VecDeque::new(),
-            failures: None,
-            finished: false,
-        };
-        futures::stream::unfold(follow, Follow::next)
     }
 
     // ---- tenants and collections -------------------------------------
@@ -688,6 +679,162 @@ impl Client {
             .await
     }
 
+    // ---- checkpoints --------------------------------------------------
+
+    /// `GET /checkpoints?scope=`: the checkpoints the server keeps, newest
+    /// first; of every scope when `scope` is `None`.
+    pub async fn checkpoints(&self, scope: Option<&Scope>) -> Result<Vec<Manifest>> {
+        let query = scope
+            .map(|scope| vec![("scope", scope.to_string())])
+            .unwrap_or_default();
+        self.read(Call::get("list checkpoints", &["checkpoints"]).query(query))
+            .await
+    }
+
+    /// `GET /checkpoints/latest?scope=`: the newest checkpoint of a scope,
+    /// `None` when it has none (`404`).
+    pub async fn latest_checkpoint(&self, scope: &Scope) -> Result<Option<Manifest>> {
+        let call = Call::get("latest checkpoint", &["checkpoints", "latest"])
+            .query(vec![("scope", scope.to_string())]);
+        match self.read(call).await {
+            Ok(manifest) => Ok(Some(manifest)),
+            Err(error) if error.is_not_found() => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The checkpoint of a scope at `index`, from [`Client::checkpoints`];
+    /// `None` when the server keeps none there.
+    pub async fn checkpoint(&self, index: u64, scope: &Scope) -> Result<Option<Manifest>> {
+        let manifests = self.checkpoints(Some(scope)).await?;
+        Ok(manifests
+            .into_iter()
+            .find(|m| m.index == index && m.scope == *scope))
+    }
+
+    /// `GET /checkpoints/{index}/data?scope=`: streams the checkpoint's
+    /// compressed bytes into `out` as they arrive, hashing them, then checks
+    /// their size and sha256 against `manifest`. Stops at the first byte
+    /// past the manifest's size.
+    ///
+    /// `out` has received the bytes whether or not they pass: on an error,
+    /// discard what it holds. [`Client::fetch_checkpoint`] and
+    /// [`Client::download_checkpoint_to`] do that for you. A transfer that
+    /// breaks off is not resumed (the call fails, transient).
+    pub async fn download_checkpoint<W>(&self, manifest: &Manifest, out: &mut W) -> Result<()>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        self.download_checkpoint_at(None, manifest, out).await
+    }
+
+    /// [`Client::download_checkpoint`] from one endpoint, or any.
+    async fn download_checkpoint_at<W>(
+        &self,
+        endpoint: Option<usize>,
+        manifest: &Manifest,
+        out: &mut W,
+    ) -> Result<()>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let index = manifest.index.to_string();
+        let call = Call {
+            endpoint,
+            stream: true,
+            ..Call::get("download checkpoint", &["checkpoints", &index, "data"])
+                .query(vec![("scope", manifest.scope.to_string())])
+        };
+        let answer = self.send(&call).await?;
+        let mut response = match answer.body {
+            AnswerBody::Unread(response) if answer.status.is_success() => response,
+            AnswerBody::Unread(response) => {
+                let body = response.bytes().await?;
+                return Err(Error::from_response(answer.status, &answer.headers, &body));
+            }
+            AnswerBody::Read(body) => {
+                return Err(Error::from_response(answer.status, &answer.headers, &body))
+            }
+        };
+        let write_error = |source| Error::Io {
+            what: "write the downloaded checkpoint",
+            source,
+        };
+        let mut digest = Digest::new();
+        while let Some(chunk) = self.next_chunk(call.what, &mut response).await? {
+            digest.update(&chunk);
+            check_not_longer(&digest, manifest)?;
+            out.write_all(&chunk).await.map_err(write_error)?;
+        }
+        out.flush().await.map_err(write_error)?;
+        digest.verify(manifest)
+    }
+
+    /// Downloads a checkpoint into a temp file (in
+    /// [`ClientBuilder::checkpoint_dir`]) and checks its size and sha256:
+    /// its records can then be read with [`VerifiedCheckpoint::reader`]
+    /// without acting on any record of a corrupt file.
+    pub async fn fetch_checkpoint(&self, manifest: &Manifest) -> Result<VerifiedCheckpoint> {
+        self.fetch_checkpoint_at(None, manifest).await
+    }
+
+    /// [`Client::fetch_checkpoint`] from one endpoint, or any.
+    pub(crate) async fn fetch_checkpoint_at(
+        &self,
+        endpoint: Option<usize>,
+        manifest: &Manifest,
+    ) -> Result<VerifiedCheckpoint> {
+        let dir = self.inner.checkpoint_dir.clone();
+        let file = blocking("create a temp file for the checkpoint", move || {
+            temp_file(dir.as_deref())
+        })
+        .await?;
+        let mut file = tokio::fs::File::from_std(file);
+        self.download_checkpoint_at(endpoint, manifest, &mut file)
+            .await?;
+        Ok(VerifiedCheckpoint::new(
+            file.into_std().await,
+            manifest.clone(),
+        ))
+    }
+
+    /// Downloads a checkpoint to `path`: into a temp file beside it, checked
+    /// against the manifest's size and sha256 and synced, then renamed to
+    /// `path`. On any failure `path` is left as it was.
+    pub async fn download_checkpoint_to(&self, manifest: &Manifest, path: &Path) -> Result<()> {
+        let target = path.to_owned();
+        let dir = match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let what = "create a temp file beside the download's target";
+        let temp = blocking(what, move || {
+            tempfile::NamedTempFile::new_in(dir).map_err(|source| Error::Io { what, source })
+        })
+        .await?;
+        let (file, temp_path) = temp.into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        // On an error `temp_path` is dropped, which deletes the temp file.
+        self.download_checkpoint(manifest, &mut file).await?;
+        file.sync_all().await.map_err(|source| Error::Io {
+            what: "sync the downloaded checkpoint",
+            source,
+        })?;
+        drop(file);
+        let what = "move the downloaded checkpoint into place";
+        blocking(what, move || {
+            temp_path.persist(&target).map_err(|e| Error::Io {
+                what,
+                source: e.error,
+            })?;
+            sync_parent_dir(&target).map_err(|source| Error::Io {
+                what: "sync the download's directory",
+                source,
+            })
+        })
+        .await
+    }
+
     // ---- ops ----------------------------------------------------------
 
     /// `GET /health` of the endpoint the client currently talks to.
@@ -710,6 +857,16 @@ impl Client {
     }
 
     // ---- plumbing -----------------------------------------------------
+
+    /// `block` seconds of follow long polls whose filter sets none.
+    pub(crate) fn follow_block_secs(&self) -> u32 {
+        self.inner.follow_block_secs
+    }
+
+    /// The retry policy.
+    pub(crate) fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
 
     /// A `GET /changes`-like page and the `since` of its `Link: rel="next"`.
     pub(crate) async fn changes_page(
@@ -766,32 +923,54 @@ impl Client {
     }
 
     /// Sends `call`, retrying and failing over as the [module docs](self)
-    /// describe. Any HTTP answer that is not retried is returned as `Ok`,
-    /// whatever its status.
+    /// describe, and reads the whole answer. Any HTTP answer that is not
+    /// retried is returned as `Ok`, whatever its status.
     async fn execute(&self, call: &Call) -> Result<RawResponse> {
+        let answer = self.send(call).await?;
+        let body = match answer.body {
+            AnswerBody::Read(body) => body,
+            AnswerBody::Unread(response) => response.bytes().await?,
+        };
+        Ok((answer.status, answer.headers, body))
+    }
+
+    /// Sends `call`, retrying and failing over as the [module docs](self)
+    /// describe. Any HTTP answer that is not retried is returned as `Ok`,
+    /// whatever its status; the body of a streaming call's successful
+    /// answer is left unread.
+    pub(crate) async fn send(&self, call: &Call) -> Result<Answer> {
         let inner = &*self.inner;
         let policy = &inner.retry;
         let endpoints = inner.endpoints.len();
+        // A call pinned to one endpoint tries only that one each round.
+        let round = if call.endpoint.is_some() {
+            1
+        } else {
+            endpoints
+        };
         let started = Instant::now();
         let mut delays = policy.delays();
         let mut attempts = 0u32;
         let mut failed_this_round = 0usize;
         loop {
             attempts += 1;
-            let index = inner.current.load(Ordering::Relaxed) % endpoints;
+            let index = call
+                .endpoint
+                .unwrap_or_else(|| inner.current.load(Ordering::Relaxed))
+                % endpoints;
             let outcome = self.attempt(index, call).await;
             let server_delay = match &outcome {
-                Ok((status, headers, _)) if is_unavailable(*status) && call.retry_safe() => {
+                Ok(answer) if is_unavailable(answer.status) && call.retry_safe() => {
                     tracing::debug!(
                         endpoint = %inner.endpoints[index],
                         what = call.what,
-                        %status,
+                        status = %answer.status,
                         attempts,
                         "server unavailable"
                     );
-                    retry_after(headers)
+                    retry_after(&answer.headers)
                 }
-                Err(error) if transport_retryable(error, call.retry_safe()) => {
+                Err(error) if retryable(error, call.retry_safe()) => {
                     tracing::debug!(
                         endpoint = %inner.endpoints[index],
                         what = call.what,
@@ -801,7 +980,7 @@ impl Client {
                     );
                     None
                 }
-                _ => return outcome.map_err(Error::Transport),
+                _ => return outcome,
             };
             // Fail over to the next endpoint, unless a concurrent request
             // already moved on from this one.
@@ -812,18 +991,18 @@ impl Client {
                 Ordering::Relaxed,
             );
             if attempts >= policy.max_attempts {
-                return outcome.map_err(Error::Transport);
+                return outcome;
             }
             failed_this_round += 1;
             let mut delay = Duration::ZERO;
-            if failed_this_round >= endpoints {
+            if failed_this_round >= round {
                 failed_this_round = 0;
                 delay = delays.next().unwrap_or(policy.max_delay);
                 delay = delay.max(server_delay.unwrap_or_default());
             }
             if let Some(deadline) = policy.deadline {
                 if started.elapsed() + delay >= deadline {
-                    return outcome.map_err(Error::Transport);
+                    return outcome;
                 }
             }
             if !delay.is_zero() {
@@ -832,15 +1011,17 @@ impl Client {
         }
     }
 
-    /// Sends `call` once to endpoint `index` and reads the whole answer.
-    async fn attempt(&self, index: usize, call: &Call) -> reqwest::Result<RawResponse> {
+    /// Sends `call` once to endpoint `index`. Reads the whole answer, except
+    /// the successful answer of a streaming call: that one only has to
+    /// begin within the request timeout, its body is left to the caller.
+    async fn attempt(&self, index: usize, call: &Call) -> Result<Answer> {
         let inner = &*self.inner;
         // `index` is taken modulo the (non-zero) number of endpoints.
         let url = endpoint_url(&inner.endpoints[index], &call.segments, &call.query);
-        let mut request = inner
-            .http
-            .request(call.method.clone(), url)
-            .timeout(inner.timeout + call.extra_timeout);
+        let mut request = inner.http.request(call.method.clone(), url);
+        if !call.stream {
+            request = request.timeout(inner.timeout + call.extra_timeout);
+        }
         if let Some(body) = &call.body {
             request = request
                 .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -849,115 +1030,111 @@ impl Client {
         if let Some(key) = &call.idempotency_key {
             request = request.header(IDEMPOTENCY_KEY, key.clone());
         }
-        let response = request.send().await?;
+        let response = if call.stream {
+            let wait = inner.timeout + call.extra_timeout;
+            tokio::time::timeout(wait, request.send())
+                .await
+                .map_err(|_| Error::TimedOut {
+                    what: call.what,
+                    after: wait,
+                })??
+        } else {
+            request.send().await?
+        };
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response.bytes().await?;
-        Ok((status, headers, body))
-    }
-}
-
-/// State of one [`Client::follow`] stream.
-struct Follow {
-    client: Client,
-    /// `_id` of the last change queued (or skipped by the server's `Link`).
-    since: u64,
-    filter: Query,
-    /// Changes fetched but not yet yielded, in order.
-    pending: VecDeque<Change>,
-    /// Delays while requests keep failing; reset by an answer.
-    failures: Option<ExponentialBackoff>,
-    /// A permanent error was yielded; the stream ends.
-    finished: bool,
-}
-
-impl Follow {
-    async fn next(mut self) -> Option<(Result<Change>, Self)> {
-        loop {
-            if let Some(change) = self.pending.pop_front() {
-                return Some((Ok(change), self));
-            }
-            if self.finished {
-                return None;
-            }
-            let query = self.page_query();
-            let started = Instant::now();
-            match self.client.changes_page(&["changes"], &query).await {
-                Ok((list, next)) => {
-                    self.failures = None;
-                    let skipped_ahead = self.accept(list, next);
-                    let elapsed = started.elapsed();
-                    if self.pending.is_empty()
-                        && !skipped_ahead
-                        && elapsed < EMPTY_POLL_MIN_INTERVAL
-                    {
-                        tokio::time::sleep(EMPTY_POLL_MIN_INTERVAL - elapsed).await;
-                    }
-                }
-                Err(error) if error.is_transient() => {
-                    let policy = self.client.inner.retry.for_follow();
-                    let delay = self
-                        .failures
-                        .get_or_insert_with(|| policy.delays())
-                        .next()
-                        .unwrap_or(FOLLOW_MAX_DELAY);
-                    tracing::warn!(%error, since = self.since, ?delay, "follow: no answer, retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(error) => {
-                    self.finished = true;
-                    return Some((Err(error), self));
-                }
-            }
-        }
-    }
-
-    fn page_query(&self) -> Query {
-        let mut query = self.filter.clone();
-        query.since = Some(self.since);
-        query.block = Some(query.block.unwrap_or(self.client.inner.follow_block_secs));
-        query.limit = Some(query.limit.unwrap_or(DEFAULT_FOLLOW_LIMIT));
-        query
-    }
-
-    /// Queues the page's changes past `since` and advances `since`; true
-    /// when the server's `Link` moved `since` past the last change (a
-    /// filtered scan that found nothing yet).
-    fn accept(&mut self, list: ChangeList, next: Option<u64>) -> bool {
-        let before = self.since;
-        for change in list.changes {
-            if change.id > self.since {
-                self.since = change.id;
-                self.pending.push_back(change);
+        let body = if call.stream && status.is_success() {
+            AnswerBody::Unread(response)
+        } else {
+            let read = response.bytes();
+            let bytes = if call.stream {
+                // An error answer to a streaming call: small, but give it
+                // the usual time.
+                tokio::time::timeout(inner.timeout, read)
+                    .await
+                    .map_err(|_| Error::TimedOut {
+                        what: call.what,
+                        after: inner.timeout,
+                    })??
             } else {
-                tracing::warn!(
-                    id = change.id,
-                    since = self.since,
-                    "follow: skipped a change at or before the position"
-                );
-            }
-        }
-        let mut skipped_ahead = false;
-        if !list.at_end {
-            if let Some(next) = next.filter(|next| *next > self.since) {
-                self.since = next;
-                skipped_ahead = true;
-            }
-        }
-        if self.since > before {
-            self.filter.since_time = None;
-        }
-        skipped_ahead
+                read.await?
+            };
+            AnswerBody::Read(bytes)
+        };
+        Ok(Answer {
+            endpoint: index,
+            status,
+            headers,
+            body,
+        })
     }
+
+    /// The next chunk of a streamed body; an error when none arrives within
+    /// the request timeout.
+    pub(crate) async fn next_chunk(
+        &self,
+        what: &'static str,
+        response: &mut reqwest::Response,
+    ) -> Result<Option<Bytes>> {
+        let wait = self.inner.timeout;
+        tokio::time::timeout(wait, response.chunk())
+            .await
+            .map_err(|_| Error::TimedOut { what, after: wait })?
+            .map_err(Error::Transport)
+    }
+}
+
+/// An answer as [`Client::send`] returns it.
+pub(crate) struct Answer {
+    /// Index of the endpoint that answered.
+    pub(crate) endpoint: usize,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: AnswerBody,
+}
+
+/// The body of an [`Answer`].
+pub(crate) enum AnswerBody {
+    /// Read whole.
+    Read(Bytes),
+    /// A streaming call's successful answer, its body not read yet.
+    Unread(reqwest::Response),
 }
 
 /// The call for a `GET /changes`-like route, its timeout stretched by the
 /// query's `block`.
-fn changes_call(segments: &[&str], query: &Query) -> Call {
+pub(crate) fn changes_call(segments: &[&str], query: &Query) -> Call {
     Call {
         extra_timeout: Duration::from_secs(query.block.unwrap_or(0).into()),
         ..Call::get("get changes", segments).query(query.to_pairs())
     }
+}
+
+/// Runs blocking file work on tokio's blocking threads.
+async fn blocking<T, F>(what: &'static str, work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Io {
+            what,
+            source: io::Error::other(e),
+        })?
+}
+
+/// Makes a rename in `path`'s directory durable (a no-op where directories
+/// cannot be opened as files).
+fn sync_parent_dir(path: &Path) -> io::Result<()> {
+    if cfg!(unix) {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// A fresh `Idempotency-Key`: 16 random bytes as 32 lowercase hex digits.
@@ -992,6 +1169,15 @@ fn decode<T: DeserializeOwned>(
 /// Whether a failed request may be sent again: always when the connection
 /// could not be opened (nothing reached a server), otherwise only when
 /// retrying is safe and the failure was the network's, not the request's.
+fn retryable(error: &Error, retry_safe: bool) -> bool {
+    match error {
+        Error::Transport(error) => transport_retryable(error, retry_safe),
+        Error::TimedOut { .. } => retry_safe,
+        _ => false,
+    }
+}
+
+/// [`retryable`] for a reqwest error.
 fn transport_retryable(error: &reqwest::Error, retry_safe: bool) -> bool {
     if error.is_builder() || error.is_redirect() {
         return false;
@@ -1041,7 +1227,7 @@ fn endpoint_url<S: AsRef<str>>(base: &Url, segments: &[S], query: &[(&str, Strin
 }
 
 /// The `since` of a `Link: <…?since=M&…>; rel="next"` header.
-fn next_since(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn next_since(headers: &HeaderMap) -> Option<u64> {
     headers
         .get_all(LINK)
         .iter()
@@ -1066,7 +1252,6 @@ fn next_since(headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn no_jitter() -> RetryPolicy {
         RetryPolicy {
@@ -1247,67 +1432,162 @@ mod tests {
         assert_eq!(call.query, vec![("block", "30".to_owned())]);
     }
 
-    fn change(id: u64) -> Change {
-        serde_json::from_value(json!({"_id": id, "_ts": 1, "data": id})).expect("change")
-    }
+    // ---- checkpoint routes against a server --------------------------------
 
-    fn follow_at(since: u64, filter: Query) -> Follow {
-        Follow {
-            client: Client::new(["127.0.0.1:1"]).expect("client"),
-            since,
-            filter,
-            pending: VecDeque::new(),
-            failures: None,
-            finished: false,
+    mod checkpoint_routes {
+        use std::sync::Arc;
+
+        use axum::extract::{Path as UrlPath, RawQuery, State};
+        use axum::http::StatusCode as Status;
+        use axum::response::{IntoResponse, Response};
+        use axum::routing::get;
+        use axum::{Json, Router};
+
+        use super::*;
+        use crate::checkpoint::testing::checkpoint;
+
+        /// Serves one checkpoint of scope `all`: its manifest in the list
+        /// and as the latest, and `data` as its bytes.
+        struct Fake {
+            manifest: Manifest,
+            data: Vec<u8>,
         }
-    }
 
-    fn page(ids: &[u64], at_end: bool) -> ChangeList {
-        ChangeList {
-            changes: ids.iter().copied().map(change).collect(),
-            at_start: false,
-            at_end,
-            first_index: 1,
-            last_index: 100,
+        fn scope_of(query: Option<String>) -> Option<String> {
+            url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == "scope")
+                .map(|(_, v)| v.into_owned())
         }
-    }
 
-    #[test]
-    fn follow_never_queues_a_change_twice_or_backwards() {
-        let mut follow = follow_at(3, Query::new());
-        follow.accept(page(&[2, 3, 4, 5], false), None);
-        follow.accept(page(&[5, 4, 6], true), None);
-        let ids: Vec<u64> = follow.pending.iter().map(|c| c.id).collect();
-        assert_eq!(ids, [4, 5, 6]);
-        assert_eq!(follow.since, 6);
-    }
+        async fn list(State(fake): State<Arc<Fake>>, RawQuery(query): RawQuery) -> Response {
+            match scope_of(query).as_deref() {
+                None | Some("all") => Json(vec![fake.manifest.clone()]).into_response(),
+                Some(_) => Json(Vec::<Manifest>::new()).into_response(),
+            }
+        }
 
-    #[test]
-    fn follow_skips_ahead_on_link_only_when_not_at_end() {
-        let mut follow = follow_at(10, Query::new().tag("rare"));
-        assert!(follow.accept(page(&[], false), Some(500)));
-        assert_eq!(follow.since, 500);
-        assert!(!follow.accept(page(&[], true), Some(900)));
-        assert_eq!(follow.since, 500);
-        // A Link behind the position is ignored.
-        assert!(!follow.accept(page(&[], false), Some(400)));
-        assert_eq!(follow.since, 500);
-    }
+        async fn latest(State(fake): State<Arc<Fake>>, RawQuery(query): RawQuery) -> Response {
+            match scope_of(query).as_deref() {
+                Some("all") => Json(fake.manifest.clone()).into_response(),
+                _ => (
+                    Status::NOT_FOUND,
+                    Json(serde_json::json!({"error": "no checkpoint"})),
+                )
+                    .into_response(),
+            }
+        }
 
-    #[test]
-    fn follow_query_fills_in_defaults_and_drops_since_time_after_progress() {
-        let mut follow = follow_at(
-            7,
-            Query::new().since(999).since_time("2020-01-01T00:00:00Z"),
-        );
-        let q = follow.page_query();
-        assert_eq!(q.since, Some(7));
-        assert_eq!(q.block, Some(DEFAULT_FOLLOW_BLOCK_SECS));
-        assert_eq!(q.limit, Some(DEFAULT_FOLLOW_LIMIT));
-        assert!(q.since_time.is_some());
-        follow.accept(page(&[8], true), None);
-        let q = follow.page_query();
-        assert_eq!(q.since, Some(8));
-        assert_eq!(q.since_time, None);
+        async fn data(State(fake): State<Arc<Fake>>, UrlPath(index): UrlPath<u64>) -> Response {
+            if index != fake.manifest.index {
+                return (
+                    Status::NOT_FOUND,
+                    Json(serde_json::json!({"error": "no such"})),
+                )
+                    .into_response();
+            }
+            fake.data.clone().into_response()
+        }
+
+        async fn serve(fake: Fake) -> Client {
+            let app = Router::new()
+                .route("/checkpoints", get(list))
+                .route("/checkpoints/latest", get(latest))
+                .route("/checkpoints/{index}/data", get(data))
+                .with_state(Arc::new(fake));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("address");
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Client::new([format!("http://{addr}")]).expect("client")
+        }
+
+        const RECORDS: [&str; 2] = [r#"{"_id":1,"data":1}"#, r#"{"_id":2,"data":2}"#];
+
+        #[tokio::test]
+        async fn manifests_are_listed_and_the_latest_may_be_missing() {
+            let (data, manifest) = checkpoint(2, &Scope::All, &RECORDS);
+            let client = serve(Fake {
+                manifest: manifest.clone(),
+                data,
+            })
+            .await;
+            assert_eq!(
+                client.checkpoints(None).await.expect("list"),
+                std::slice::from_ref(&manifest)
+            );
+            let acme = Scope::Tenant("acme".into());
+            assert!(client
+                .checkpoints(Some(&acme))
+                .await
+                .expect("list")
+                .is_empty());
+            assert_eq!(
+                client.latest_checkpoint(&Scope::All).await.expect("latest"),
+                Some(manifest.clone())
+            );
+            assert_eq!(client.latest_checkpoint(&acme).await.expect("latest"), None);
+            assert_eq!(
+                client.checkpoint(2, &Scope::All).await.expect("find"),
+                Some(manifest)
+            );
+            assert_eq!(client.checkpoint(3, &Scope::All).await.expect("find"), None);
+        }
+
+        #[tokio::test]
+        async fn a_download_lands_whole_and_checked_or_not_at_all() {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (data, manifest) = checkpoint(2, &Scope::All, &RECORDS);
+            let client = serve(Fake {
+                manifest: manifest.clone(),
+                data: data.clone(),
+            })
+            .await;
+            let target = dir.path().join("ckpt.jsonl.zst");
+            client
+                .download_checkpoint_to(&manifest, &target)
+                .await
+                .expect("download");
+            assert_eq!(std::fs::read(&target).expect("read"), data);
+
+            let verified = client.fetch_checkpoint(&manifest).await.expect("fetch");
+            let ids: Vec<u64> = verified
+                .reader()
+                .expect("reader")
+                .map(|c| c.expect("change").id)
+                .collect();
+            assert_eq!(ids, [1, 2]);
+
+            // Bytes that do not match: no file, no temp file left behind.
+            let mut bad = manifest.clone();
+            bad.sha256 = "f".repeat(64);
+            let other = dir.path().join("bad.jsonl.zst");
+            let error = client
+                .download_checkpoint_to(&bad, &other)
+                .await
+                .expect_err("mismatch");
+            assert!(
+                matches!(error, Error::ChecksumMismatch { index: 2, .. }),
+                "{error:?}"
+            );
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .expect("list")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(names, ["ckpt.jsonl.zst"]);
+            assert!(matches!(
+                client.fetch_checkpoint(&bad).await,
+                Err(Error::ChecksumMismatch { .. })
+            ));
+
+            // A checkpoint the server does not have.
+            let mut missing = manifest;
+            missing.index = 9;
+            let error = client
+                .fetch_checkpoint(&missing)
+                .await
+                .expect_err("not found");
+            assert!(error.is_not_found(), "{error:?}");
+        }
     }
 }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use changeagent_proto::checkpoint::ReadError;
+use changeagent_proto::{Manifest, Scope};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
@@ -108,6 +110,98 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+
+    /// A streamed answer (checkpoint data) stalled: no bytes arrived for the
+    /// request timeout. Transient.
+    #[error("{what}: nothing received for {after:?}")]
+    TimedOut {
+        /// What was being received.
+        what: &'static str,
+        /// How long nothing arrived.
+        after: Duration,
+    },
+
+    /// A checkpoint's bytes do not hash to its manifest's `sha256`: the
+    /// object is corrupt or not the one the manifest describes.
+    #[error("checkpoint {index} has sha256 {actual}, its manifest says {expected}")]
+    ChecksumMismatch {
+        /// The checkpoint's index.
+        index: u64,
+        /// The manifest's `sha256`.
+        expected: String,
+        /// The sha256 of the bytes read, lowercase hex.
+        actual: String,
+    },
+
+    /// A checkpoint's compressed size is not its manifest's `size`.
+    #[error("checkpoint {index}: {actual} bytes read, its manifest says {expected}")]
+    SizeMismatch {
+        /// The checkpoint's index.
+        index: u64,
+        /// The manifest's `size`.
+        expected: u64,
+        /// Bytes read until the mismatch was certain: a longer object is
+        /// cut off at the first byte past `expected`.
+        actual: u64,
+    },
+
+    /// A checkpoint file's header or trailer disagrees with its manifest.
+    #[error("checkpoint {index}: the file's {field} is {found}, its manifest says {expected}")]
+    ManifestMismatch {
+        /// The manifest's index.
+        index: u64,
+        /// The disagreeing field: `index`, `scope`, `clusterId` or `records`.
+        field: &'static str,
+        /// The manifest's value.
+        expected: String,
+        /// The file's value.
+        found: String,
+    },
+
+    /// A checkpoint file is malformed or incomplete, or its bytes could not
+    /// be read or decompressed.
+    #[error("cannot read checkpoint{}", index_suffix(*.index))]
+    BadCheckpoint {
+        /// The checkpoint's index, when known.
+        index: Option<u64>,
+        /// What is wrong, and on which line.
+        #[source]
+        source: ReadError,
+    },
+
+    /// A `410` named a checkpoint of one tenant while the follow reads more
+    /// than that tenant: loading it would lose the other tenants' state.
+    #[error("checkpoint {index} covers only {scope}, not everything this follow reads")]
+    WrongScope {
+        /// The checkpoint's index.
+        index: u64,
+        /// The checkpoint's scope.
+        scope: Scope,
+    },
+
+    /// The thread reading a checkpoint's records stopped before the end
+    /// (it panicked).
+    #[error("the reader of checkpoint {index} stopped before the end")]
+    ReaderStopped {
+        /// The checkpoint's index.
+        index: u64,
+    },
+
+    /// A local file (a checkpoint's temp file or a download's target) could
+    /// not be created, written or read.
+    #[error("cannot {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The operating system's complaint.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// ` N` after "checkpoint" when the index is known.
+fn index_suffix(index: Option<u64>) -> String {
+    index.map(|i| format!(" {i}")).unwrap_or_default()
 }
 
 impl Error {
@@ -150,13 +244,27 @@ impl Error {
         matches!(self, Error::Truncated { .. })
     }
 
+    /// The manifest a `410` named, on [`Error::Truncated`]: `None` when
+    /// this is another error or the server had no checkpoint, an error when
+    /// the server's manifest does not decode.
+    pub fn truncated_manifest(&self) -> Option<Result<Manifest>> {
+        match self {
+            Error::Truncated {
+                checkpoint: Some(checkpoint),
+                ..
+            } => Some(Ok(Manifest::clone(checkpoint))),
+            _ => None,
+        }
+    }
+
     /// The failure may go away by itself: the server was unreachable,
-    /// unavailable or failed internally. Retrying a read is always safe;
-    /// retrying a post is only safe with an `Idempotency-Key`.
+    /// unavailable or failed internally, or a stream stalled. Retrying a
+    /// read is always safe; retrying a post is only safe with an
+    /// `Idempotency-Key`.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Transport(e) => !e.is_builder(),
-            Error::Unavailable { .. } => true,
+            Error::Unavailable { .. } | Error::TimedOut { .. } => true,
             Error::Api { status, .. } => *status >= 500,
             _ => false,
         }

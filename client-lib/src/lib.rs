@@ -1,20 +1,26 @@
 //! ChangeAgent's client side: an async client over one or more endpoints with
 //! retries, failover and idempotent posts, the [`Client::follow`] change
-//! stream, and the logic of the `changeagent` command-line tool. The wire
-//! types come from `changeagent-proto` and are re-exported here.
+//! stream (which loads a checkpoint when the changes it needs were
+//! truncated), a checkpoint reader, and the logic of the `changeagent`
+//! command-line tool. The wire types come from `changeagent-proto` and are
+//! re-exported here.
 //!
 //! ```no_run
 //! # async fn example() -> changeagent_client::Result<()> {
-//! use changeagent_client::{Client, NewChange, Query};
+//! use changeagent_client::{Client, FollowEvent, NewChange, Query};
 //! use futures::StreamExt;
 //!
 //! let client = Client::new(["http://127.0.0.1:9000", "http://127.0.0.1:9001"])?;
 //! let posted = client
 //!     .post_change(&NewChange::data(serde_json::json!({"on": true})).with_tags(["flags"]))
 //!     .await?;
-//! let mut changes = Box::pin(client.follow(posted.id - 1, Query::new().tag("flags")));
-//! while let Some(change) = changes.next().await {
-//!     println!("{}", change?.id);
+//! let mut events = Box::pin(client.follow(posted.id - 1, Query::new().tag("flags")));
+//! while let Some(event) = events.next().await {
+//!     match event? {
+//!         FollowEvent::Reset { checkpoint, .. } => println!("rebuild from {}", checkpoint.index),
+//!         FollowEvent::Record(change) | FollowEvent::Change(change) => println!("{}", change.id),
+//!         FollowEvent::ResetEnd { .. } => {}
+//!     }
 //! }
 //! # Ok(())
 //! # }
@@ -24,20 +30,29 @@
 //!
 //! - [`types`], [`query`]: the wire types and query parameters (re-exported
 //!   from `changeagent-proto`).
-//! - [`client`]: [`Client`] and [`ClientBuilder`]: every route, retries and
-//!   failover, [`Client::follow`].
+//! - [`client`]: [`Client`] and [`ClientBuilder`]: every route (checkpoint
+//!   downloads included), retries and failover.
+//! - [`follow`]: [`Client::follow`] and [`Client::follow_raw`], the change
+//!   streams, and their items [`FollowEvent`] and [`RawPage`].
+//! - [`checkpoint`]: [`CheckpointReader`], which streams a checkpoint's
+//!   records and checks them against their manifest, and [`checkpoint::spool`].
 //! - [`error`]: [`Error`], the one error type, and [`Result`].
 //! - [`cli`]: arguments and commands of the `changeagent` binary.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod follow;
 
 pub use changeagent_proto as proto;
 pub use changeagent_proto::{query, types};
 
+pub use changeagent_proto::{Manifest, Scope};
+pub use checkpoint::{CheckpointReader, VerifiedCheckpoint};
 pub use client::{Client, ClientBuilder, RawResponse, RetryPolicy};
 pub use error::{Error, Result};
+pub use follow::{FollowEvent, RawChange, RawPage};
 pub use query::Query;
 pub use types::{
     Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,

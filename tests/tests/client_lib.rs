@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use changeagent_client::{Client, Error, NewChange, Query};
+use changeagent_client::{Client, Error, FollowEvent, NewChange, Query};
 use changeagent_testkit::{ServerOptions, ServerProcess};
 use futures::StreamExt;
 use serde_json::json;
@@ -120,7 +120,9 @@ async fn follow_streams_in_order_and_resumes_after_a_restart() {
     }
     let mut follow = Box::pin(c.follow(0, Query::new()));
     for want in 1..=3u64 {
-        let got = follow.next().await.unwrap().unwrap();
+        let FollowEvent::Change(got) = follow.next().await.unwrap().unwrap() else {
+            panic!("expected a change")
+        };
         assert_eq!(got.id, want);
     }
     // The server restarts on a new port: a follower for the new address resumes from where
@@ -130,11 +132,14 @@ async fn follow_streams_in_order_and_resumes_after_a_restart() {
     let c2 = client(&server);
     c2.post_change(&NewChange::data(json!(4))).await.unwrap();
     let mut follow = Box::pin(c2.follow(3, Query::new()));
-    let got = tokio::time::timeout(Duration::from_secs(30), follow.next())
+    let FollowEvent::Change(got) = tokio::time::timeout(Duration::from_secs(30), follow.next())
         .await
         .expect("follow yields the change posted after the restart")
         .unwrap()
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("expected a change")
+    };
     assert_eq!(got.id, 4);
     assert_eq!(got.data, Some(json!(4)));
     // A client error (unknown tenant) ends the stream with a typed error instead of retrying.
