@@ -123,14 +123,14 @@ impl Objects {
 
     /// Uploads a local file to `path` (in parts), then reads the object back and checks its
     /// size and sha256 against `size` and `sha256`. Only after this returns may anything name
-    /// the object.
+    /// the object. `on_sent` hears the bytes handed to the upload so far.
     pub async fn upload(
         &self,
         path: &str,
         file: &Path,
-        size: u64,
-        sha256: &str,
+        (size, sha256): (u64, &str),
         part_bytes: usize,
+        mut on_sent: impl FnMut(u64) + Send,
     ) -> Result<()> {
         let target = ObjectPath::from(path);
         let started = Instant::now();
@@ -149,6 +149,7 @@ impl Objects {
                 writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
                 writer.write(&buf[..n]);
                 sent += n as u64;
+                on_sent(sent);
                 if last_report.elapsed() >= PROGRESS_EVERY {
                     last_report = Instant::now();
                     progress("uploading", path, sent, size, started);
@@ -361,7 +362,7 @@ mod tests {
         let sha = hex(&Sha256::digest(&data));
         let path = objects.object_path("c1", &Scope::All, 42);
         objects
-            .upload(&path, &file, data.len() as u64, &sha, 100_000)
+            .upload(&path, &file, (data.len() as u64, &sha), 100_000, |_| {})
             .await
             .unwrap();
         let chunks: Vec<Bytes> = objects

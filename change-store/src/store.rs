@@ -443,6 +443,27 @@ impl Store {
         })
     }
 
+    /// Whether any change after `since` is a client's change or a catalog record, i.e.
+    /// anything but checkpoint and truncate records: whether the state a checkpoint holds
+    /// moved. Stops at the first such change.
+    pub fn has_data_after(&self, since: u64) -> Result<bool> {
+        let db = self.db();
+        let mut it = db.db.raw_iterator_cf(db.cf(cf::CHANGES)?);
+        it.seek(layout::id_key(since.saturating_add(1)));
+        while let Some(v) = it.value() {
+            let t = StoredChange::decode(v)?.change_type;
+            let housekeeping = t == changeagent_proto::types::internal_type::CHECKPOINT_START
+                || t == changeagent_proto::types::internal_type::CHECKPOINT_END
+                || t == changeagent_proto::types::internal_type::TRUNCATE;
+            if !housekeeping {
+                return Ok(true);
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(false)
+    }
+
     /// The wire JSON of one change; a truncated one is a [`Rejection::Truncated`].
     pub fn get_change(&self, id: u64) -> Result<Option<Vec<u8>>> {
         let (db, first, last) = {

@@ -336,11 +336,13 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
     let since = match args.since {
         Some(since) => since,
         None => {
-            let newest = client.get_changes(&Query::new().limit(1)).await?;
-            newest
+            // The server's retained range; `/health` answers even when everything before
+            // the range was truncated (a list from 0 would be a 410).
+            let health = client.health().await?;
+            health
                 .last_index
                 .saturating_sub(args.lines)
-                .max(newest.first_index.saturating_sub(1))
+                .max(health.first_index.saturating_sub(1))
         }
     };
     let filter = args.filter.query();

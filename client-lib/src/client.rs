@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
+use changeagent_proto::types::{AdminAnswer, EndRequest, StartRecord, TruncateRequest};
 use changeagent_proto::{Manifest, Scope};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LINK};
 use reqwest::{Method, StatusCode};
@@ -167,6 +168,7 @@ pub struct ClientBuilder {
     auto_idempotency: bool,
     follow_block_secs: u32,
     checkpoint_dir: Option<PathBuf>,
+    cluster_secret: Option<String>,
 }
 
 impl ClientBuilder {
@@ -188,6 +190,7 @@ impl ClientBuilder {
             auto_idempotency: true,
             follow_block_secs: DEFAULT_FOLLOW_BLOCK_SECS,
             checkpoint_dir: None,
+            cluster_secret: None,
         }
     }
 
@@ -247,6 +250,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Sends the cluster secret (`X-Cluster-Secret`) with every request: the admin routes
+    /// need it when the core has one (a checkpointer's calls).
+    pub fn cluster_secret(mut self, secret: Option<String>) -> Self {
+        self.cluster_secret = secret;
+        self
+    }
+
     /// Checks the endpoints and builds the client.
     pub fn build(self) -> Result<Client> {
         let endpoints = self
@@ -272,6 +282,12 @@ impl ClientBuilder {
                 auto_idempotency: self.auto_idempotency,
                 follow_block_secs: self.follow_block_secs,
                 checkpoint_dir: self.checkpoint_dir,
+                cluster_secret: self
+                    .cluster_secret
+                    .map(|s| {
+                        HeaderValue::from_str(&s).map_err(|_| Error::InvalidSecret)
+                    })
+                    .transpose()?,
             }),
         })
     }
@@ -299,6 +315,8 @@ struct Inner {
     auto_idempotency: bool,
     follow_block_secs: u32,
     checkpoint_dir: Option<PathBuf>,
+    /// Sent as `X-Cluster-Secret` on every request, when set.
+    cluster_secret: Option<HeaderValue>,
 }
 
 /// Status, headers and body bytes of an answer, exactly as received.
@@ -856,6 +874,51 @@ impl Client {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
+    // ---- admin (checkpointers) ------------------------------------------
+
+    /// `POST /admin/checkpoints/start`: registers a checkpoint at `start.index`. A `409`
+    /// ([`Error::is_conflict`]) means another checkpointer's start of the scope is open and
+    /// fresh. Retried safely (an automatic `Idempotency-Key`).
+    pub async fn checkpoint_start(&self, start: &StartRecord) -> Result<AdminAnswer> {
+        let body = encode("start a checkpoint", start)?;
+        self.write(
+            Method::POST,
+            "start a checkpoint",
+            &["admin", "checkpoints", "start"],
+            body,
+            KeyChoice::Auto,
+        )
+        .await
+    }
+
+    /// `POST /admin/checkpoints/end` with the caller's `Idempotency-Key` (make it name the
+    /// checkpoint, so a retry after a crash gets the first answer).
+    pub async fn checkpoint_end(&self, end: &EndRequest, key: &str) -> Result<AdminAnswer> {
+        let body = encode("end a checkpoint", end)?;
+        self.write(
+            Method::POST,
+            "end a checkpoint",
+            &["admin", "checkpoints", "end"],
+            body,
+            KeyChoice::Given(key),
+        )
+        .await
+    }
+
+    /// `POST /admin/truncate` with the caller's `Idempotency-Key`. A `409` means `before - 1`
+    /// is past the newest full checkpoint.
+    pub async fn truncate(&self, before: u64, key: &str) -> Result<AdminAnswer> {
+        let body = encode("truncate", &TruncateRequest { before })?;
+        self.write(
+            Method::POST,
+            "truncate",
+            &["admin", "truncate"],
+            body,
+            KeyChoice::Given(key),
+        )
+        .await
+    }
+
     // ---- plumbing -----------------------------------------------------
 
     /// `block` seconds of follow long polls whose filter sets none.
@@ -1029,6 +1092,9 @@ impl Client {
         }
         if let Some(key) = &call.idempotency_key {
             request = request.header(IDEMPOTENCY_KEY, key.clone());
+        }
+        if let Some(secret) = &inner.cluster_secret {
+            request = request.header(changeagent_proto::headers::CLUSTER_SECRET, secret.clone());
         }
         let response = if call.stream {
             let wait = inner.timeout + call.extra_timeout;

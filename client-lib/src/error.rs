@@ -72,6 +72,10 @@ pub enum Error {
         checkpoint: Option<Box<changeagent_proto::Manifest>>,
     },
 
+    /// The cluster secret cannot be sent as a header value.
+    #[error("the cluster secret must be visible ASCII")]
+    InvalidSecret,
+
     /// 502, 503 or 504: no leader, no quorum, a write timeout or a proxy
     /// that cannot reach the server. Returned after the retries ran out.
     #[error("server unavailable ({status}): {}", body.error)]

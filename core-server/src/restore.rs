@@ -88,15 +88,21 @@ pub async fn import_if_empty(
 /// Step 3: once this one-voter cluster leads, snapshot and purge the log.
 pub async fn seal(raft: &Raft) -> anyhow::Result<()> {
     let wait = raft.wait(Some(SEAL_TIMEOUT));
-    let m = wait
-        .state(ServerState::Leader, "the restored node to lead")
+    wait.state(ServerState::Leader, "the restored node to lead")
         .await
         .context("the restored node did not become leader")?;
+    let m = wait
+        .metrics(
+            |m| m.last_applied.is_some() && m.last_applied.map(|l| l.index) >= m.last_log_index,
+            "the restored node to apply its log",
+        )
+        .await
+        .context("the restored node did not apply its log")?;
     let applied = m.last_applied;
     raft.trigger().snapshot().await?;
     let m = wait
         .metrics(
-            |m| m.snapshot >= applied,
+            |m| m.snapshot.is_some() && m.snapshot >= applied,
             "a snapshot of the restored state",
         )
         .await
