@@ -25,6 +25,9 @@
 //! - [`cluster`]: several nodes on their own loopback IPs forming one Raft
 //!   cluster (by peers file or by join): leader, kill, restart, partition
 //!   and convergence.
+//! - [`garage`]: [`GarageServer`](garage::GarageServer), a real
+//!   S3-compatible store (Garage, installed by `scripts/install-garage`)
+//!   with one bucket and key, for the checkpointer's object storage.
 //! - [`proxy`]: a TCP proxy in front of a node that cuts traffic by source
 //!   IP, so a cluster can be partitioned.
 //! - [`workload`]: clients that write and read through a cluster and record
@@ -40,6 +43,7 @@
 pub mod binary;
 pub mod cluster;
 pub mod error;
+pub mod garage;
 pub mod health;
 pub mod history;
 pub mod http;
