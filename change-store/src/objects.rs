@@ -121,14 +121,14 @@ impl Objects {
         object_path(&self.prefix, cluster_id, scope, index)
     }
 
-    /// Uploads a local file to `path` (in parts), then reads the object back and checks its
-    /// size and sha256 against `size` and `sha256`. Only after this returns may anything name
-    /// the object. `on_sent` hears the bytes handed to the upload so far.
+    /// Uploads a local file of `size` bytes to `path`, in parts. Nothing may name the object
+    /// before [`Objects::verify`] read it back. `on_sent` hears the bytes handed to the upload
+    /// so far.
     pub async fn upload(
         &self,
         path: &str,
         file: &Path,
-        (size, sha256): (u64, &str),
+        size: u64,
         part_bytes: usize,
         mut on_sent: impl FnMut(u64) + Send,
     ) -> Result<()> {
@@ -169,9 +169,9 @@ impl Objects {
             %path,
             bytes = sent,
             seconds = started.elapsed().as_secs_f64(),
-            "uploaded a checkpoint; reading it back"
+            "uploaded a checkpoint"
         );
-        self.verify(path, size, sha256).await
+        Ok(())
     }
 
     /// Reads an object whole and checks its size and sha256.
@@ -362,7 +362,11 @@ mod tests {
         let sha = hex(&Sha256::digest(&data));
         let path = objects.object_path("c1", &Scope::All, 42);
         objects
-            .upload(&path, &file, (data.len() as u64, &sha), 100_000, |_| {})
+            .upload(&path, &file, data.len() as u64, 100_000, |_| {})
+            .await
+            .unwrap();
+        objects
+            .verify(&path, data.len() as u64, &sha)
             .await
             .unwrap();
         let chunks: Vec<Bytes> = objects

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use changeagent_proto::Scope;
 
 /// Steps at which `--stop-at` stops the process (a test hook).
-pub const STOP_STEPS: [&str; 4] = ["started", "uploading", "uploaded", "ended"];
+pub const STOP_STEPS: [&str; 5] = ["started", "uploading", "written", "verified", "ended"];
 
 /// Configuration of one checkpointer.
 #[derive(Debug, Clone, clap::Parser)]
@@ -23,11 +23,19 @@ pub struct Config {
 
     /// Object store for the checkpoints, the same one the core serves them from
     /// (`file:///path`, `file://./relative`, `s3://bucket/prefix` with `AWS_*` variables).
-    #[arg(long, env = "CHANGEAGENT_OBJECT_STORE", default_value = "file://./checkpoints")]
+    #[arg(
+        long,
+        env = "CHANGEAGENT_OBJECT_STORE",
+        default_value = "file://./checkpoints"
+    )]
     pub object_store: String,
 
     /// Directory for this checkpointer's copy of the state, its id and temp files.
-    #[arg(long, env = "CHANGEAGENT_DATA_DIR", default_value = "./checkpointer-data")]
+    #[arg(
+        long,
+        env = "CHANGEAGENT_DATA_DIR",
+        default_value = "./checkpointer-data"
+    )]
     pub data_dir: PathBuf,
 
     /// The core's cluster secret, needed for the admin routes when the core has one.
@@ -78,7 +86,8 @@ pub struct Config {
     pub part_bytes: usize,
 
     /// Test hook: stop the process (SIGSTOP) at this step of the first checkpoint, so a test
-    /// can kill it there: started, uploading, uploaded or ended.
+    /// can kill it there: started (start record), uploading (first part sent), written (upload
+    /// done, not yet read back), verified, ended (end record, before latest.json).
     #[arg(long, env = "CHANGEAGENT_STOP_AT", hide = true)]
     pub stop_at: Option<String>,
 }

@@ -8,7 +8,7 @@
 //! 2. `POST /admin/checkpoints/start {N}`: a 409 (another checkpointer's fresh start) ends
 //!    the round; a restarted checkpointer takes its own open start back;
 //! 3. export the snapshot to a local file, hashing it (sha256, size) as it is written;
-//! 4. upload it, read it back and check size and sha256;
+//! 4. upload it; read it back and check size and sha256;
 //! 5. `POST /admin/checkpoints/end` with the manifest (the core keeps the newest `--keep`);
 //! 6. write the scope's `latest.json`;
 //! 7. scope `all` only: `POST /admin/truncate {before: N + 1 - retain}`;
@@ -33,6 +33,9 @@ use crate::Context;
 
 /// Pause before the next round after one that failed or was skipped.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
+/// How long a round in progress may go on after SIGTERM: most rounds end in seconds; a huge
+/// upload is abandoned rather than holding up a shutdown for long.
+const ROUND_DRAIN: Duration = Duration::from_secs(30);
 /// Rounds `--once` tries before it gives up on errors (conflicts are waited out).
 const ONCE_ATTEMPTS: u32 = 5;
 /// How often a checkpointer waiting to catch up says so.
@@ -89,11 +92,25 @@ impl CheckpointWorker {
                     }
                 }
             }
+            let round = self.round(last);
+            tokio::pin!(round);
             let round = tokio::select! {
-                round = self.round(last) => round,
+                round = &mut round => round,
                 _ = shutdown.cancelled() => {
-                    tracing::info!("stopping: the checkpoint in progress is abandoned");
-                    return Ok(());
+                    // An abandoned start blocks other checkpointers of the scope until it is
+                    // stale, so a round in progress gets a while to finish.
+                    tracing::info!("stopping: finishing the checkpoint in progress first (up to {ROUND_DRAIN:?})");
+                    match tokio::time::timeout(ROUND_DRAIN, &mut round).await {
+                        Ok(round) => round,
+                        Err(_) => {
+                            tracing::warn!(
+                                "the checkpoint in progress is abandoned; restarted with the same \
+                                 data dir this checkpointer takes its start back at once, others \
+                                 after the core's --checkpoint-stale-after"
+                            );
+                            return Ok(());
+                        }
+                    }
                 }
             };
             match round {
@@ -191,19 +208,21 @@ impl CheckpointWorker {
         };
         // 1. and 3.: the export thread takes the snapshot, reports its index, and waits for
         // the start record before it writes.
-        let export = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(Exported, u64, String)>> {
-            let mut out = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, out));
-            let exported = store.export(&mut out, &opts, |index| {
-                let _ = index_tx.send(index);
-                go_rx.recv().unwrap_or(false)
-            })?;
-            let Some(exported) = exported else {
-                return Ok(None);
-            };
-            let (size, sha256, file) = out.finish()?;
-            file.sync_all()?;
-            Ok(Some((exported, size, sha256)))
-        });
+        let export = tokio::task::spawn_blocking(
+            move || -> anyhow::Result<Option<(Exported, u64, String)>> {
+                let mut out = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, out));
+                let exported = store.export(&mut out, &opts, |index| {
+                    let _ = index_tx.send(index);
+                    go_rx.recv().unwrap_or(false)
+                })?;
+                let Some(exported) = exported else {
+                    return Ok(None);
+                };
+                let (size, sha256, file) = out.finish()?;
+                file.sync_all()?;
+                Ok(Some((exported, size, sha256)))
+            },
+        );
         let Ok(index) = index_rx.await else {
             // The export failed before its snapshot.
             export.await??;
@@ -246,16 +265,21 @@ impl CheckpointWorker {
             anyhow::bail!("the export stopped after its start was recorded");
         };
         // 4.
-        let object = ctx.objects.object_path(&ctx.cluster_id, &config.scope, index);
+        let object = ctx
+            .objects
+            .object_path(&ctx.cluster_id, &config.scope, index);
         let stop = |sent: u64| {
             if sent > 0 {
                 ctx.stop_at("uploading");
             }
         };
         ctx.objects
-            .upload(&object, file.path(), (size, &sha256), config.part_bytes, stop)
+            .upload(&object, file.path(), size, config.part_bytes, stop)
             .await?;
-        ctx.stop_at("uploaded");
+        ctx.stop_at("written");
+        ctx.objects.verify(&object, size, &sha256).await?;
+        tracing::info!(%object, "read the checkpoint back: size and sha256 match");
+        ctx.stop_at("verified");
         // 5.
         let manifest = Manifest {
             index,
@@ -312,7 +336,10 @@ impl CheckpointWorker {
         }
         // 8.
         if let Err(e) = self.collect_garbage().await {
-            tracing::warn!(error = format!("{e:#}"), "cannot delete old checkpoint objects; the next round tries again");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot delete old checkpoint objects; the next round tries again"
+            );
         }
         Ok(Round::Done(manifest))
     }

@@ -63,7 +63,8 @@ impl Context {
     /// The `--stop-at` test hook: stops the whole process with SIGSTOP at `step`, once, so
     /// a test can kill it exactly there.
     pub fn stop_at(&self, step: &str) {
-        if self.config.stop_at.as_deref() == Some(step) && !self.stopped.swap(true, Ordering::SeqCst)
+        if self.config.stop_at.as_deref() == Some(step)
+            && !self.stopped.swap(true, Ordering::SeqCst)
         {
             tracing::warn!(step, "stopping at step {step} (--stop-at)");
             if let Err(e) = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
@@ -107,8 +108,7 @@ pub async fn run(
     let data_dir: PathBuf = config.data_dir.clone();
     let tmp = data_dir.join(TMP_DIR);
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot clear {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
@@ -165,10 +165,16 @@ pub async fn run(
         stopped: AtomicBool::new(false),
     });
     if store.last_id() == 0 {
-        match ctx.client.latest_checkpoint(&changeagent_proto::Scope::All).await {
+        match ctx
+            .client
+            .latest_checkpoint(&changeagent_proto::Scope::All)
+            .await
+        {
             Ok(Some(m)) => tail::bootstrap(&ctx, Some(m)).await?,
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot ask the core for a checkpoint; tailing from the start"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask the core for a checkpoint; tailing from the start")
+            }
         }
     }
     {

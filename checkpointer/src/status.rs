@@ -103,22 +103,69 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let upstream = st.upstream_index.load(Ordering::Relaxed);
     let last = st.last_checkpoint().map_or(0, |m| m.index);
     let gauges: [(&str, &str, u64); 5] = [
-        ("changeagent_checkpointer_applied_index", "Newest _id in the checkpointer's copy.", applied),
-        ("changeagent_checkpointer_upstream_index", "The core's newest _id, as last seen.", upstream),
-        ("changeagent_checkpointer_lag", "Changes the copy is behind the core.", upstream.saturating_sub(applied)),
-        ("changeagent_checkpointer_last_checkpoint_index", "Index of the newest checkpoint written.", last),
-        ("changeagent_checkpointer_last_duration_ms", "Duration of the last checkpoint (export to end record).", st.last_duration_ms.load(Ordering::Relaxed)),
+        (
+            "changeagent_checkpointer_applied_index",
+            "Newest _id in the checkpointer's copy.",
+            applied,
+        ),
+        (
+            "changeagent_checkpointer_upstream_index",
+            "The core's newest _id, as last seen.",
+            upstream,
+        ),
+        (
+            "changeagent_checkpointer_lag",
+            "Changes the copy is behind the core.",
+            upstream.saturating_sub(applied),
+        ),
+        (
+            "changeagent_checkpointer_last_checkpoint_index",
+            "Index of the newest checkpoint written.",
+            last,
+        ),
+        (
+            "changeagent_checkpointer_last_duration_ms",
+            "Duration of the last checkpoint (export to end record).",
+            st.last_duration_ms.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
     }
     let counters: [(&str, &str, &AtomicU64); 6] = [
-        ("changeagent_checkpointer_checkpoints_total", "Checkpoints written and recorded.", &st.checkpoints_total),
-        ("changeagent_checkpointer_skipped_total", "Rounds skipped (another checkpointer, nothing new).", &st.skipped_total),
-        ("changeagent_checkpointer_failures_total", "Rounds that failed.", &st.failures_total),
-        ("changeagent_checkpointer_bootstraps_total", "Imports of a checkpoint into the copy.", &st.bootstraps_total),
-        ("changeagent_checkpointer_truncations_total", "Truncations asked of the core.", &st.truncations_total),
-        ("changeagent_checkpointer_deleted_objects_total", "Old checkpoint objects deleted.", &st.deleted_objects_total),
+        (
+            "changeagent_checkpointer_checkpoints_total",
+            "Checkpoints written and recorded.",
+            &st.checkpoints_total,
+        ),
+        (
+            "changeagent_checkpointer_skipped_total",
+            "Rounds skipped (another checkpointer, nothing new).",
+            &st.skipped_total,
+        ),
+        (
+            "changeagent_checkpointer_failures_total",
+            "Rounds that failed.",
+            &st.failures_total,
+        ),
+        (
+            "changeagent_checkpointer_bootstraps_total",
+            "Imports of a checkpoint into the copy.",
+            &st.bootstraps_total,
+        ),
+        (
+            "changeagent_checkpointer_truncations_total",
+            "Truncations asked of the core.",
+            &st.truncations_total,
+        ),
+        (
+            "changeagent_checkpointer_deleted_objects_total",
+            "Old checkpoint objects deleted.",
+            &st.deleted_objects_total,
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(

@@ -129,7 +129,12 @@ pub async fn bootstrap(ctx: &Context, manifest: Option<Manifest>) -> anyhow::Res
     let file = ctx.temp_file()?;
     if let Err(e) = ctx
         .objects
-        .download(&manifest.object, file.path(), manifest.size, &manifest.sha256)
+        .download(
+            &manifest.object,
+            file.path(),
+            manifest.size,
+            &manifest.sha256,
+        )
         .await
     {
         tracing::warn!(error = %e, "cannot read the checkpoint from the object store; asking the core for it");

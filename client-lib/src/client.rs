@@ -284,9 +284,7 @@ impl ClientBuilder {
                 checkpoint_dir: self.checkpoint_dir,
                 cluster_secret: self
                     .cluster_secret
-                    .map(|s| {
-                        HeaderValue::from_str(&s).map_err(|_| Error::InvalidSecret)
-                    })
+                    .map(|s| HeaderValue::from_str(&s).map_err(|_| Error::InvalidSecret))
                     .transpose()?,
             }),
         })

@@ -32,6 +32,8 @@
 //!   IP, so a cluster can be partitioned.
 //! - [`workload`]: clients that write and read through a cluster and record
 //!   every attempt and read in a history.
+//! - [`state`]: [`ConsumerState`](state::ConsumerState), what a consumer of the list
+//!   holds (catalog, live keys, unkeyed changes), to compare consumers.
 //! - [`history`]: checks the final lists of every node against what clients
 //!   wrote and read (no lost, duplicated or reordered write).
 //! - [`http`]: [`Api`] and [`Reply`], raw HTTP that keeps the exact body,
@@ -49,6 +51,7 @@ pub mod history;
 pub mod http;
 pub mod process;
 pub mod proxy;
+pub mod state;
 pub mod wait;
 pub mod workload;
 

@@ -340,6 +340,45 @@ impl ServerProcess {
         self.child.is_some()
     }
 
+    /// Whether the process is stopped (SIGSTOP, state `T` in `/proc/PID/stat`), as a
+    /// process's own test hook leaves it.
+    pub fn is_stopped(&self) -> bool {
+        let Some(pid) = self.running_pid() else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // `pid (comm) S …`: the state follows the last ')'.
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(|st| st == "T")
+            })
+            .unwrap_or(false)
+    }
+
+    /// Waits until the process stopped itself (see [`is_stopped`](Self::is_stopped)).
+    pub async fn wait_stopped(&self, timeout: Duration) {
+        crate::wait::wait_until(
+            timeout,
+            &format!("{} to stop itself", self.label()),
+            || async {
+                if self.is_stopped() {
+                    Ok(())
+                } else {
+                    Err(self.log_tail(5))
+                }
+            },
+        )
+        .await
+        .or_panic();
+    }
+
+    /// SIGCONT: lets a stopped process go on.
+    pub fn resume(&self) {
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGCONT)
+            .unwrap_or_else(|e| panic!("SIGCONT {}: {e}", self.label()));
+    }
+
     /// SIGKILL and reap the process: when this returns it is gone, without
     /// having had a chance to flush anything.
     pub fn try_kill9(&mut self) -> Result<()> {

