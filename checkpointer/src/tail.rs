@@ -114,32 +114,50 @@ fn describe(e: &ClientError) -> String {
     format!("{e}; check --core and that the core is up")
 }
 
-/// Rule 2: replaces the copy with the newest full checkpoint (or `manifest`, when a 410
-/// named it), keeping the core's cluster id. A scoped checkpointer bootstraps from full
-/// checkpoints too: they hold everything it exports.
+/// Rule 2: replaces the copy with a full checkpoint: `manifest` when a 410 named one, else
+/// the newest the core keeps; when one fails (say its object is damaged), the next older
+/// kept one. A scoped checkpointer bootstraps from full checkpoints too: they hold
+/// everything it exports.
 pub async fn bootstrap(ctx: &Context, manifest: Option<Manifest>) -> anyhow::Result<()> {
-    let manifest = match manifest.filter(|m| m.scope == Scope::All) {
-        Some(m) => m,
-        None => match ctx.client.latest_checkpoint(&Scope::All).await? {
-            Some(m) => m,
-            None => anyhow::bail!("the core keeps no full checkpoint to bootstrap from"),
-        },
-    };
+    let mut candidates: Vec<Manifest> = manifest.into_iter().filter(|m| m.scope == Scope::All).collect();
+    for m in ctx.client.checkpoints(Some(&Scope::All)).await? {
+        if !candidates.contains(&m) {
+            candidates.push(m);
+        }
+    }
+    if candidates.is_empty() {
+        anyhow::bail!("the core keeps no full checkpoint to bootstrap from");
+    }
+    let mut failures = Vec::new();
+    for m in candidates {
+        match load(ctx, &m).await {
+            Ok(()) => {
+                crate::status::Status::count(&ctx.status.bootstraps_total);
+                tracing::info!(index = m.index, "bootstrapped; tailing from there");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::error!(index = m.index, error = format!("{e:#}"), "cannot bootstrap from this checkpoint; trying an older one");
+                failures.push(format!("{}: {e:#}", m.index));
+            }
+        }
+    }
+    anyhow::bail!("no kept checkpoint could be loaded: {}", failures.join("; "))
+}
+
+/// Downloads one checkpoint (from the object store, else through the core), checks it, and
+/// imports it.
+async fn load(ctx: &Context, manifest: &Manifest) -> anyhow::Result<()> {
     tracing::info!(index = manifest.index, object = %manifest.object, "bootstrapping from a checkpoint");
     let file = ctx.temp_file()?;
     if let Err(e) = ctx
         .objects
-        .download(
-            &manifest.object,
-            file.path(),
-            manifest.size,
-            &manifest.sha256,
-        )
+        .download(&manifest.object, file.path(), manifest.size, &manifest.sha256)
         .await
     {
         tracing::warn!(error = %e, "cannot read the checkpoint from the object store; asking the core for it");
         ctx.client
-            .download_checkpoint_to(&manifest, file.path())
+            .download_checkpoint_to(manifest, file.path())
             .await?;
     }
     let store = ctx.store.clone();
@@ -154,7 +172,5 @@ pub async fn bootstrap(ctx: &Context, manifest: Option<Manifest>) -> anyhow::Res
         Ok(())
     })
     .await??;
-    crate::status::Status::count(&ctx.status.bootstraps_total);
-    tracing::info!(index = manifest.index, "bootstrapped; tailing from there");
     Ok(())
 }

@@ -8,7 +8,8 @@
 //! - Two checkpointers racing; the checkpointer killed at every step of a round: never a
 //!   manifest naming a missing or bad object, and the next round completes.
 //! - A corrupted object is refused by its sha256, by the checkpointer and by a consumer.
-//! - `--restore-from` starts a new cluster from the newest checkpoint.
+//! - The same against Garage, a real S3 server the project's scripts install.
+//! - `--restore-from` starts a new cluster from the newest checkpoint; nodes join it.
 //!
 //! What kill -9 cannot prove: the page cache survives it, so these tests show the order of
 //! the steps (nothing names an object before it was written and read back), not that the
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use changeagent_client::{Client, FollowEvent, NewChange, Query};
+use changeagent_testkit::garage::GarageServer;
 use changeagent_testkit::state::ConsumerState;
 use changeagent_testkit::{wait_until, Api, Binary, ServerOptions, ServerProcess};
 use futures::StreamExt;
@@ -481,4 +483,219 @@ async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest
             .as_u64()
             .unwrap();
     }
+}
+
+/// A core with a `file://` store, a few thousand changes, and one checkpoint written by a
+/// checkpointer run with `--once` and `retain` so the core truncates.
+async fn core_with_a_checkpoint(
+    objects: &Path,
+    retain: &str,
+) -> (ServerProcess, Value, Workload) {
+    let store_url = format!("file://{}", objects.display());
+    let core = ServerProcess::start_leader(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url),
+    )
+    .await;
+    let c = client(&core.url());
+    c.create_tenant("acme").await.unwrap();
+    c.create_collection("acme", "flags").await.unwrap();
+    let mut work = Workload {
+        seed: 3,
+        live: Default::default(),
+        collections: vec![("acme".into(), "flags".into())],
+        keys: 100,
+    };
+    post_changes(&c, &mut work, 2_000).await;
+    let mut once = ServerProcess::start(checkpointer(
+        &core.url(),
+        &store_url,
+        &["--once", "--retain", retain],
+    ))
+    .await;
+    assert!(once.wait_exit(DEADLINE).await.success(), "{}", once.log_tail(20));
+    let manifest = core.api().get("/checkpoints/latest").await.ok_json();
+    (core, manifest, work)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_checkpoint_is_refused_by_its_sha256() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let (core, manifest, mut work) = core_with_a_checkpoint(objects.path(), "100").await;
+    let api = core.api();
+
+    // A consumer: the 410 names the checkpoint, whose bytes no longer match its sha256.
+    let path = objects.path().join(manifest["object"].as_str().unwrap());
+    let good = std::fs::read(&path).unwrap();
+    let mut bytes = good.clone();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+    let c = client(&core.url());
+    let mut events = Box::pin(c.follow(0, Query::new()));
+    match events.next().await {
+        Some(Err(e)) => assert!(e.to_string().contains("sha256"), "{e}"),
+        other => panic!("expected a checksum error before any record, got {other:?}"),
+    }
+
+    drop(events);
+    std::fs::write(&path, &good).unwrap();
+
+    // The checkpointer's read-back: corrupt the object between upload and verification.
+    post_changes(&c, &mut work, 500).await;
+    let opts = checkpointer(&core.url(), &store_url, &["--every-changes", "1", "--every-seconds", "1"])
+        .arg("--stop-at")
+        .arg("written");
+    let mut ckpt = ServerProcess::start(opts).await;
+    ckpt.wait_stopped(DEADLINE).await;
+    let written = checkpoint_objects(objects.path())
+        .into_iter()
+        .max()
+        .expect("the uploaded object");
+    let mut bytes = std::fs::read(&written).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&written, &bytes).unwrap();
+    ckpt.resume();
+    wait_until(DEADLINE, "the checkpointer to refuse the object", || async {
+        let log = ckpt.log();
+        if log.contains("failed verification") {
+            Ok(())
+        } else {
+            Err(ckpt.log_tail(3))
+        }
+    })
+    .await
+    .unwrap();
+    // No manifest names the bad object; the next round uploads it again and completes.
+    let newest = wait_checkpoint_past(&api, manifest["index"].as_u64().unwrap()).await;
+    assert_manifests_sound(&api, objects.path()).await;
+    assert!(ckpt.log().contains("checkpoint written"), "{newest}");
+    assert!(ckpt.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_go_to_a_real_s3_server() {
+    let garage = GarageServer::start().await;
+    let url = garage.url("changeagent");
+    let with_s3 = |mut opts: ServerOptions| {
+        for (k, v) in garage.env() {
+            opts = opts.env(k, v);
+        }
+        opts
+    };
+    let core = ServerProcess::start_leader(with_s3(
+        ServerOptions::default().arg("--object-store").arg(&url),
+    ))
+    .await;
+    let api = core.api();
+    let c = client(&core.url());
+    c.create_tenant("acme").await.unwrap();
+    c.create_collection("acme", "flags").await.unwrap();
+    let mut work = Workload {
+        seed: 5,
+        live: Default::default(),
+        collections: vec![("acme".into(), "flags".into())],
+        keys: 300,
+    };
+    post_changes(&c, &mut work, 5_000).await;
+    let reads_everything = Consumer::start(&core.url(), 0);
+    reads_everything
+        .wait_at(health(&api).await["lastIndex"].as_u64().unwrap())
+        .await;
+    // Parts of 5 MiB (S3's smallest) and a checkpoint below that: a one-part upload; the
+    // multipart path with several parts is covered against Garage by the testkit's own test.
+    let mut once = ServerProcess::start(with_s3(checkpointer(
+        &core.url(),
+        &url,
+        &["--once", "--retain", "100", "--part-bytes", "5242880"],
+    )))
+    .await;
+    assert!(once.wait_exit(DEADLINE).await.success(), "{}", once.log_tail(20));
+    let manifest = api.get("/checkpoints/latest").await.ok_json();
+    assert!(manifest["object"].as_str().unwrap().starts_with("changeagent/"), "{manifest}");
+    // The core streams the object from S3; its bytes match the manifest.
+    let data = api
+        .get(&format!("/checkpoints/{}/data", manifest["index"]))
+        .await;
+    assert_eq!(data.status, 200, "{}", data.text());
+    assert_eq!(hex(&Sha256::digest(&data.body)), manifest["sha256"]);
+    // A consumer from 0 loads it (410, reset) and ends with the same state.
+    post_changes(&c, &mut work, 200).await;
+    let last = health(&api).await["lastIndex"].as_u64().unwrap();
+    let loaded = Consumer::start(&core.url(), 0);
+    loaded.wait_at(last).await;
+    reads_everything.wait_at(last).await;
+    assert_eq!(loaded.resets(), 1);
+    assert_eq!(loaded.state(), reads_everything.state());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_restored_from_a_checkpoint_holds_its_state_and_continues_its_ids() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let (core, manifest, _) = core_with_a_checkpoint(objects.path(), "100").await;
+    let index = manifest["index"].as_u64().unwrap();
+    let original = Consumer::start(&core.url(), 0);
+    original.wait_at(index).await;
+    let old_cluster = health(&core.api()).await["clusterId"].clone();
+
+    let restored = ServerProcess::start_leader(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url)
+            .arg("--restore-from")
+            .arg(&store_url),
+    )
+    .await;
+    let h = health(&restored.api()).await;
+    assert_ne!(h["clusterId"], old_cluster, "a restore starts a new cluster");
+    assert_eq!(h["firstIndex"], index + 1);
+    assert_eq!(h["lastIndex"], index);
+    // Its list starts after the checkpoint; a 410 below points at the checkpoint it came
+    // from, which a consumer loads: the same state as the original's at that index.
+    let gone = restored.api().get("/changes?since=0").await;
+    assert_eq!(gone.status, 410);
+    assert_eq!(gone.json()["checkpoint"], manifest);
+    let from_restored = Consumer::start(&restored.url(), 0);
+    from_restored.wait_at(index).await;
+    let mut want = original.state();
+    // The original's state past the checkpoint (its own checkpoint and truncate records)
+    // is not in the checkpoint.
+    want.unkeyed.retain(|id, _| *id <= index);
+    assert_eq!(from_restored.state(), want);
+    // Ids continue after the checkpoint; keyed writes go on from the restored keys.
+    let c = client(&restored.url());
+    let posted = c
+        .post_change(&NewChange::data(json!("after the restore")))
+        .await
+        .unwrap();
+    assert!(posted.id > index, "{posted:?}");
+    let key = want.keys.keys().next().unwrap().clone();
+    let got = c.get_key(&key.1, &key.2).await.unwrap();
+    assert_eq!(serde_json::to_value(&got).unwrap(), want.keys[&key]);
+    // Nodes that join it install the restored state by snapshot.
+    let joined = ServerProcess::start(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url)
+            .arg("--join")
+            .arg(restored.url()),
+    )
+    .await;
+    wait_until(DEADLINE, "the joined node to hold the restored state", || async {
+        let h = health(&joined.api()).await;
+        let key_there = joined
+            .api()
+            .get(&format!("/collections/{}/keys/{}", key.1, key.2))
+            .await;
+        if h["firstIndex"] == index + 1 && h["lastIndex"] == posted.id && key_there.status == 200 {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    })
+    .await
+    .unwrap();
 }
