@@ -47,6 +47,8 @@ pub struct ExportOptions {
 pub struct Exported {
     pub header: Header,
     pub trailer: Trailer,
+    /// Bytes of the lines before compression.
+    pub raw_bytes: u64,
 }
 
 type Snap<'a> = SnapshotWithThreadMode<'a, DB>;
@@ -159,7 +161,7 @@ impl Store {
         keys.settle()?;
 
         // 4.
-        let mut z = zstd::Encoder::new(
+        let mut encoder = zstd::Encoder::new(
             Counting {
                 inner: out,
                 bytes: 0,
@@ -168,7 +170,12 @@ impl Store {
         )?;
         // zstd's own checksum of the content: a damaged file fails to decompress even where
         // no sha256 from a manifest is at hand (a Raft snapshot).
-        z.include_checksum(true)?;
+        encoder.include_checksum(true)?;
+        // Counts the lines before compression.
+        let mut z = Counting {
+            inner: encoder,
+            bytes: 0,
+        };
         write_line(&mut z, &header)?;
         let mut internal = 0u64;
         if opts.raft {
@@ -214,7 +221,7 @@ impl Store {
                 tracing::info!(
                     index,
                     records,
-                    compressed_bytes = z.get_ref().bytes,
+                    compressed_bytes = z.inner.get_ref().bytes,
                     records_per_sec = (records as f64 / secs) as u64,
                     "exporting a checkpoint"
                 );
@@ -243,7 +250,8 @@ impl Store {
             owner,
         };
         write_line(&mut z, &trailer)?;
-        let mut counted = z.finish()?;
+        let raw_bytes = z.bytes;
+        let mut counted = z.inner.finish()?;
         counted.flush()?;
         tracing::debug!(
             index,
@@ -251,7 +259,11 @@ impl Store {
             bytes = counted.bytes,
             "exported a checkpoint"
         );
-        Ok(Some(Exported { header, trailer }))
+        Ok(Some(Exported {
+            header,
+            trailer,
+            raw_bytes,
+        }))
     }
 }
 

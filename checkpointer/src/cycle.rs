@@ -264,6 +264,7 @@ impl CheckpointWorker {
         let Some((exported, size, sha256)) = export.await?? else {
             anyhow::bail!("the export stopped after its start was recorded");
         };
+        let exported_at = Instant::now();
         // 4.
         let object = ctx
             .objects
@@ -277,7 +278,9 @@ impl CheckpointWorker {
             .upload(&object, file.path(), size, config.part_bytes, stop)
             .await?;
         ctx.stop_at("written");
+        let uploaded_at = Instant::now();
         ctx.objects.verify(&object, size, &sha256).await?;
+        let verified_at = Instant::now();
         tracing::info!(%object, "read the checkpoint back: size and sha256 match");
         ctx.stop_at("verified");
         // 5.
@@ -316,6 +319,10 @@ impl CheckpointWorker {
             index,
             records = manifest.records,
             bytes = manifest.size,
+            raw_bytes = exported.raw_bytes,
+            export_secs = (exported_at - started).as_secs_f64(),
+            upload_secs = (uploaded_at - exported_at).as_secs_f64(),
+            verify_secs = (verified_at - uploaded_at).as_secs_f64(),
             seconds = took.as_secs_f64(),
             object = %manifest.object,
             "checkpoint written"

@@ -119,7 +119,10 @@ fn describe(e: &ClientError) -> String {
 /// kept one. A scoped checkpointer bootstraps from full checkpoints too: they hold
 /// everything it exports.
 pub async fn bootstrap(ctx: &Context, manifest: Option<Manifest>) -> anyhow::Result<()> {
-    let mut candidates: Vec<Manifest> = manifest.into_iter().filter(|m| m.scope == Scope::All).collect();
+    let mut candidates: Vec<Manifest> = manifest
+        .into_iter()
+        .filter(|m| m.scope == Scope::All)
+        .collect();
     for m in ctx.client.checkpoints(Some(&Scope::All)).await? {
         if !candidates.contains(&m) {
             candidates.push(m);
@@ -137,12 +140,19 @@ pub async fn bootstrap(ctx: &Context, manifest: Option<Manifest>) -> anyhow::Res
                 return Ok(());
             }
             Err(e) => {
-                tracing::error!(index = m.index, error = format!("{e:#}"), "cannot bootstrap from this checkpoint; trying an older one");
+                tracing::error!(
+                    index = m.index,
+                    error = format!("{e:#}"),
+                    "cannot bootstrap from this checkpoint; trying an older one"
+                );
                 failures.push(format!("{}: {e:#}", m.index));
             }
         }
     }
-    anyhow::bail!("no kept checkpoint could be loaded: {}", failures.join("; "))
+    anyhow::bail!(
+        "no kept checkpoint could be loaded: {}",
+        failures.join("; ")
+    )
 }
 
 /// Downloads one checkpoint (from the object store, else through the core), checks it, and
@@ -152,7 +162,12 @@ async fn load(ctx: &Context, manifest: &Manifest) -> anyhow::Result<()> {
     let file = ctx.temp_file()?;
     if let Err(e) = ctx
         .objects
-        .download(&manifest.object, file.path(), manifest.size, &manifest.sha256)
+        .download(
+            &manifest.object,
+            file.path(),
+            manifest.size,
+            &manifest.sha256,
+        )
         .await
     {
         tracing::warn!(error = %e, "cannot read the checkpoint from the object store; asking the core for it");

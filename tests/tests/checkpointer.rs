@@ -487,10 +487,7 @@ async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest
 
 /// A core with a `file://` store, a few thousand changes, and one checkpoint written by a
 /// checkpointer run with `--once` and `retain` so the core truncates.
-async fn core_with_a_checkpoint(
-    objects: &Path,
-    retain: &str,
-) -> (ServerProcess, Value, Workload) {
+async fn core_with_a_checkpoint(objects: &Path, retain: &str) -> (ServerProcess, Value, Workload) {
     let store_url = format!("file://{}", objects.display());
     let core = ServerProcess::start_leader(
         ServerOptions::default()
@@ -514,7 +511,11 @@ async fn core_with_a_checkpoint(
         &["--once", "--retain", retain],
     ))
     .await;
-    assert!(once.wait_exit(DEADLINE).await.success(), "{}", once.log_tail(20));
+    assert!(
+        once.wait_exit(DEADLINE).await.success(),
+        "{}",
+        once.log_tail(20)
+    );
     let manifest = core.api().get("/checkpoints/latest").await.ok_json();
     (core, manifest, work)
 }
@@ -545,9 +546,13 @@ async fn a_corrupted_checkpoint_is_refused_by_its_sha256() {
 
     // The checkpointer's read-back: corrupt the object between upload and verification.
     post_changes(&c, &mut work, 500).await;
-    let opts = checkpointer(&core.url(), &store_url, &["--every-changes", "1", "--every-seconds", "1"])
-        .arg("--stop-at")
-        .arg("written");
+    let opts = checkpointer(
+        &core.url(),
+        &store_url,
+        &["--every-changes", "1", "--every-seconds", "1"],
+    )
+    .arg("--stop-at")
+    .arg("written");
     let mut ckpt = ServerProcess::start(opts).await;
     ckpt.wait_stopped(DEADLINE).await;
     let written = checkpoint_objects(objects.path())
@@ -558,14 +563,18 @@ async fn a_corrupted_checkpoint_is_refused_by_its_sha256() {
     bytes[0] ^= 0xff;
     std::fs::write(&written, &bytes).unwrap();
     ckpt.resume();
-    wait_until(DEADLINE, "the checkpointer to refuse the object", || async {
-        let log = ckpt.log();
-        if log.contains("failed verification") {
-            Ok(())
-        } else {
-            Err(ckpt.log_tail(3))
-        }
-    })
+    wait_until(
+        DEADLINE,
+        "the checkpointer to refuse the object",
+        || async {
+            let log = ckpt.log();
+            if log.contains("failed verification") {
+                Ok(())
+            } else {
+                Err(ckpt.log_tail(3))
+            }
+        },
+    )
     .await
     .unwrap();
     // No manifest names the bad object; the next round uploads it again and completes.
@@ -612,9 +621,19 @@ async fn checkpoints_go_to_a_real_s3_server() {
         &["--once", "--retain", "100", "--part-bytes", "5242880"],
     )))
     .await;
-    assert!(once.wait_exit(DEADLINE).await.success(), "{}", once.log_tail(20));
+    assert!(
+        once.wait_exit(DEADLINE).await.success(),
+        "{}",
+        once.log_tail(20)
+    );
     let manifest = api.get("/checkpoints/latest").await.ok_json();
-    assert!(manifest["object"].as_str().unwrap().starts_with("changeagent/"), "{manifest}");
+    assert!(
+        manifest["object"]
+            .as_str()
+            .unwrap()
+            .starts_with("changeagent/"),
+        "{manifest}"
+    );
     // The core streams the object from S3; its bytes match the manifest.
     let data = api
         .get(&format!("/checkpoints/{}/data", manifest["index"]))
@@ -650,7 +669,10 @@ async fn a_cluster_restored_from_a_checkpoint_holds_its_state_and_continues_its_
     )
     .await;
     let h = health(&restored.api()).await;
-    assert_ne!(h["clusterId"], old_cluster, "a restore starts a new cluster");
+    assert_ne!(
+        h["clusterId"], old_cluster,
+        "a restore starts a new cluster"
+    );
     assert_eq!(h["firstIndex"], index + 1);
     assert_eq!(h["lastIndex"], index);
     // Its list starts after the checkpoint; a 410 below points at the checkpoint it came
@@ -684,18 +706,25 @@ async fn a_cluster_restored_from_a_checkpoint_holds_its_state_and_continues_its_
             .arg(restored.url()),
     )
     .await;
-    wait_until(DEADLINE, "the joined node to hold the restored state", || async {
-        let h = health(&joined.api()).await;
-        let key_there = joined
-            .api()
-            .get(&format!("/collections/{}/keys/{}", key.1, key.2))
-            .await;
-        if h["firstIndex"] == index + 1 && h["lastIndex"] == posted.id && key_there.status == 200 {
-            Ok(())
-        } else {
-            Err(h)
-        }
-    })
+    wait_until(
+        DEADLINE,
+        "the joined node to hold the restored state",
+        || async {
+            let h = health(&joined.api()).await;
+            let key_there = joined
+                .api()
+                .get(&format!("/collections/{}/keys/{}", key.1, key.2))
+                .await;
+            if h["firstIndex"] == index + 1
+                && h["lastIndex"] == posted.id
+                && key_there.status == 200
+            {
+                Ok(())
+            } else {
+                Err(h)
+            }
+        },
+    )
     .await
     .unwrap();
 }
