@@ -728,3 +728,312 @@ async fn a_cluster_restored_from_a_checkpoint_holds_its_state_and_continues_its_
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpointer_left_behind_a_truncation_bootstraps_again() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let (core, first, mut work) = core_with_a_checkpoint(objects.path(), "1000000").await;
+    let api = core.api();
+    let c = client(&core.url());
+    // A second checkpointer builds its copy, then stops.
+    let behind_dir = tempfile::tempdir().unwrap();
+    let behind =
+        |extra: &[&str]| checkpointer(&core.url(), &store_url, extra).dir(behind_dir.path());
+    let mut b = ServerProcess::start(behind(&["--every-changes", "1000000"])).await;
+    let at = health(&api).await["lastIndex"].as_u64().unwrap();
+    wait_until(DEADLINE, "the second copy to catch up", || async {
+        let h = b.api().get("/health").await.ok_json();
+        if h["appliedIndex"].as_u64() >= Some(at) {
+            Ok(())
+        } else {
+            Err(h)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(b.terminate().await.success());
+    // Meanwhile the core moves on and truncates past that copy.
+    post_changes(&c, &mut work, 3_000).await;
+    let mut once = ServerProcess::start(checkpointer(
+        &core.url(),
+        &store_url,
+        &["--once", "--retain", "10"],
+    ))
+    .await;
+    assert!(
+        once.wait_exit(DEADLINE).await.success(),
+        "{}",
+        once.log_tail(20)
+    );
+    let newest = api.get("/checkpoints/latest").await.ok_json();
+    assert!(newest["index"].as_u64() > first["index"].as_u64());
+    assert!(health(&api).await["firstIndex"].as_u64().unwrap() > at + 1);
+    // Restarted, the copy gets a 410, loads the newest checkpoint, and goes on.
+    post_changes(&c, &mut work, 100).await;
+    let mut b = ServerProcess::start(behind(&[
+        "--every-changes",
+        "1",
+        "--every-seconds",
+        "1",
+        "--retain",
+        "1000000",
+    ]))
+    .await;
+    let m = wait_checkpoint_past(&api, newest["index"].as_u64().unwrap()).await;
+    let h = b.api().get("/metrics").await.text();
+    assert!(
+        h.contains("changeagent_checkpointer_bootstraps_total 1"),
+        "{h}\n{}",
+        b.log_tail(20)
+    );
+    assert_manifests_sound(&api, objects.path()).await;
+    // Its checkpoint holds the state of the one it bootstrapped from plus the changes since.
+    let mut want = checkpoint_state(&api, &newest).await;
+    let tail = api
+        .get(&format!("/changes?since={}&limit=10000", newest["index"]))
+        .await
+        .ok_json();
+    for change in tail["changes"].as_array().unwrap() {
+        if change["_id"].as_u64() <= m["index"].as_u64() {
+            want.apply(change);
+        }
+    }
+    assert_eq!(checkpoint_state(&api, &m).await, want);
+    assert!(b.terminate().await.success());
+}
+
+/// The state a checkpoint holds, read through the core's data route.
+async fn checkpoint_state(api: &Api, manifest: &Value) -> ConsumerState {
+    let scope = manifest["scope"].as_str().unwrap().replace('=', "%3D");
+    let data = api
+        .get(&format!(
+            "/checkpoints/{}/data?scope={scope}",
+            manifest["index"]
+        ))
+        .await;
+    assert_eq!(data.status, 200, "{}", data.text());
+    let text = String::from_utf8(zstd::decode_all(&data.body[..]).unwrap()).unwrap();
+    let mut state = ConsumerState::default();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if v.get("_id").is_some() {
+            state.apply(&v);
+        }
+    }
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_scoped_checkpoint_serves_that_tenants_list() {
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let core = ServerProcess::start_leader(
+        ServerOptions::default()
+            .arg("--object-store")
+            .arg(&store_url),
+    )
+    .await;
+    let api = core.api();
+    let c = client(&core.url());
+    for t in ["acme", "beta"] {
+        c.create_tenant(t).await.unwrap();
+        c.create_collection(t, "flags").await.unwrap();
+    }
+    let mut work = Workload {
+        seed: 9,
+        live: Default::default(),
+        collections: vec![
+            ("acme".into(), "flags".into()),
+            ("beta".into(), "flags".into()),
+        ],
+        keys: 100,
+    };
+    post_changes(&c, &mut work, 3_000).await;
+    // acme's checkpoint, then a full one that lets the core truncate.
+    let mut scoped = ServerProcess::start(checkpointer(
+        &core.url(),
+        &store_url,
+        &["--once", "--scope", "tenant=acme"],
+    ))
+    .await;
+    assert!(
+        scoped.wait_exit(DEADLINE).await.success(),
+        "{}",
+        scoped.log_tail(20)
+    );
+    let acme = api
+        .get("/checkpoints/latest?scope=tenant%3Dacme")
+        .await
+        .ok_json();
+    assert_eq!(acme["scope"], "tenant=acme");
+    assert!(acme["object"]
+        .as_str()
+        .unwrap()
+        .contains("/checkpoints/tenant-acme/"));
+    assert_eq!(
+        health(&api).await["firstIndex"],
+        1,
+        "a scoped checkpoint never truncates"
+    );
+    let mut full = ServerProcess::start(checkpointer(
+        &core.url(),
+        &store_url,
+        &["--once", "--retain", "10"],
+    ))
+    .await;
+    assert!(
+        full.wait_exit(DEADLINE).await.success(),
+        "{}",
+        full.log_tail(20)
+    );
+    assert_eq!(
+        api.get("/checkpoints")
+            .await
+            .ok_json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // acme's list below the first index names acme's checkpoint; the whole list the full one.
+    let gone = api.get("/tenants/acme/changes?since=0").await;
+    assert_eq!(gone.status, 410);
+    assert_eq!(gone.json()["checkpoint"], acme);
+    let gone = api.get("/changes?since=0").await;
+    assert_eq!(gone.json()["checkpoint"]["scope"], "all");
+    // The scoped checkpoint holds acme's catalog, keys and changes only.
+    let state = checkpoint_state(&api, &acme).await;
+    assert_eq!(state.tenants.values().collect::<Vec<_>>(), ["acme"]);
+    assert!(state.keys.keys().all(|(t, _, _)| t == "acme"));
+    assert!(state.unkeyed.values().all(|c| c["tenant"] == "acme"));
+    assert!(
+        !state.keys.is_empty() && !state.unkeyed.is_empty(),
+        "{}",
+        state.summary()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_lists_shows_and_downloads_checkpoints() {
+    let objects = tempfile::tempdir().unwrap();
+    let (core, manifest, _) = core_with_a_checkpoint(objects.path(), "100").await;
+    let cli = changeagent_testkit::Binary::named("changeagent")
+        .locate()
+        .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cli)
+            .arg("--server")
+            .arg(core.url())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let listed = run(&["checkpoints", "list"]);
+    let first: Value =
+        serde_json::from_slice(listed.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first, manifest);
+    let shown: Value =
+        serde_json::from_slice(&run(&["checkpoints", "show", "latest"]).stdout).unwrap();
+    assert_eq!(shown, manifest);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.jsonl.zst");
+    run(&[
+        "checkpoints",
+        "download",
+        "latest",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(hex(&Sha256::digest(&bytes)), manifest["sha256"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_go_on_across_a_leader_kill_in_a_cluster() {
+    use changeagent_testkit::cluster::{Cluster, ClusterOptions};
+    let objects = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", objects.path().display());
+    let mut cluster =
+        Cluster::start_with_peers(ClusterOptions::new(3).arg("--object-store").arg(&store_url))
+            .await;
+    let leader = cluster.wait_leader().await;
+    let urls: Vec<String> = (0..3).map(|i| cluster.node(i).url()).collect();
+    let c = Client::builder(urls.clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    c.create_tenant("acme").await.unwrap();
+    c.create_collection("acme", "flags").await.unwrap();
+    let mut work = Workload {
+        seed: 13,
+        live: Default::default(),
+        collections: vec![("acme".into(), "flags".into())],
+        keys: 100,
+    };
+    post_changes(&c, &mut work, 1_000).await;
+    let mut ckpt = ServerProcess::start(checkpointer(
+        &urls.join(","),
+        &store_url,
+        &["--every-changes", "500", "--retain", "100"],
+    ))
+    .await;
+    let api = cluster.api(leader);
+    let first = wait_checkpoint_past(&api, 0).await;
+
+    // The leader dies; the checkpointer fails over to the others and goes on.
+    cluster.kill9(leader);
+    let survivor = cluster.others(&[leader])[0];
+    cluster
+        .wait_new_leader(&cluster.others(&[leader]), leader)
+        .await;
+    post_changes(&c, &mut work, 1_000).await;
+    let api = cluster.api(survivor);
+    let second = wait_checkpoint_past(&api, first["index"].as_u64().unwrap()).await;
+    assert_manifests_sound(&api, objects.path()).await;
+    // The killed node comes back with the same checkpoints and truncation as the others:
+    // the newest checkpoint (this one or a later one) and first index = its index + 1 - 100.
+    cluster.restart(leader).await;
+    let second_index = second["index"].as_u64().unwrap();
+    wait_until(
+        DEADLINE,
+        "every node's checkpoints and first index",
+        || async {
+            let mut seen = Vec::new();
+            for i in 0..3 {
+                let a = cluster.api(i);
+                let h = a
+                    .try_get("/health")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json();
+                let list = a
+                    .try_get("/checkpoints")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .json();
+                seen.push((h["firstIndex"].as_u64(), list[0]["index"].as_u64(), list));
+            }
+            let (first, newest, _) = &seen[0];
+            let settled = newest.is_some_and(|n| n >= second_index && *first == Some(n + 1 - 100));
+            if settled && seen.iter().all(|s| s == &seen[0]) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?}",
+                    seen.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(ckpt.terminate().await.success());
+}
