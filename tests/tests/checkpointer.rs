@@ -161,6 +161,52 @@ impl Workload {
     }
 }
 
+impl Workload {
+    /// Creates the tenants and collections (`(tenant, collection)` pairs) over `client`, and
+    /// a workload over them with `keys` keys per collection.
+    async fn create(
+        client: &Client,
+        seed: u64,
+        collections: &[(&str, &str)],
+        keys: u64,
+    ) -> Workload {
+        let mut tenants: Vec<&str> = collections.iter().map(|(t, _)| *t).collect();
+        tenants.dedup();
+        for t in tenants {
+            client.create_tenant(t).await.expect("create a tenant");
+        }
+        for (t, coll) in collections {
+            client
+                .create_collection(t, coll)
+                .await
+                .expect("create a collection");
+        }
+        Workload {
+            seed,
+            live: Default::default(),
+            collections: collections
+                .iter()
+                .map(|(t, c)| (t.to_string(), c.to_string()))
+                .collect(),
+            keys,
+        }
+    }
+}
+
+/// One core node whose checkpoints are read from `store_url` (`env` for an S3 store), and a
+/// client of it.
+async fn start_core(store_url: &str, env: &[(String, String)]) -> (ServerProcess, Client) {
+    let mut opts = ServerOptions::default()
+        .arg("--object-store")
+        .arg(store_url);
+    for (k, v) in env {
+        opts = opts.env(k, v);
+    }
+    let core = ServerProcess::start_leader(opts).await;
+    let c = client(&core.url());
+    (core, c)
+}
+
 async fn post_changes(client: &Client, work: &mut Workload, total: usize) {
     let mut posted = 0;
     while posted < total {
@@ -260,30 +306,11 @@ fn checkpoint_objects(dir: &Path) -> Vec<PathBuf> {
 async fn a_consumer_from_a_checkpoint_ends_with_the_state_of_one_that_read_everything() {
     let objects = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", objects.path().display());
-    let core = ServerProcess::start_leader(
-        ServerOptions::default()
-            .arg("--object-store")
-            .arg(&store_url),
-    )
-    .await;
+    let (core, c) = start_core(&store_url, &[]).await;
     let api = core.api();
-    let c = client(&core.url());
     let reads_everything = Consumer::start(&core.url(), 0);
-    c.create_tenant("acme").await.unwrap();
-    c.create_tenant("beta").await.unwrap();
-    for (t, coll) in [("acme", "flags"), ("acme", "users"), ("beta", "flags")] {
-        c.create_collection(t, coll).await.unwrap();
-    }
-    let mut work = Workload {
-        seed: 7,
-        live: Default::default(),
-        collections: vec![
-            ("acme".into(), "flags".into()),
-            ("acme".into(), "users".into()),
-            ("beta".into(), "flags".into()),
-        ],
-        keys: 700,
-    };
+    let collections = [("acme", "flags"), ("acme", "users"), ("beta", "flags")];
+    let mut work = Workload::create(&c, 7, &collections, 700).await;
     post_changes(&c, &mut work, 30_000).await;
     reads_everything
         .wait_at(health(&api).await["lastIndex"].as_u64().unwrap())
@@ -309,9 +336,8 @@ async fn a_consumer_from_a_checkpoint_ends_with_the_state_of_one_that_read_every
 
     // More of everything after the first checkpoint: a new tenant and collection, keyed
     // writes and deletes over the same keys.
-    c.create_tenant("gamma").await.unwrap();
-    c.create_collection("gamma", "flags").await.unwrap();
-    work.collections.push(("gamma".into(), "flags".into()));
+    let gamma = Workload::create(&c, 0, &[("gamma", "flags")], 0).await;
+    work.collections.extend(gamma.collections);
     post_changes(&c, &mut work, 20_000).await;
     let second = wait_checkpoint_past(&api, first_index).await;
     let second_index = second["index"].as_u64().unwrap();
@@ -380,22 +406,9 @@ async fn a_consumer_from_a_checkpoint_ends_with_the_state_of_one_that_read_every
 async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest() {
     let objects = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", objects.path().display());
-    let core = ServerProcess::start_leader(
-        ServerOptions::default()
-            .arg("--object-store")
-            .arg(&store_url),
-    )
-    .await;
+    let (core, c) = start_core(&store_url, &[]).await;
     let api = core.api();
-    let c = client(&core.url());
-    let mut work = Workload {
-        seed: 11,
-        live: Default::default(),
-        collections: vec![("acme".into(), "flags".into())],
-        keys: 200,
-    };
-    c.create_tenant("acme").await.unwrap();
-    c.create_collection("acme", "flags").await.unwrap();
+    let mut work = Workload::create(&c, 11, &[("acme", "flags")], 200).await;
     post_changes(&c, &mut work, 3_000).await;
     // Parts of 64 KiB, so "uploading" stops between parts of a real multipart upload.
     let small_parts = [
@@ -489,21 +502,8 @@ async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest
 /// checkpointer run with `--once` and `retain` so the core truncates.
 async fn core_with_a_checkpoint(objects: &Path, retain: &str) -> (ServerProcess, Value, Workload) {
     let store_url = format!("file://{}", objects.display());
-    let core = ServerProcess::start_leader(
-        ServerOptions::default()
-            .arg("--object-store")
-            .arg(&store_url),
-    )
-    .await;
-    let c = client(&core.url());
-    c.create_tenant("acme").await.unwrap();
-    c.create_collection("acme", "flags").await.unwrap();
-    let mut work = Workload {
-        seed: 3,
-        live: Default::default(),
-        collections: vec![("acme".into(), "flags".into())],
-        keys: 100,
-    };
+    let (core, c) = start_core(&store_url, &[]).await;
+    let mut work = Workload::create(&c, 3, &[("acme", "flags")], 100).await;
     post_changes(&c, &mut work, 2_000).await;
     let mut once = ServerProcess::start(checkpointer(
         &core.url(),
@@ -594,20 +594,9 @@ async fn checkpoints_go_to_a_real_s3_server() {
         }
         opts
     };
-    let core = ServerProcess::start_leader(with_s3(
-        ServerOptions::default().arg("--object-store").arg(&url),
-    ))
-    .await;
+    let (core, c) = start_core(&url, &garage.env()).await;
     let api = core.api();
-    let c = client(&core.url());
-    c.create_tenant("acme").await.unwrap();
-    c.create_collection("acme", "flags").await.unwrap();
-    let mut work = Workload {
-        seed: 5,
-        live: Default::default(),
-        collections: vec![("acme".into(), "flags".into())],
-        keys: 300,
-    };
+    let mut work = Workload::create(&c, 5, &[("acme", "flags")], 300).await;
     post_changes(&c, &mut work, 5_000).await;
     let reads_everything = Consumer::start(&core.url(), 0);
     reads_everything
@@ -828,27 +817,9 @@ async fn checkpoint_state(api: &Api, manifest: &Value) -> ConsumerState {
 async fn a_tenant_scoped_checkpoint_serves_that_tenants_list() {
     let objects = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}", objects.path().display());
-    let core = ServerProcess::start_leader(
-        ServerOptions::default()
-            .arg("--object-store")
-            .arg(&store_url),
-    )
-    .await;
+    let (core, c) = start_core(&store_url, &[]).await;
     let api = core.api();
-    let c = client(&core.url());
-    for t in ["acme", "beta"] {
-        c.create_tenant(t).await.unwrap();
-        c.create_collection(t, "flags").await.unwrap();
-    }
-    let mut work = Workload {
-        seed: 9,
-        live: Default::default(),
-        collections: vec![
-            ("acme".into(), "flags".into()),
-            ("beta".into(), "flags".into()),
-        ],
-        keys: 100,
-    };
+    let mut work = Workload::create(&c, 9, &[("acme", "flags"), ("beta", "flags")], 100).await;
     post_changes(&c, &mut work, 3_000).await;
     // acme's checkpoint, then a full one that lets the core truncate.
     let mut scoped = ServerProcess::start(checkpointer(
@@ -970,14 +941,7 @@ async fn checkpoints_go_on_across_a_leader_kill_in_a_cluster() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    c.create_tenant("acme").await.unwrap();
-    c.create_collection("acme", "flags").await.unwrap();
-    let mut work = Workload {
-        seed: 13,
-        live: Default::default(),
-        collections: vec![("acme".into(), "flags".into())],
-        keys: 100,
-    };
+    let mut work = Workload::create(&c, 13, &[("acme", "flags")], 100).await;
     post_changes(&c, &mut work, 1_000).await;
     let mut ckpt = ServerProcess::start(checkpointer(
         &urls.join(","),
