@@ -78,7 +78,17 @@ pub async fn data(
     let objects = api.objects.as_ref().ok_or_else(|| {
         ApiError::NotFound("this server has no object store to read checkpoints from".into())
     })?;
-    let stream = objects.get(&manifest.object).await?;
+    let stream = match objects.get(&manifest.object).await {
+        Ok(stream) => stream,
+        Err(e) if e.is_missing_object() => {
+            return Err(ApiError::NotFound(format!(
+                "checkpoint {index} is kept, but its object {} is missing from this server's \
+                 object store (is --object-store the checkpointers' store?)",
+                manifest.object
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let body = Body::from_stream(stream.map_err(std::io::Error::other));
     let mut resp = (StatusCode::OK, body).into_response();
     let headers = resp.headers_mut();

@@ -110,6 +110,11 @@ impl Error {
         }
     }
 
+    /// The object store has no object at the path asked for.
+    pub fn is_missing_object(&self) -> bool {
+        matches!(self, Error::ObjectStore(object_store::Error::NotFound { .. }))
+    }
+
     /// An invalid-input rejection.
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::Rejected(Rejection::Invalid(message.into()))
