@@ -834,3 +834,20 @@ fn importing_a_checkpoint_gives_a_consumer_the_same_state() {
     }
     assert_eq!(n, 9);
 }
+
+#[test]
+fn only_checkpoint_and_truncate_records_leave_the_state_unmoved() {
+    let (_d, s) = populated();
+    assert!(s.has_data_after(0).unwrap());
+    assert!(!s.has_data_after(12).unwrap());
+    commit_checkpoint(&s, 60, "a", 3);
+    let mut txn = s.begin();
+    txn.truncate(61, 5).unwrap();
+    s.commit(txn).unwrap();
+    // Start, end and truncate records since 12: nothing a checkpoint holds moved.
+    assert!(!s.has_data_after(12).unwrap());
+    let mut txn = s.begin();
+    txn.create_tenant(62, "delta").unwrap();
+    s.commit(txn).unwrap();
+    assert!(s.has_data_after(12).unwrap());
+}
