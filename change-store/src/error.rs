@@ -112,7 +112,10 @@ impl Error {
 
     /// The object store has no object at the path asked for.
     pub fn is_missing_object(&self) -> bool {
-        matches!(self, Error::ObjectStore(object_store::Error::NotFound { .. }))
+        matches!(
+            self,
+            Error::ObjectStore(object_store::Error::NotFound { .. })
+        )
     }
 
     /// An invalid-input rejection.
