@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tokio::task::JoinSet;
 
+use crate::memory;
 use crate::report::{self, Latency};
 use crate::server::{self, Page, Server};
 
@@ -434,8 +435,7 @@ fn read_rss_kb(pid: u32) -> Result<u64> {
 
 /// The `VmRSS:` value (kB) of a /proc/PID/status text.
 fn vm_rss_kb(status: &str) -> Option<u64> {
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-    line.split_whitespace().next()?.parse().ok()
+    memory::field_kb(status, "VmRSS:")
 }
 
 #[cfg(test)]

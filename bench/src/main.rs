@@ -9,7 +9,8 @@
 //! default `http://127.0.0.1:9000`) and exits non-zero with a hint how to
 //! start one when that node cannot be reached. With `--cluster N` (`write`,
 //! `all`) and in `failover` it instead starts its own local cluster of the
-//! `changeagent-server` binary next to it (see below). Results go to stdout,
+//! `changeagent-server` binary next to it (see below); `checkpoint` starts
+//! its own node, checkpointer and restoring node. Results go to stdout,
 //! progress lines (every 2 s during long work) to stderr.
 //!
 //! Build it in release mode; a debug build measures the benchmark itself:
@@ -81,6 +82,30 @@
 //!   line per round, then p50/p90/p99/max of the failover and catch-up times,
 //!   and checks that the log grew by exactly the number of acknowledged
 //!   writes (no retry appended twice, nothing acknowledged was lost).
+//! - `checkpoint [--changes 1000000] [--keys 100000] [--store file|s3|both]
+//!   [--s3] [--dir DIR]` — starts its own core node of the release
+//!   `changeagent-server` and loads it with `--changes` changes (half keyed
+//!   writes cycling over `--keys` keys of one collection, half unkeyed; about
+//!   100 bytes of varied JSON data each) in atomic batch posts
+//!   (`--load-batch 1000`, `--load-posters 4`). Then
+//!   `changeagent-checkpointer --once` catches up and writes one checkpoint;
+//!   from its log come the export, upload, read-back and round times, the
+//!   object and raw sizes and their ratio. Its memory (`VmRSS` and `VmHWM`
+//!   of `/proc/PID/status`) is sampled every 10 ms from `checkpoint started`
+//!   until it exits: the baseline, the peak (`VmHWM` when the round raised
+//!   it, exact up to the last sample; else the sampled `VmRSS` maximum: a
+//!   process that has exited can no longer be read) and the extra between
+//!   them. The core is stopped and a new node started with `--restore-from`:
+//!   import time (from its log), time to serving, memory sampled the same
+//!   way from `restoring from a checkpoint` to `listening on`, and its
+//!   `/health` `lastIndex`, which must be the checkpoint's index. Prints
+//!   the figures against the targets (round and import ≤ 10 s, extra RSS ≤
+//!   100 MB each side), then one JSON line with all of them. `--store s3`
+//!   (or `--s3`, both stores) runs the same against a local Garage server
+//!   (`scripts/install-garage`, or `CHANGEAGENT_GARAGE_BIN`). Data dirs,
+//!   logs and the `file://` store live in a temporary directory under
+//!   `--dir` (default the current directory), removed at the end unless
+//!   `--keep-dir` is given or the run failed.
 //!
 //! # Local clusters
 //!
@@ -101,7 +126,8 @@
 //!
 //! Every flag also reads an environment variable, `CHANGEAGENT_BENCH_<FLAG>`
 //! (e.g. `CHANGEAGENT_BENCH_PID`), except `--server` (`CHANGEAGENT_SERVER`),
-//! `--server-bin` (`CHANGEAGENT_SERVER_BIN`, as in the system tests) and
+//! `--server-bin` (`CHANGEAGENT_SERVER_BIN`, as in the system tests),
+//! `--checkpointer-bin` (`CHANGEAGENT_CHECKPOINTER_BIN`, likewise) and
 //! `--server-arg` (`CHANGEAGENT_BENCH_SERVER_ARGS`).
 //!
 //! # Examples
@@ -115,6 +141,7 @@
 //! changeagent-bench --server http://10.0.0.5:9000 all --fsync-dir /var/tmp/ca-data --pid 4242
 //! changeagent-bench write --cluster 3 --cluster-dir /var/tmp
 //! changeagent-bench failover --rounds 20 --cluster-dir /var/tmp
+//! changeagent-bench checkpoint --store both --dir /var/tmp
 //! ```
 //!
 //! # Layout
@@ -126,13 +153,21 @@
 //! - `cluster`: the flags of a local N-node cluster and starting it with the
 //!   test kit (which finds the leader, kills and restarts nodes).
 //! - `failover`: leader kills under a retrying writer.
+//! - `checkpoint`: one checkpoint of a loaded node written and restored.
+//! - `load`: the batch loader `read` and `checkpoint` fill a node with.
+//! - `memory`: `VmRSS` and `VmHWM` of a process, and a sampled window.
+//! - `logline`: a child's new log lines and the fields of a `tracing` line.
 //! - `server`: the shared HTTP client and the node's index range and metrics.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
 
+mod checkpoint;
 mod cluster;
 mod failover;
 mod fsync;
+mod load;
+mod logline;
 mod longpoll;
+mod memory;
 mod read;
 mod report;
 mod server;
@@ -146,6 +181,7 @@ use clap::{Parser, Subcommand};
 
 use changeagent_testkit::cluster::{Cluster, CLUSTER_DEADLINE};
 
+use crate::checkpoint::CheckpointArgs;
 use crate::cluster::ClusterArgs;
 use crate::failover::FailoverArgs;
 use crate::fsync::{FsyncArgs, FsyncSampling};
@@ -193,6 +229,8 @@ enum Command {
     Longpoll(LongpollArgs),
     /// Time from kill -9 of a local cluster's leader to the next acknowledged write.
     Failover(FailoverArgs),
+    /// Time, size and memory of writing one checkpoint of a loaded node and restoring it.
+    Checkpoint(CheckpointArgs),
     /// fsync, write (1 and 64 clients, batch), read, then longpoll (needs --pid).
     All {
         /// Directory for the fsync phase (the server's data dir; default the
@@ -288,6 +326,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Failover(args) => {
             args.validate()?;
             failover::run(&args).await?;
+        }
+        Command::Checkpoint(args) => {
+            args.validate()?;
+            checkpoint::run(&args).await?;
         }
         Command::All {
             fsync_dir,
@@ -540,6 +582,44 @@ mod tests {
         };
         let err = args.validate().unwrap_err();
         assert!(format!("{err}").contains("quorum"), "{err}");
+    }
+
+    #[test]
+    fn checkpoint_defaults_to_a_million_changes_to_file_only() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["changeagent-bench", "checkpoint"];
+            argv.extend_from_slice(args);
+            let Command::Checkpoint(args) = Cli::try_parse_from(argv)?.command else {
+                panic!("not checkpoint")
+            };
+            Ok::<_, clap::Error>(args)
+        };
+        let args = parse(&[]).unwrap();
+        assert_eq!((args.changes, args.keys), (1_000_000, 100_000));
+        assert_eq!((args.load_batch, args.load_posters), (1000, 4));
+        assert_eq!(args.store, checkpoint::StoreChoice::File);
+        assert!(!args.s3 && !args.keep_dir);
+        assert!(args.validate().is_ok());
+
+        let args = parse(&["--changes", "20000", "--keys", "2000", "--store", "both"]).unwrap();
+        assert_eq!((args.changes, args.keys), (20_000, 2_000));
+        assert_eq!(args.store, checkpoint::StoreChoice::Both);
+        assert!(parse(&["--s3"]).unwrap().s3);
+        assert!(
+            parse(&["--s3", "--store", "file"]).is_err(),
+            "--s3 is --store both"
+        );
+        assert!(parse(&["--store", "gcs"]).is_err());
+
+        for bad in [
+            &["--changes", "1"][..],
+            &["--keys", "0"],
+            &["--load-batch", "0"],
+            &["--load-batch", "10001"],
+            &["--load-posters", "0"],
+        ] {
+            assert!(parse(bad).unwrap().validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! one page after another (as a catching-up consumer does), after topping the
 //! server up to the wanted number of changes with concurrent batch posts.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 
+use crate::load::{self, Load};
 use crate::report::{self, Latency, Progress};
 use crate::server::{self, Page, Server};
 
@@ -19,13 +21,6 @@ const READ_TARGET: f64 = 300_000.0;
 
 /// Largest `limit` the API accepts.
 const MAX_PAGE: u32 = 10_000;
-
-/// Tries per load batch before giving up (503s while a leader is elected,
-/// dropped connections); retries carry the same `Idempotency-Key`.
-const LOAD_ATTEMPTS: u32 = 5;
-
-/// Back-off after a failed load batch, multiplied by the attempt number.
-const LOAD_BACKOFF: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, Args)]
 pub struct ReadArgs {
@@ -110,111 +105,17 @@ async fn load(server: &Server, missing: u64, args: &ReadArgs) -> Result<()> {
         report::count(args.load_batch as u64),
         args.load_posters
     ));
-    let counters = Arc::new(Counters::default());
-    let _progress = {
-        let counters = Arc::clone(&counters);
-        Progress::start(move |elapsed| {
-            let done = counters.changes.load(Ordering::Relaxed);
-            format!(
-                "loading: {} / {} changes, {} changes/s",
-                report::count(done),
-                report::count(missing),
-                report::rate(done, elapsed)
-            )
-        })
+    let load = Load {
+        changes: missing,
+        batch: args.load_batch,
+        posters: args.load_posters,
+        change: |n: u64, body: &mut String| {
+            // Writing to a String cannot fail.
+            let _ = write!(body, r#"{{"data":{{"bench":true,"n":{n}}}}}"#);
+        },
     };
-    // Keys of this run's batches, so that a retry cannot append twice.
-    let run_id = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let batch = args.load_batch as u64;
-    let batches = missing.div_ceil(batch);
-    let next_batch = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut posters = JoinSet::<Result<()>>::new();
-    for _ in 0..args.load_posters {
-        let (server, counters, next_batch) = (
-            server.clone(),
-            Arc::clone(&counters),
-            Arc::clone(&next_batch),
-        );
-        posters.spawn(async move {
-            loop {
-                let b = next_batch.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    return Ok(());
-                }
-                let first_n = b * batch;
-                let size = batch.min(missing - first_n);
-                let key = format!("changeagent-bench-load-{run_id}-{b}");
-                post_batch(&server, &key, first_n, size).await?;
-                counters.changes.fetch_add(size, Ordering::Relaxed);
-            }
-        });
-    }
-    // Dropping the set on the first error aborts the other posters.
-    while let Some(joined) = posters.join_next().await {
-        joined.context("a load poster panicked")??;
-    }
-    let elapsed = started.elapsed();
-    println!(
-        "loaded {} changes in {:.1} s = {} changes/s",
-        report::count(missing),
-        elapsed.as_secs_f64(),
-        report::rate(missing, elapsed)
-    );
+    load::run(server, load).await?;
     Ok(())
-}
-
-/// Posts `size` changes numbered from `first_n` as one atomic batch.
-async fn post_batch(server: &Server, key: &str, first_n: u64, size: u64) -> Result<()> {
-    let mut body = String::with_capacity(size as usize * 36 + 2);
-    body.push('[');
-    for n in first_n..first_n + size {
-        if n > first_n {
-            body.push(',');
-        }
-        body.push_str(&format!(r#"{{"data":{{"bench":true,"n":{n}}}}}"#));
-    }
-    body.push(']');
-    let url = server.url("/changes");
-    let mut attempt = 1;
-    loop {
-        let sent = server
-            .client()
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("Idempotency-Key", key)
-            .body(body.clone())
-            .timeout(server::REQUEST_TIMEOUT)
-            .send()
-            .await;
-        let err = match sent {
-            Ok(resp) => {
-                let status = resp.status();
-                match server::ok_body(resp).await {
-                    Ok(_) => return Ok(()),
-                    // Only "no leader / busy" is worth retrying; anything else
-                    // (413 too large, 400) fails the same way every time.
-                    Err(err) if status == reqwest::StatusCode::SERVICE_UNAVAILABLE => err,
-                    Err(err) if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE => {
-                        return Err(err).context(format!(
-                            "POST {url}: a batch of {size} changes is too large; lower --load-batch"
-                        ));
-                    }
-                    Err(err) => return Err(err).context(format!("POST {url}")),
-                }
-            }
-            Err(err) => anyhow::anyhow!(server::describe(&err)),
-        };
-        if attempt >= LOAD_ATTEMPTS {
-            return Err(err).context(format!("POST {url}: gave up after {attempt} attempts"));
-        }
-        eprintln!("  … load batch failed (attempt {attempt}/{LOAD_ATTEMPTS}), retrying: {err:#}");
-        tokio::time::sleep(LOAD_BACKOFF * attempt).await;
-        attempt += 1;
-    }
 }
 
 /// `readers` concurrent full passes over `want` changes after `since`.
