@@ -202,7 +202,7 @@ impl ChangeInput {
 /// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
 /// digits (all-digit path segments are ids).
 pub fn validate_name(name: &str) -> Result<()> {
-    changeagent_proto::types::check_name(name).map_err(Error::invalid)
+    changeagent_proto::limits::check_name(name).map_err(Error::invalid)
 }
 
 /// The client's JSON with insignificant whitespace removed; key order, number spelling and

@@ -42,7 +42,7 @@ impl Scope {
         }
         match s.strip_prefix("tenant=") {
             Some(name) => {
-                crate::types::check_name(name)?;
+                crate::limits::check_name(name)?;
                 Ok(Scope::Tenant(name.to_owned()))
             }
             None => Err(format!(

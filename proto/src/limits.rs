@@ -20,3 +20,27 @@ pub const MAX_LIMIT: usize = 10_000;
 /// Longest `block` a server allows by default, in seconds (five minutes, well past the idle
 /// timeouts of most proxies; clients use 30 s).
 pub const DEFAULT_MAX_BLOCK_SECS: u64 = 300;
+
+/// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
+/// digits (all-digit path segments are ids).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "names must be 1 to {MAX_NAME_BYTES} characters long"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "name {name:?} may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "name {name:?} is all digits, which would read as an id"
+        ));
+    }
+    Ok(())
+}

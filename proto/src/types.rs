@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::checkpoint::{Manifest, Scope};
-use crate::limits::MAX_NAME_BYTES;
 
 /// Records with a type below zero are written by ChangeAgent itself; they appear in the
 /// unfiltered list only, and clients may not post them.
@@ -153,30 +152,6 @@ pub struct Collection {
     pub name: String,
     /// Name of the owning tenant.
     pub tenant: String,
-}
-
-/// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
-/// digits (all-digit path segments are ids).
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "names must be 1 to {MAX_NAME_BYTES} characters long"
-        ));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(format!(
-            "name {name:?} may hold only letters, digits, '.', '_' and '-'"
-        ));
-    }
-    if name.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "name {name:?} is all digits, which would read as an id"
-        ));
-    }
-    Ok(())
 }
 
 /// Answer to `POST /tenants`: the tenant, plus `tenant` (its id) as the original ChangeAgent

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::process::LISTENING_MARKER;
+/// The marker every binary logs once it has bound its listener.
+pub(crate) const LISTENING_MARKER: &str = "listening on ";
 
 /// How to get the binaries the harness starts: the packages that use it do
 /// not depend on the server crates, so cargo does not build them on its own.

@@ -40,8 +40,7 @@ pub const LOG_TAIL_LINES: usize = 20;
 /// process: the end of a busy debug-build log, not megabytes of it.
 const PANIC_LOG_BYTES: usize = 16 * 1024;
 
-/// The marker every binary logs once it has bound its listener.
-pub(crate) const LISTENING_MARKER: &str = "listening on ";
+pub(crate) use crate::error::LISTENING_MARKER;
 
 /// How to start a process beyond the fixed `--listen … --data-dir …`.
 #[derive(Debug, Clone, Default)]
