@@ -195,7 +195,7 @@ impl GarageServer {
         let child = &mut self.child;
         let seen = wait_until(GARAGE_START_DEADLINE, &what, || {
             let exited = child.try_wait();
-            let port_taken = read_log(&log_path).contains(PORT_TAKEN);
+            let port_taken = crate::process::read_from(&log_path, 0).contains(PORT_TAKEN);
             let (admin, s3) = (admin.clone(), s3.clone());
             async move {
                 match exited {
@@ -336,19 +336,12 @@ impl GarageServer {
 
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
-        read_log(&self.log_path())
+        crate::process::read_from(&self.log_path(), 0)
     }
 
     /// The last `lines` lines of the log, indented, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = self.log();
-        let all: Vec<&str> = text.lines().collect();
-        let tail = &all[all.len().saturating_sub(lines)..];
-        if tail.is_empty() {
-            return "    (empty)".to_string();
-        }
-        let indented: Vec<String> = tail.iter().map(|l| format!("    {l}")).collect();
-        indented.join("\n")
+        crate::process::tail_of(&self.log(), lines)
     }
 }
 
@@ -379,13 +372,6 @@ impl Drop for GarageServer {
             );
         }
     }
-}
-
-/// `path`'s text, lossily as UTF-8; empty when it cannot be read yet.
-fn read_log(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_default()
 }
 
 /// An error with its causes, as `reqwest`'s own message leaves them out

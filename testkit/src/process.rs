@@ -318,14 +318,7 @@ impl ServerProcess {
 
     /// The last `lines` lines of the log, indented, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = self.log();
-        let all: Vec<&str> = text.lines().collect();
-        let tail = &all[all.len().saturating_sub(lines)..];
-        if tail.is_empty() {
-            return "    (empty)".to_string();
-        }
-        let indented: Vec<String> = tail.iter().map(|l| format!("    {l}")).collect();
-        indented.join("\n")
+        tail_of(&self.log(), lines)
     }
 
     /// Process id of the running child, if one runs.
@@ -611,7 +604,19 @@ fn tail_chars(s: &str, max: usize) -> &str {
 }
 
 /// Reads `path` from byte `offset` on, lossily as UTF-8.
-fn read_from(path: &Path, offset: u64) -> String {
+/// The last `lines` lines of a log, indented, for error messages.
+pub(crate) fn tail_of(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    if tail.is_empty() {
+        return "    (empty)".to_string();
+    }
+    let indented: Vec<String> = tail.iter().map(|l| format!("    {l}")).collect();
+    indented.join("\n")
+}
+
+/// A log file from `offset` on, as (lossy) text; empty when it cannot be read.
+pub(crate) fn read_from(path: &Path, offset: u64) -> String {
     let mut buf = Vec::new();
     if let Ok(mut f) = File::open(path) {
         if f.seek(SeekFrom::Start(offset)).is_ok() {
