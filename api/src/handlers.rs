@@ -1,5 +1,7 @@
 //! Handlers of the read routes. RocksDB reads run on the blocking pool; long-polls wait on
-//! the store's applied-index watch, woken once per applied batch, never by polling.
+//! the store's applied-index watch, woken once per applied batch, never by polling, and a
+//! woken long-poll answers from the store's tail cache on the async worker when it can,
+//! without a RocksDB read.
 
 use std::sync::Arc;
 
@@ -46,8 +48,11 @@ pub async fn list_changes(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let q = ChangesQuery::parse(raw.as_deref(), api.limits.max_block_secs)?;
+    // Only the path is kept: the URI shares the connection's read buffer.
+    let path = uri.path().to_owned();
+    drop((uri, raw));
     api.barrier(q.consistent).await?;
-    serve_changes(&api, uri.path(), q).await
+    serve_changes(&api, &path, q).await
 }
 
 /// `GET /tenants/{t}/changes`: the change list of one tenant.
@@ -59,8 +64,10 @@ pub async fn tenant_changes(
 ) -> Result<Response, ApiError> {
     let mut q = ChangesQuery::parse(raw.as_deref(), api.limits.max_block_secs)?;
     q.tenant = Some(tenant);
+    let path = uri.path().to_owned();
+    drop((uri, raw));
     api.barrier(q.consistent).await?;
-    serve_changes(&api, uri.path(), q).await
+    serve_changes(&api, &path, q).await
 }
 
 /// Answers a change query, long-polling when asked to and nothing matches yet.
@@ -95,13 +102,19 @@ pub async fn serve_changes(
     let mut waiting = None;
     loop {
         applied.borrow_and_update();
-        let (f, limit) = (filter.clone(), q.limit);
-        let page = blocking(store, move |s| {
-            let mut body = Vec::new();
-            let info = s.read_page(since, limit, &f, &mut body)?;
-            Ok((body, info))
-        })
-        .await;
+        let mut body = Vec::new();
+        let page = match store.read_page_cached(since, q.limit, &filter, &mut body) {
+            Some(page) => page.map(|info| (body, info)).map_err(ApiError::from),
+            None => {
+                let (f, limit) = (filter.clone(), q.limit);
+                blocking(store, move |s| {
+                    let mut body = Vec::new();
+                    let info = s.read_page(since, limit, &f, &mut body)?;
+                    Ok((body, info))
+                })
+                .await
+            }
+        };
         let (body, info) = match page {
             Ok(page) => page,
             Err(e) => return Err(api.with_checkpoint(e, tenant_name.as_deref()).await),

@@ -9,12 +9,14 @@
 //! - [`error`]: [`ApiError`] and the mapping from store errors and rejections.
 //! - [`body`]: reading request bodies (415, 413).
 //! - [`metrics`]: Prometheus metrics of the HTTP layer.
+//! - [`lean`]: a lean HTTP/1.1 server that holds no buffer while a long-poll waits.
 //! - [`serve`]: serving a router until shutdown, then draining.
 
 pub mod body;
 pub mod checkpoints;
 pub mod error;
 pub mod handlers;
+pub mod lean;
 pub mod metrics;
 pub mod serve;
 
@@ -147,9 +149,20 @@ pub async fn cluster_id_header(
 
 /// Adds the shared outer layers: fallbacks (JSON 404/405), cluster id header, metrics.
 pub fn finish_router(router: Router, store: Arc<Store>, metrics: Arc<HttpMetrics>) -> Router {
+    outer_layers(with_fallbacks(router), store, metrics)
+}
+
+/// The JSON 404 and 405 answers. A layer added after this also runs for requests that end
+/// in them (an edge forwards every write, whatever its path).
+pub fn with_fallbacks(router: Router) -> Router {
     router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+}
+
+/// The cluster id header and metrics, outermost.
+pub fn outer_layers(router: Router, store: Arc<Store>, metrics: Arc<HttpMetrics>) -> Router {
+    router
         .layer(axum::middleware::from_fn_with_state(
             store,
             cluster_id_header,

@@ -1,6 +1,7 @@
 //! Serving a router on a listener until shutdown, then draining: the listener stops
 //! accepting, waiting long-polls answer at once (they watch the same shutdown token), and
-//! requests still running after the drain timeout are cut.
+//! requests still running after the drain timeout are cut. Either with hyper (`axum::serve`,
+//! HTTP/1 and HTTP/2) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets.
 
 use std::time::Duration;
 
@@ -30,6 +31,21 @@ impl Serving {
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         Serving {
             task: tokio::spawn(async move { server.await }),
+            shutdown,
+        }
+    }
+
+    /// Serves `router` with the [`lean`](crate::lean) HTTP/1.1 server until `shutdown` is
+    /// cancelled.
+    pub fn start_lean(
+        listener: TcpListener,
+        router: Router,
+        shutdown: CancellationToken,
+        options: crate::lean::LeanOptions,
+    ) -> Serving {
+        let server = crate::lean::serve(listener, router, shutdown.clone(), options);
+        Serving {
+            task: tokio::spawn(server),
             shutdown,
         }
     }

@@ -10,11 +10,12 @@
 //! 4. Then point readers at it, reload the in-memory mirrors and wake long-polls; the old
 //!    generation is removed once its last reader is done.
 
-use std::io::{BufReader, Read};
+use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use changeagent_proto::checkpoint::{Header, Internal, Line, LineReader, Trailer};
+use changeagent_proto::checkpoint::{record_id, Header, Internal, Line, LineReader, Trailer};
+use changeagent_proto::Manifest;
 
 use crate::db;
 use crate::error::{Error, Result};
@@ -42,6 +43,18 @@ pub enum ImportMode {
     StateOnly,
 }
 
+/// What a replica (an edge) imports besides a checkpoint, so that its list starts where its
+/// upstream's does: see [`Store::import_replica`].
+pub struct Replica<'a> {
+    /// The upstream's retained changes up to the checkpoint's index, one wire JSON per line,
+    /// in `_id` order, without gaps; empty when the upstream retains nothing before it.
+    pub retained: &'a mut dyn BufRead,
+    /// The checkpoints the upstream keeps.
+    pub manifests: &'a [Manifest],
+    /// The upstream's cluster id.
+    pub cluster_id: &'a str,
+}
+
 /// What an import read.
 #[derive(Debug, Clone)]
 pub struct Imported {
@@ -59,11 +72,31 @@ impl Store {
         mode: ImportMode,
         owner: &[(&str, &[u8])],
     ) -> Result<Imported> {
+        self.import_into_new_generation(input, mode, owner, None)
+    }
+
+    /// Replaces the whole state with a replica of an upstream: the catalog and keyed state of
+    /// the checkpoint read from `input`, and a list holding `replica.retained` (the upstream's
+    /// changes from its first index up to the checkpoint's index, written to the list only)
+    /// followed by what the replica applies next. The list's first index is the first
+    /// retained change's `_id` (the checkpoint's index + 1 when none). Like
+    /// [`Store::import`], all or nothing.
+    pub fn import_replica(&self, input: impl Read, replica: Replica<'_>) -> Result<Imported> {
+        self.import_into_new_generation(input, ImportMode::StateOnly, &[], Some(replica))
+    }
+
+    fn import_into_new_generation(
+        &self,
+        input: impl Read,
+        mode: ImportMode,
+        owner: &[(&str, &[u8])],
+        replica: Option<Replica<'_>>,
+    ) -> Result<Imported> {
         let fresh = Store::over(
             self.path().to_path_buf(),
             db::create_generation(self.path())?,
         )?;
-        match build(&fresh, input, mode, owner) {
+        match build(&fresh, input, mode, owner, replica) {
             Ok(imported) => {
                 self.swap_in(fresh)?;
                 Ok(imported)
@@ -87,6 +120,9 @@ impl Store {
         db.db.flush_wal(true)?;
         db::write_active(self.path(), &db.name())?;
         let last_id = state.last_id;
+        // The cache holds the old generation's changes: empty it first, so readers of the new
+        // state never answer from it (they read RocksDB until new changes arrive).
+        self.feed.clear();
         let old = {
             let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
             *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
@@ -104,6 +140,7 @@ fn build(
     input: impl Read,
     mode: ImportMode,
     owner: &[(&str, &[u8])],
+    replica: Option<Replica<'_>>,
 ) -> Result<Imported> {
     let decoder = zstd::Decoder::new(input)?;
     let mut lines = LineReader::new(BufReader::with_capacity(1 << 16, decoder))
@@ -182,6 +219,13 @@ fn build(
     for (name, value) in owner {
         txn.put_owner_meta(name, value)?;
     }
+    if let Some(replica) = replica {
+        fresh.commit(txn)?;
+        first_index = backfill(fresh, &header, replica.retained)?;
+        txn = fresh.begin();
+        txn.set_manifests(replica.manifests)?;
+        txn.set_cluster_id(replica.cluster_id)?;
+    }
     txn.set_range(first_index, header.index);
     fresh.commit(txn)?;
     fresh.db().floor.store(first_index, Ordering::Release);
@@ -192,4 +236,52 @@ fn build(
         "imported a checkpoint"
     );
     Ok(Imported { header, trailer })
+}
+
+/// Writes a replica's retained changes (see [`Replica::retained`]) into the list only, in
+/// bounded batches; returns the list's first index.
+fn backfill(fresh: &Store, header: &Header, retained: &mut dyn BufRead) -> Result<u64> {
+    let mut first = None;
+    let mut previous = 0;
+    let mut line = Vec::new();
+    let mut txn = fresh.begin();
+    let (mut batch_records, mut batch_bytes) = (0usize, 0usize);
+    loop {
+        line.clear();
+        if retained.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        let json = line.strip_suffix(b"\n").unwrap_or(&line);
+        if json.is_empty() {
+            continue;
+        }
+        let id = record_id(json).unwrap_or(0);
+        let expected = previous + 1;
+        if first.is_some() && id != expected || id == 0 || id > header.index {
+            return Err(Error::Checkpoint(format!(
+                "the retained changes before checkpoint {} are not a run of _ids ending at it: \
+                 {id} after {previous}",
+                header.index
+            )));
+        }
+        first.get_or_insert(id);
+        txn.backfill_record(json)?;
+        previous = id;
+        batch_records += 1;
+        batch_bytes += json.len();
+        if batch_records >= IMPORT_BATCH_RECORDS || batch_bytes >= IMPORT_BATCH_BYTES {
+            fresh.commit(txn)?;
+            txn = fresh.begin();
+            (batch_records, batch_bytes) = (0, 0);
+        }
+    }
+    fresh.commit(txn)?;
+    match first {
+        None => Ok(header.index + 1),
+        Some(f) if previous == header.index => Ok(f),
+        Some(_) => Err(Error::Checkpoint(format!(
+            "the retained changes end at {previous}, not at checkpoint {}",
+            header.index
+        ))),
+    }
 }

@@ -1,6 +1,6 @@
 //! ChangeAgent's change store: the RocksDB change list with its indexes, keyed state, tenant
-//! catalog and checkpoint records; the applied-index watch long-polls wait on; and the
-//! checkpoint format (streaming export and import). It knows nothing of HTTP: refusals are
+//! catalog and checkpoint records; the applied feed long-polls wait on (a watch of the
+//! applied index and a tail cache of the newest changes); and the checkpoint format (streaming export and import). It knows nothing of HTTP: refusals are
 //! typed [`Rejection`]s that the api crate maps to statuses.
 //!
 //! # Layout
@@ -8,6 +8,7 @@
 //! - [`txn`]: the write transaction and the one row writer every change goes through.
 //! - [`record`]: client input, validation, the wire JSON and the stored header.
 //! - [`layout`]: column families and key encodings.
+//! - [`feed`]: the tail cache of the newest changes that wakes long-polls without reads.
 //! - [`db`]: generation directories and how a new one is swapped in.
 //! - [`export`] and [`import`]: the checkpoint format, both ways (also Raft snapshots).
 //! - [`objects`]: checkpoint objects in object storage.
@@ -16,6 +17,7 @@
 mod db;
 pub mod error;
 pub mod export;
+pub mod feed;
 pub mod import;
 pub mod layout;
 pub mod objects;
@@ -25,11 +27,11 @@ pub mod txn;
 
 pub use error::{Error, Rejection, Result};
 pub use export::{ExportOptions, Exported};
-pub use import::{ImportMode, Imported};
+pub use import::{ImportMode, Imported, Replica};
 pub use objects::Objects;
 pub use record::{parse_post_body, ChangeInput, PostBody};
 pub use store::{Collection, Filter, PageInfo, State, Store, Tenant};
-pub use txn::Txn;
+pub use txn::{Applied, Txn};
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_nanos() -> i64 {

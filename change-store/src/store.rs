@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::db::{self, Db};
 use crate::error::{Error, Rejection, Result};
+use crate::feed::TailCache;
 use crate::layout::{self, cf, meta};
 use crate::record::StoredChange;
 
@@ -37,7 +38,7 @@ impl Filter {
         self.tags.is_empty() && self.change_type.is_none() && self.tenant.is_none()
     }
 
-    fn matches(&self, c: &StoredChange<'_>) -> bool {
+    pub(crate) fn matches(&self, c: &StoredChange<'_>) -> bool {
         match self.change_type {
             Some(t) if c.change_type != t => return false,
             None if c.change_type < 0 && !self.is_unfiltered() => return false,
@@ -229,6 +230,8 @@ pub struct Store {
     /// Newest applied `_id`; long-polls subscribe. The store owns the sender; receivers close
     /// when the store is dropped.
     applied: watch::Sender<u64>,
+    /// The newest changes, which wake-ups read instead of RocksDB (see `feed`).
+    pub(crate) feed: TailCache,
     /// Compactions running after truncations; each holds its generation open, so the store
     /// joins them when dropped.
     pub(crate) compactions: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -272,6 +275,7 @@ impl Store {
             }),
             catalog: RwLock::new(catalog),
             applied,
+            feed: TailCache::default(),
             compactions: Default::default(),
         })
     }
@@ -320,7 +324,8 @@ impl Store {
         self.applied.subscribe()
     }
 
-    /// Publishes a new newest `_id` to long-polls.
+    /// Publishes a new newest `_id` to long-polls; `replaced`: the whole state was (an
+    /// import), so every waiter looks again even if the newest `_id` is the same.
     pub(crate) fn publish(&self, last_id: u64, replaced: bool) {
         if replaced {
             self.applied.send_replace(last_id);
@@ -346,6 +351,33 @@ impl Store {
     }
 
     // ---- reads -------------------------------------------------------------------------
+
+    /// [`Store::read_page`] from the tail cache alone: `None` when the cache does not reach
+    /// back to `since`, and the caller must read the store (off the async workers). Never
+    /// blocks on I/O, so long-poll wake-ups call it on the async workers.
+    pub fn read_page_cached(
+        &self,
+        since: u64,
+        limit: usize,
+        filter: &Filter,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<PageInfo>> {
+        let (first_index, last_index) = {
+            let c = self.current_guard();
+            (c.state.first_index, c.state.last_id)
+        };
+        if since.saturating_add(1) < first_index {
+            return Some(Err(Rejection::Truncated { first_index }.into()));
+        }
+        let info = PageInfo {
+            count: 0,
+            last_returned: None,
+            more: false,
+            first_index,
+            last_index,
+        };
+        self.feed.read_page(since, limit, filter, info, out)
+    }
 
     /// Writes the JSON of up to `limit` changes with `_id > since` matching `filter` into
     /// `out`, comma-separated, and says what it wrote.

@@ -9,12 +9,14 @@
 //! 3. after a truncation, sync the WAL, then let the compaction filter drop index entries
 //!    below the new first index (a filter that ran ahead of a lost write would lose index
 //!    entries the replayed log still needs), and compact the freed ranges in the background;
-//! 4. publish the catalog and scalars to readers, then wake long-polls.
+//! 4. add the new list rows to the tail cache, publish the catalog and scalars to readers,
+//!    then wake long-polls.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use changeagent_proto::checkpoint::{OpenStart, RecordFields};
 use changeagent_proto::types::{
     internal_type, AdminAnswer, CollectionCreated, CollectionRecord, EndRequest, StartRecord,
@@ -50,6 +52,31 @@ pub struct Txn<'s> {
     /// Rows of the checkpoints family staged here (`None`: deleted), read back by later
     /// operations of the same transaction.
     checkpoints: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// New list rows (`_id`, stored value) for the tail cache, in `_id` order.
+    cached: Vec<(u64, Bytes)>,
+}
+
+/// Which rows of a change [`Txn::write_rows`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// The list row with its index entries, and the key's state.
+    All,
+    /// Only the key's state (a checkpoint's record that is not in the list).
+    State,
+    /// Only the list row and its index entries (an older change backfilled into a replica's
+    /// list; the state it left is already there).
+    List,
+}
+
+/// What a change applied from upstream did besides joining the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// A change, or a record that needs nothing more.
+    Change,
+    /// A checkpoint-end record: the manifest is now kept here too.
+    CheckpointEnd(Manifest),
+    /// A truncate record: the list now starts at `before`.
+    Truncate { before: u64 },
 }
 
 /// Names a change refers to, resolved to ids.
@@ -77,6 +104,7 @@ impl Store {
             keys: HashMap::new(),
             idempotency: HashMap::new(),
             checkpoints: BTreeMap::new(),
+            cached: Vec::new(),
         }
     }
 
@@ -91,6 +119,7 @@ impl Store {
             first_index_before,
             tenants,
             collections,
+            cached,
             ..
         } = txn;
         db.db.write_opt(batch, &WriteOptions::default())?;
@@ -121,6 +150,7 @@ impl Store {
                 catalog.add_collection(id, rec);
             }
         }
+        self.feed.extend(cached);
         let last_id = state.last_id;
         self.current
             .write()
@@ -250,17 +280,16 @@ impl Txn<'_> {
         }
     }
 
-    /// Stages the rows of one change with its `_id`: the list row and its index entries
-    /// (when `list`), and the state of its key (keyed changes, always). Moves `last_id` and
-    /// `last_ts` forward. `json` is the change's wire JSON.
-    fn write_rows(&mut self, r: &Resolved<'_>, json: &[u8], list: bool) -> Result<()> {
+    /// Stages the rows of one change with its `_id`: the list row and its index entries, and
+    /// the state of its key (keyed changes), as `rows` says. Moves `last_id` and `last_ts`
+    /// forward. `json` is the change's wire JSON.
+    fn write_rows(&mut self, r: &Resolved<'_>, json: &[u8], rows: Rows) -> Result<()> {
         let id = r.id;
-        if list {
-            self.batch.put_cf(
-                self.db.cf(cf::CHANGES)?,
-                layout::id_key(id),
-                r.stored_value(json),
-            );
+        if rows != Rows::State {
+            let value = Bytes::from(r.stored_value(json));
+            self.batch
+                .put_cf(self.db.cf(cf::CHANGES)?, layout::id_key(id), &value);
+            self.cached.push((id, value));
             let by_tag = self.db.cf(cf::BY_TAG)?;
             for tag in r.tags {
                 self.batch
@@ -278,7 +307,7 @@ impl Txn<'_> {
             self.batch
                 .put_cf(self.db.cf(cf::BY_TS)?, layout::ts_key(r.ts, id), []);
         }
-        if let (Some((cid, _)), Some(key)) = (r.collection, r.key) {
+        if let (Some((cid, _)), Some(key), false) = (r.collection, r.key, rows == Rows::List) {
             let ck = layout::coll_key(cid, key);
             let keys = self.db.cf(cf::KEYS)?;
             let by_id = self.db.cf(cf::KEYS_BY_ID)?;
@@ -315,7 +344,7 @@ impl Txn<'_> {
             data: Some(data),
         };
         let json = r.wire_json();
-        self.write_rows(&r, &json, true)?;
+        self.write_rows(&r, &json, Rows::All)?;
         if change_type == internal_type::TENANT_CREATED
             || change_type == internal_type::COLLECTION_CREATED
         {
@@ -469,7 +498,7 @@ impl Txn<'_> {
                 data: c.data.as_deref().map(|d| d.get()),
             };
             let json = resolved.wire_json();
-            self.write_rows(&resolved, &json, true)?;
+            self.write_rows(&resolved, &json, Rows::All)?;
             ids.push(resolved.id);
         }
         Ok(ids)
@@ -480,12 +509,50 @@ impl Txn<'_> {
     /// keyed changes the key's state; the change joins the list when `list`. Returns its
     /// `_id`. The `_id` must be past the last one applied.
     pub fn apply_record(&mut self, line: &[u8], list: bool) -> Result<u64> {
-        let f: RecordFields<'_> = serde_json::from_slice(line).map_err(|e| Error::BadRecord {
-            id: changeagent_proto::checkpoint::record_id(line).unwrap_or(0),
+        let f = parse_record(line)?;
+        self.apply_fields(&f, line, if list { Rows::All } else { Rows::State })?;
+        Ok(f.id)
+    }
+
+    /// Applies a change of an upstream's list to a replica of it (an edge): like
+    /// [`Txn::apply_record`] into the list, and the replica follows the upstream's
+    /// housekeeping: a checkpoint-end record keeps its manifest, a truncate record drops the
+    /// list before its `before`.
+    pub fn apply_upstream(&mut self, line: &[u8]) -> Result<Applied> {
+        let f = parse_record(line)?;
+        self.apply_fields(&f, line, Rows::All)?;
+        let data = f.data.map_or("null", |d| d.get());
+        let bad = |e: serde_json::Error| Error::BadRecord {
+            id: f.id,
             detail: e.to_string(),
-        })?;
+        };
+        match f.change_type {
+            internal_type::TRUNCATE => {
+                let t: TruncateRecord = serde_json::from_str(data).map_err(bad)?;
+                self.drop_list_before(t.before)?;
+                Ok(Applied::Truncate { before: t.before })
+            }
+            internal_type::CHECKPOINT_END => {
+                let m: Manifest = serde_json::from_str(data).map_err(bad)?;
+                self.put_manifest(&m)?;
+                Ok(Applied::CheckpointEnd(m))
+            }
+            _ => Ok(Applied::Change),
+        }
+    }
+
+    /// Writes an older change into the list only (its state is already here): a replica's
+    /// list reaching back as far as its upstream's. `_id`s must come in increasing order
+    /// (the import checks); catalog records are not applied again.
+    pub(crate) fn backfill_record(&mut self, line: &[u8]) -> Result<u64> {
+        let f = parse_record(line)?;
+        self.apply_fields(&f, line, Rows::List)?;
+        Ok(f.id)
+    }
+
+    fn apply_fields(&mut self, f: &RecordFields<'_>, line: &[u8], rows: Rows) -> Result<()> {
         let bad = |detail: String| Error::BadRecord { id: f.id, detail };
-        if f.id <= self.state.last_id {
+        if rows != Rows::List && f.id <= self.state.last_id {
             return Err(bad(format!(
                 "it is not past the last applied _id {}",
                 self.state.last_id
@@ -522,14 +589,14 @@ impl Txn<'_> {
             deleted: f.deleted,
             data: f.data.map(|d| d.get()),
         };
-        if f.change_type == internal_type::TENANT_CREATED
-            || f.change_type == internal_type::COLLECTION_CREATED
+        if rows != Rows::List
+            && (f.change_type == internal_type::TENANT_CREATED
+                || f.change_type == internal_type::COLLECTION_CREATED)
         {
             let data = f.data.map_or("null", |d| d.get());
             self.put_catalog_record(f.change_type, data, line)?;
         }
-        self.write_rows(&r, line, list)?;
-        Ok(f.id)
+        self.write_rows(&r, line, rows)
     }
 
     // ---- checkpoints and truncation ------------------------------------------------------
@@ -725,18 +792,59 @@ impl Txn<'_> {
         };
         let data = to_json(&TruncateRecord { before, checkpoint })?;
         let (id, _) = self.append_internal(ts, internal_type::TRUNCATE, &data)?;
-        // The list rows go now; index entries below the new first index are dropped by the
-        // compaction filter once the truncation is durable (see the module docs).
+        self.drop_list_before(before)?;
+        Ok(AdminAnswer {
+            id: Some(id),
+            first_index: before,
+        })
+    }
+
+    /// Drops the list before `before` (nothing when it is not past the first index). The list
+    /// rows go now; index entries below the new first index are dropped by the compaction
+    /// filter once the truncation is durable (see the module docs).
+    fn drop_list_before(&mut self, before: u64) -> Result<()> {
+        let first = self.state.first_index;
+        if before <= first {
+            return Ok(());
+        }
         self.batch.delete_range_cf(
             self.db.cf(cf::CHANGES)?,
             layout::id_key(first),
             layout::id_key(before),
         );
         self.state.first_index = before;
-        Ok(AdminAnswer {
-            id: Some(id),
-            first_index: before,
-        })
+        Ok(())
+    }
+
+    /// Replaces every kept manifest with `manifests` (a replica keeping what its upstream
+    /// keeps).
+    pub fn set_manifests(&mut self, manifests: &[Manifest]) -> Result<()> {
+        let prefix = layout::all_manifests_prefix();
+        let mut stale = Vec::new();
+        let mut it = self.db.db.raw_iterator_cf(self.db.cf(cf::CHECKPOINTS)?);
+        it.seek(prefix);
+        while let Some(k) = it.key() {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            stale.push(k.to_vec());
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        let staged: Vec<Vec<u8>> = self
+            .checkpoints
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for key in stale.into_iter().chain(staged) {
+            self.stage_checkpoint_row(key, None)?;
+        }
+        for m in manifests {
+            self.put_manifest(m)?;
+        }
+        Ok(())
     }
 
     /// Sets the scalars an import read from a snapshot's state line.
@@ -830,6 +938,14 @@ impl Txn<'_> {
         self.state.cluster_id = Some(id.to_owned());
         Ok(())
     }
+}
+
+/// Reads the fields of a change's wire JSON.
+fn parse_record(line: &[u8]) -> Result<RecordFields<'_>> {
+    serde_json::from_slice(line).map_err(|e| Error::BadRecord {
+        id: changeagent_proto::checkpoint::record_id(line).unwrap_or(0),
+        detail: e.to_string(),
+    })
 }
 
 /// Serializes a value of ours; our types always serialize.

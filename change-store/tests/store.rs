@@ -851,3 +851,152 @@ fn only_checkpoint_and_truncate_records_leave_the_state_unmoved() {
     s.commit(txn).unwrap();
     assert!(s.has_data_after(12).unwrap());
 }
+
+/// A page read from the tail cache alone, as `(json array, more)`; `None` when the cache
+/// does not reach back.
+fn cached_page(s: &Store, since: u64, limit: usize, filter: &Filter) -> Option<(Vec<u8>, bool)> {
+    let mut out = b"[".to_vec();
+    let info = s.read_page_cached(since, limit, filter, &mut out)?.unwrap();
+    out.push(b']');
+    Some((out, info.more))
+}
+
+fn store_page(s: &Store, since: u64, limit: usize, filter: &Filter) -> (Vec<u8>, bool) {
+    let mut out = b"[".to_vec();
+    let info = s.read_page(since, limit, filter, &mut out).unwrap();
+    out.push(b']');
+    (out, info.more)
+}
+
+#[test]
+fn woken_long_polls_read_the_tail_cache_with_the_stores_bytes() {
+    let (_d, s) = populated();
+    let acme = Filter {
+        tenant: Some(1),
+        ..Filter::default()
+    };
+    for since in [0, 4, 7, 11, 12] {
+        for limit in [1, 2, 100] {
+            for f in [Filter::default(), tags(&["x", "y"]), acme.clone()] {
+                assert_eq!(
+                    cached_page(&s, since, limit, &f),
+                    Some(store_page(&s, since, limit, &f)),
+                    "since {since} limit {limit} filter {f:?}"
+                );
+            }
+        }
+    }
+    // After a truncation the cache answers 410 like the store.
+    let m = commit_checkpoint(&s, 30, "c1", 2);
+    let mut txn = s.begin();
+    txn.truncate(31, m.index - 2).unwrap();
+    s.commit(txn).unwrap();
+    let mut out = Vec::new();
+    assert!(matches!(
+        s.read_page_cached(1, 10, &Filter::default(), &mut out),
+        Some(Err(Error::Rejected(Rejection::Truncated { .. })))
+    ));
+    // An import replaces the generation: the cache starts over and the store answers.
+    let (file, _) = export(&s, &ExportOptions::default());
+    s.import(&file[..], ImportMode::Everything, &[]).unwrap();
+    assert!(s
+        .read_page_cached(s.last_id() - 1, 10, &Filter::default(), &mut out)
+        .is_none());
+    append(&s, 40, &[r#"{"data":"after"}"#]);
+    let last = s.last_id();
+    assert_eq!(
+        cached_page(&s, last - 1, 10, &Filter::default()),
+        Some(store_page(&s, last - 1, 10, &Filter::default()))
+    );
+}
+
+fn apply_upstream_lines(edge: &Store, lines: &[String]) -> Vec<changeagent_store::Applied> {
+    let mut txn = edge.begin();
+    let applied = lines
+        .iter()
+        .map(|l| txn.apply_upstream(l.as_bytes()).unwrap())
+        .collect();
+    edge.commit(txn).unwrap();
+    applied
+}
+
+#[test]
+fn a_replica_starts_its_list_where_the_upstream_does_and_follows_its_housekeeping() {
+    use changeagent_store::{Applied, Replica};
+    let (_d, up) = populated();
+    let (file, _) = export(&up, &ExportOptions::default()); // the checkpoint at 12
+    let m = commit_checkpoint(&up, 30, "c1", 1); // 13 start, 14 end
+    append(&up, 31, &[r#"{"data":"after the checkpoint"}"#]); // 15
+    let mut txn = up.begin();
+    txn.truncate(32, 7).unwrap(); // 16: the list now starts at 7
+    up.commit(txn).unwrap();
+    let upstream = feed(&up);
+    let id = |l: &String| changeagent_proto::checkpoint::record_id(l.as_bytes()).unwrap();
+    let lines = |from: u64, to: u64| -> Vec<String> {
+        upstream
+            .iter()
+            .filter(|l| (from..=to).contains(&id(l)))
+            .cloned()
+            .collect()
+    };
+    let kept = up.manifests(None).unwrap();
+
+    // A retained run that does not end at the checkpoint is refused; nothing changes.
+    let (_d2, edge) = open();
+    let short: String = lines(7, 11).iter().map(|l| format!("{l}\n")).collect();
+    let refused = edge.import_replica(
+        &file[..],
+        Replica {
+            retained: &mut short.as_bytes(),
+            manifests: &kept,
+            cluster_id: "cid",
+        },
+    );
+    assert!(refused.is_err());
+    assert_eq!((edge.last_id(), edge.first_index()), (0, 1));
+
+    // The checkpoint plus the upstream's list from 7 to 12: the same list from 7.
+    let retained: String = lines(7, 12).iter().map(|l| format!("{l}\n")).collect();
+    edge.import_replica(
+        &file[..],
+        Replica {
+            retained: &mut retained.as_bytes(),
+            manifests: &kept,
+            cluster_id: "cid",
+        },
+    )
+    .unwrap();
+    assert_eq!((edge.first_index(), edge.last_id()), (7, 12));
+    assert_eq!(edge.cluster_id().as_deref(), Some("cid"));
+    assert_eq!(edge.manifests(None).unwrap(), kept);
+    let applied = apply_upstream_lines(&edge, &lines(13, 16));
+    assert_eq!(applied[1], Applied::CheckpointEnd(m));
+    assert_eq!(applied[3], Applied::Truncate { before: 7 });
+    assert_eq!(feed(&edge), feed(&up));
+    assert_eq!(edge.tenants(), up.tenants());
+    for (coll, key) in [(1, "k1"), (1, "k2"), (2, "k1")] {
+        assert_eq!(
+            edge.get_key(coll, key).unwrap(),
+            up.get_key(coll, key).unwrap()
+        );
+    }
+    for f in [tags(&["x"]), tags(&["y"])] {
+        assert_eq!(page(&edge, 6, 100, &f), page(&up, 6, 100, &f));
+    }
+
+    // The upstream checkpoints and truncates again; the replica follows.
+    commit_checkpoint(&up, 40, "c1", 1); // 17, 18
+    let mut txn = up.begin();
+    txn.truncate(41, 15).unwrap(); // 19
+    up.commit(txn).unwrap();
+    let upstream = feed(&up);
+    let tail: Vec<String> = upstream.iter().filter(|l| id(l) > 16).cloned().collect();
+    apply_upstream_lines(&edge, &tail);
+    assert_eq!(edge.first_index(), 15);
+    assert_eq!(feed(&edge), feed(&up));
+    // The replica keeps what the upstream keeps once told (its keep decides).
+    let mut txn = edge.begin();
+    txn.set_manifests(&up.manifests(None).unwrap()).unwrap();
+    edge.commit(txn).unwrap();
+    assert_eq!(edge.manifests(None).unwrap(), up.manifests(None).unwrap());
+}

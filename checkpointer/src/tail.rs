@@ -64,6 +64,10 @@ impl TailWorker {
                             Err(e) => break Some(format!("bootstrapping after a 410: {e:#}")),
                         }
                     }
+                    Some(Err(e)) if e.is_transient() => {
+                        // The follow retries with backoff by itself.
+                        self.ctx.status.connected.store(false, Ordering::Relaxed);
+                    }
                     Some(Err(e)) => {
                         self.ctx.status.connected.store(false, Ordering::Relaxed);
                         break Some(describe(&e));

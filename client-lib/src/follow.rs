@@ -104,6 +104,8 @@ pub struct RawPage {
     /// The follow's position after this page: the last change's `_id`, or
     /// further when the server's `Link` skipped a stretch without matches.
     pub since: u64,
+    /// Which endpoint answered: an index into [`Client::endpoints`].
+    pub endpoint: usize,
 }
 
 /// One change of a [`RawPage`]: its `_id` and its JSON exactly as the
@@ -191,7 +193,9 @@ impl Client {
     ///
     /// Every answer is yielded, also one without changes (its `at_end`
     /// tells that the follower has caught up). Transient failures are
-    /// retried as [`Client::follow`] does; permanent ones end the stream.
+    /// retried as [`Client::follow`] does, and each is also yielded as an
+    /// error that does not end the stream ([`Error::is_transient`]), so the
+    /// caller can tell that no server answers; permanent ones end the stream.
     pub fn follow_raw(
         &self,
         since: u64,
@@ -200,8 +204,9 @@ impl Client {
         let poller = Poller::new(self.clone(), since, filter);
         futures::stream::unfold(Some(poller), |poller| async move {
             let mut poller = poller?;
-            match poller.next_page().await {
+            match poller.next_page(true).await {
                 Ok(page) => Some((Ok(page), Some(poller))),
+                Err(error) if error.is_transient() => Some((Err(error), Some(poller))),
                 Err(error) => Some((Err(error), None)),
             }
         })
@@ -222,6 +227,9 @@ struct Poller {
     not_before: Option<Instant>,
     /// Index of the endpoint that gave the last answer.
     endpoint: usize,
+    /// A transient failure was reported to the caller; the next poll backs
+    /// off first.
+    backing_off: Option<String>,
 }
 
 /// The body of a `GET /changes` answer, each change left as its bytes.
@@ -254,12 +262,17 @@ impl Poller {
             failures: None,
             not_before: None,
             endpoint: 0,
+            backing_off: None,
         }
     }
 
-    /// The next answer. Transient failures are retried with backoff; a
-    /// permanent one (a `410` included) is returned.
-    async fn next_page(&mut self) -> Result<RawPage> {
+    /// The next answer. Transient failures are retried with backoff (and
+    /// returned first when `report`); a permanent one (a `410` included) is
+    /// returned.
+    async fn next_page(&mut self, report: bool) -> Result<RawPage> {
+        if let Some(error) = self.backing_off.take() {
+            self.back_off(&error).await;
+        }
         loop {
             if let Some(at) = self.not_before.take() {
                 tokio::time::sleep_until(at.into()).await;
@@ -273,6 +286,10 @@ impl Poller {
                     }
                     return Ok(page);
                 }
+                Err(error) if error.is_transient() && report => {
+                    self.backing_off = Some(error.to_string());
+                    return Err(error);
+                }
                 Err(error) if error.is_transient() => self.back_off(&error).await,
                 Err(error) => return Err(error),
             }
@@ -280,7 +297,7 @@ impl Poller {
     }
 
     /// Sleeps for the next delay of the follow backoff.
-    async fn back_off(&mut self, error: &Error) {
+    async fn back_off(&mut self, error: &(dyn std::fmt::Display + Sync)) {
         let policy = self.client.retry_policy().for_follow();
         let delay = self
             .failures
@@ -368,6 +385,7 @@ impl Poller {
             first_index: decoded.first_index,
             last_index: decoded.last_index,
             since: self.since,
+            endpoint: self.endpoint,
         };
         Ok((page, skipped_ahead))
     }
@@ -440,7 +458,7 @@ impl Follow {
                 }
                 return Some((event, self));
             }
-            let error = match self.poller.next_page().await {
+            let error = match self.poller.next_page(false).await {
                 Ok(page) => {
                     for raw in &page.changes {
                         match raw.parse() {

@@ -21,7 +21,7 @@ pub struct Config {
     pub advertise: Option<String>,
 
     /// Largest accepted request body, in bytes (larger bodies get 413).
-    #[arg(long, env = "CHANGEAGENT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "CHANGEAGENT_MAX_BODY_BYTES", default_value_t = changeagent_proto::limits::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
     /// Longest long-poll a client may ask for with `block`, in seconds.

@@ -8,3 +8,20 @@ pub const CLUSTER_SECRET: &str = "x-cluster-secret";
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Marks a write a follower forwarded to its leader (value: the forwarder's node id).
 pub const FORWARDED: &str = "x-changeagent-forwarded";
+
+/// Hop-by-hop and framing headers, which each hop of a forwarded request sets itself (RFC
+/// 9110 section 7.6.1, plus the framing headers a re-sent body gets anew).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "keep-alive",
+    ];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+}

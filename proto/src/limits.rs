@@ -21,6 +21,9 @@ pub const MAX_LIMIT: usize = 10_000;
 /// timeouts of most proxies; clients use 30 s).
 pub const DEFAULT_MAX_BLOCK_SECS: u64 = 300;
 
+/// Default largest request body, in bytes: room for a batch of a few thousand changes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
 /// Checks a tenant or collection name: 1 to 128 characters of `[A-Za-z0-9._-]`, not all
 /// digits (all-digit path segments are ids).
 pub fn check_name(name: &str) -> Result<(), String> {

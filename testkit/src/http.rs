@@ -247,8 +247,23 @@ impl Api {
     /// Every change matching `query` (e.g. `"tag=x"`, may be empty), read in
     /// pages of 1000 by following `since`. Returns the raw JSON text of each.
     pub async fn all_raw_changes(&self, query: &str) -> Vec<String> {
+        self.raw_changes_after(0, query).await
+    }
+
+    /// [`all_raw_changes`](Self::all_raw_changes) of what the server retains: from its
+    /// `firstIndex` (from `/health`, which core nodes and edges serve) on, so a truncated list
+    /// reads without a 410.
+    pub async fn retained_raw_changes(&self, query: &str) -> Vec<String> {
+        let first = self.get("/health").await.ok_json()["firstIndex"]
+            .as_u64()
+            .expect("a numeric firstIndex");
+        self.raw_changes_after(first.saturating_sub(1), query).await
+    }
+
+    /// Every change after `since` matching `query`, in pages of 1000.
+    pub async fn raw_changes_after(&self, since: u64, query: &str) -> Vec<String> {
         let mut out = Vec::new();
-        let mut since = 0u64;
+        let mut since = since;
         loop {
             let sep = if query.is_empty() { "" } else { "&" };
             let r = self

@@ -365,6 +365,13 @@ impl ServerProcess {
         .or_panic();
     }
 
+    /// SIGSTOP: freezes the process (its sockets stay open, nothing it holds is released)
+    /// until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGSTOP)
+            .unwrap_or_else(|e| panic!("SIGSTOP {}: {e}", self.label()));
+    }
+
     /// SIGCONT: lets a stopped process go on.
     pub fn resume(&self) {
         kill(Pid::from_raw(self.pid() as i32), Signal::SIGCONT)

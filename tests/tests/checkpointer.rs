@@ -15,236 +15,20 @@
 //! the steps (nothing names an object before it was written and read back), not that the
 //! object store's writes reach the disk.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use changeagent_client::{Client, FollowEvent, NewChange, Query};
+use changeagent_client::{Client, NewChange, Query};
 use changeagent_testkit::garage::GarageServer;
 use changeagent_testkit::state::ConsumerState;
-use changeagent_testkit::{wait_until, Api, Binary, ServerOptions, ServerProcess};
+use changeagent_testkit::{wait_until, Api, ServerOptions, ServerProcess};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::task::JoinHandle;
-
-/// How long a checkpoint, a truncation or a consumer catching up may take on a loaded 2-core
-/// machine running debug builds.
-const DEADLINE: Duration = Duration::from_secs(120);
-
-fn client(url: &str) -> Client {
-    Client::builder([url])
-        .timeout(Duration::from_secs(60))
-        .follow_block_secs(5)
-        .build()
-        .expect("client")
-}
-
-/// A consumer following the list with the client library, from `since`.
-struct Consumer {
-    state: Arc<Mutex<(ConsumerState, u64, u64)>>,
-    task: JoinHandle<()>,
-}
-
-impl Consumer {
-    /// State, position and resets are kept in one lock.
-    fn start(url: &str, since: u64) -> Consumer {
-        let client = client(url);
-        let state = Arc::new(Mutex::new((ConsumerState::default(), since, 0u64)));
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            let mut events = Box::pin(client.follow(since, Query::new()));
-            while let Some(event) = events.next().await {
-                let event = event.unwrap_or_else(|e| panic!("follow failed: {e}"));
-                let mut s = shared.lock().unwrap();
-                match event {
-                    FollowEvent::Reset { .. } => {
-                        s.0.reset();
-                        s.2 += 1;
-                    }
-                    FollowEvent::Record(c) => s.0.apply(&serde_json::to_value(&c).unwrap()),
-                    FollowEvent::ResetEnd { index } => s.1 = index,
-                    FollowEvent::Change(c) => {
-                        s.0.apply(&serde_json::to_value(&c).unwrap());
-                        s.1 = c.id;
-                    }
-                }
-            }
-        });
-        Consumer { state, task }
-    }
-
-    async fn wait_at(&self, index: u64) {
-        wait_until(DEADLINE, &format!("a consumer at {index}"), || async {
-            assert!(!self.task.is_finished(), "the consumer stopped");
-            let at = self.state.lock().unwrap().1;
-            if at >= index {
-                Ok(())
-            } else {
-                Err(at)
-            }
-        })
-        .await
-        .unwrap();
-    }
-
-    fn state(&self) -> ConsumerState {
-        self.state.lock().unwrap().0.clone()
-    }
-
-    fn resets(&self) -> u64 {
-        self.state.lock().unwrap().2
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A deterministic workload: keyed upserts and deletes over `keys` keys in the given
-/// collections, and unkeyed changes (some a tenant's, some tagged).
-struct Workload {
-    seed: u64,
-    live: std::collections::BTreeSet<(usize, u64)>,
-    collections: Vec<(String, String)>,
-    keys: u64,
-}
-
-impl Workload {
-    fn next(&mut self) -> u64 {
-        self.seed = self
-            .seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.seed >> 33
-    }
-
-    /// One batch of `n` changes that the server accepts whole (deletes only of live keys).
-    fn batch(&mut self, n: usize) -> Vec<NewChange> {
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let r = self.next() % 100;
-            let c = (self.next() as usize) % self.collections.len();
-            let (tenant, collection) = self.collections[c].clone();
-            let k = self.next() % self.keys;
-            let mut change = NewChange::data(
-                json!({"n": i, "r": self.next(), "pad": "x".repeat((r % 40) as usize)}),
-            );
-            if r < 40 {
-                change.tenant = Some(tenant);
-                change.collection = Some(collection);
-                change.key = Some(format!("k{k}"));
-                self.live.insert((c, k));
-            } else if r < 47 {
-                let pick = (self.next() as usize) % self.live.len().max(1);
-                let Some(&(c, k)) = self.live.iter().nth(pick) else {
-                    continue;
-                };
-                let (tenant, collection) = self.collections[c].clone();
-                self.live.remove(&(c, k));
-                change = NewChange {
-                    tenant: Some(tenant),
-                    collection: Some(collection),
-                    key: Some(format!("k{k}")),
-                    deleted: true,
-                    ..NewChange::default()
-                };
-            } else if r < 70 {
-                change.tenant = Some(tenant);
-                change.tags = vec![format!("t{}", r % 3)];
-            }
-            out.push(change);
-        }
-        out
-    }
-}
-
-impl Workload {
-    /// Creates the tenants and collections (`(tenant, collection)` pairs) over `client`, and
-    /// a workload over them with `keys` keys per collection.
-    async fn create(
-        client: &Client,
-        seed: u64,
-        collections: &[(&str, &str)],
-        keys: u64,
-    ) -> Workload {
-        let mut tenants: Vec<&str> = collections.iter().map(|(t, _)| *t).collect();
-        tenants.dedup();
-        for t in tenants {
-            client.create_tenant(t).await.expect("create a tenant");
-        }
-        for (t, coll) in collections {
-            client
-                .create_collection(t, coll)
-                .await
-                .expect("create a collection");
-        }
-        Workload {
-            seed,
-            live: Default::default(),
-            collections: collections
-                .iter()
-                .map(|(t, c)| (t.to_string(), c.to_string()))
-                .collect(),
-            keys,
-        }
-    }
-}
-
-/// One core node whose checkpoints are read from `store_url` (`env` for an S3 store), and a
-/// client of it.
-async fn start_core(store_url: &str, env: &[(String, String)]) -> (ServerProcess, Client) {
-    let mut opts = ServerOptions::default()
-        .arg("--object-store")
-        .arg(store_url);
-    for (k, v) in env {
-        opts = opts.env(k, v);
-    }
-    let core = ServerProcess::start_leader(opts).await;
-    let c = client(&core.url());
-    (core, c)
-}
-
-async fn post_changes(client: &Client, work: &mut Workload, total: usize) {
-    let mut posted = 0;
-    while posted < total {
-        let batch = work.batch((total - posted).min(500));
-        posted += batch.len();
-        client.post_batch(&batch).await.expect("post a batch");
-    }
-}
-
-async fn health(api: &Api) -> Value {
-    api.get("/health").await.ok_json()
-}
-
-fn checkpointer(core: &str, objects: &str, extra: &[&str]) -> ServerOptions {
-    let mut opts = ServerOptions::default()
-        .bin(Binary::named("changeagent-checkpointer"))
-        .arg("--core")
-        .arg(core)
-        .arg("--object-store")
-        .arg(objects);
-    for a in extra {
-        opts = opts.arg(*a);
-    }
-    opts
-}
-
-/// Waits until the core keeps a checkpoint past `after`; returns the newest.
-async fn wait_checkpoint_past(api: &Api, after: u64) -> Value {
-    wait_until(DEADLINE, &format!("a checkpoint past {after}"), || async {
-        let list = api.get("/checkpoints").await.ok_json();
-        match list.get(0) {
-            Some(m) if m["index"].as_u64().unwrap_or(0) > after => Ok(m.clone()),
-            _ => Err(list),
-        }
-    })
-    .await
-    .unwrap()
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -500,25 +284,6 @@ async fn racing_checkpointers_and_kills_at_every_step_never_leave_a_bad_manifest
 
 /// A core with a `file://` store, a few thousand changes, and one checkpoint written by a
 /// checkpointer run with `--once` and `retain` so the core truncates.
-async fn core_with_a_checkpoint(objects: &Path, retain: &str) -> (ServerProcess, Value, Workload) {
-    let store_url = format!("file://{}", objects.display());
-    let (core, c) = start_core(&store_url, &[]).await;
-    let mut work = Workload::create(&c, 3, &[("acme", "flags")], 100).await;
-    post_changes(&c, &mut work, 2_000).await;
-    let mut once = ServerProcess::start(checkpointer(
-        &core.url(),
-        &store_url,
-        &["--once", "--retain", retain],
-    ))
-    .await;
-    assert!(
-        once.wait_exit(DEADLINE).await.success(),
-        "{}",
-        once.log_tail(20)
-    );
-    let manifest = core.api().get("/checkpoints/latest").await.ok_json();
-    (core, manifest, work)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupted_checkpoint_is_refused_by_its_sha256() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, Method};
+use axum::http::{HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use changeagent_api::body::body_bytes;
@@ -181,17 +181,8 @@ enum Failed {
     Unknown(String),
 }
 
-/// Hop-by-hop and framing headers, which each hop sets itself.
 fn hop_by_hop(name: &HeaderName) -> bool {
-    name == header::HOST
-        || name == header::CONNECTION
-        || name == header::CONTENT_LENGTH
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
+    changeagent_proto::headers::is_hop_by_hop(name.as_str())
 }
 
 /// Sends one request to the leader and turns its answer into ours, unchanged.
