@@ -64,7 +64,8 @@
 //! 2. Flush: post the oldest pending entry with its stored key; append its
 //!    `ack` line and fsync; only then take the next entry.
 //! 3. Reject: append the entry to `rejected.jsonl` and fsync; then append
-//!    its `reject` line to the log and fsync.
+//!    its `reject` line to the log and fsync. (A crash between the two
+//!    leaves the entry pending: it is refused again and listed twice.)
 //! 4. Compact (when nothing is pending, or when the file is past
 //!    [`COMPACT_MIN_BYTES`] and more than half of it is done with): write
 //!    a header and the pending entries to a temp file, fsync it, rename it
@@ -1409,6 +1410,8 @@ mod tests {
         ids: StdMutex<HashMap<String, u64>>,
         /// Answer this status instead, when not 0.
         status: AtomicU16,
+        /// Answers given with `status`.
+        refused: AtomicUsize,
     }
 
     async fn post_change(
@@ -1418,6 +1421,7 @@ mod tests {
     ) -> Response {
         let status = fake.status.load(Ordering::Relaxed);
         if status != 0 {
+            fake.refused.fetch_add(1, Ordering::Relaxed);
             let status = StatusCode::from_u16(status).expect("status");
             return (status, Json(json!({"error": "not now"}))).into_response();
         }
@@ -1581,18 +1585,68 @@ mod tests {
             let stop = Arc::clone(&stop);
             tokio::spawn(async move { outbox.run_flusher(stop.notified()).await })
         };
-        for n in 1..=3 {
-            outbox.queue(&change(n)).await.expect("queue");
-        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while fake.applied.lock().expect("lock").len() < 3 || outbox.pending() > 0 {
+        let applied = || fake.applied.lock().expect("lock").len();
+        outbox.queue(&change(1)).await.expect("queue");
+        // Wait until the flusher sent it and finished that flush: it is
+        // then idle, and only the next queue can wake it.
+        while applied() < 1 || outbox.shared.flushing.try_lock().is_err() {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the flusher sent {} of 3",
-                fake.applied.lock().expect("lock").len()
+                "the flusher sent nothing"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        outbox.queue(&change(2)).await.expect("queue");
+        outbox.queue(&change(3)).await.expect("queue");
+        while applied() < 3 || outbox.pending() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the flusher sent {} of 3",
+                applied()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.notify_one();
+        flusher
+            .await
+            .expect("the flusher ran")
+            .expect("it stops cleanly");
+    }
+
+    #[tokio::test]
+    async fn the_flusher_tries_again_after_no_server_took_an_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fake = Arc::new(Fake::default());
+        fake.status.store(503, Ordering::Relaxed);
+        let outbox = Outbox::open(dir.path(), serve(Arc::clone(&fake)).await)
+            .await
+            .expect("open");
+        outbox.queue(&change(1)).await.expect("queue");
+        let stop = Arc::new(Notify::new());
+        let flusher = {
+            let outbox = outbox.clone();
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move { outbox.run_flusher(stop.notified()).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while fake.refused.load(Ordering::Relaxed) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the flusher sent nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The server comes back; nothing new is queued to wake the flusher.
+        fake.status.store(0, Ordering::Relaxed);
+        while outbox.pending() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the flusher did not try again"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.applied.lock().expect("lock").len(), 1);
         stop.notify_one();
         flusher
             .await
