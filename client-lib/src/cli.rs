@@ -321,10 +321,11 @@ async fn outbox(client: Client, command: OutboxCommand) -> anyhow::Result<()> {
             print_flush(&report)?;
             if let Some(error) = &report.stopped {
                 note(&format!(
-                    "{} change(s) pending in {} ({error}); they are kept on disk: run \
+                    "{} change(s) pending in {}, kept on disk ({}); run \
                      `changeagent outbox flush --dir {}` once a server answers",
                     report.pending,
                     dir.dir.display(),
+                    causes(error),
                     dir.dir.display()
                 ));
             }
@@ -366,24 +367,44 @@ async fn open_outbox(dir: &Path, client: Client) -> anyhow::Result<Outbox> {
         .with_context(|| format!("cannot open the outbox in {}", dir.display()))
 }
 
-/// One line per entry a flush settled: `{"seq","_id"}` when sent,
-/// `{"seq","rejected":{…}}` when refused (also noted on stderr).
+/// An error and its causes, joined by `: ` (as `{:#}` shows an anyhow
+/// error).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// One line per entry a flush settled, in queue order: `{"seq","_id"}`
+/// when sent, `{"seq","rejected":{"status","error"}}` when refused (also
+/// noted on stderr).
 fn print_flush(report: &FlushReport) -> anyhow::Result<()> {
+    let mut lines = Vec::with_capacity(report.sent.len() + report.rejected.len());
     for sent in &report.sent {
-        emit(&serde_json::to_string(sent)?)?;
+        lines.push((sent.seq, serde_json::to_string(sent)?));
     }
     for rejected in &report.rejected {
+        let seq = rejected.entry.seq;
         note(&format!(
-            "change {} was refused ({}) and moved to {}: fix it and queue it again",
-            rejected.entry.seq,
+            "change {seq} was refused ({}) and moved to {}: fix it and queue it again",
             rejected.error,
             crate::outbox::REJECTED_FILE
         ));
-        let line = json!({
-            "seq": rejected.entry.seq,
-            "rejected": {"status": rejected.status, "error": rejected.error},
-        });
-        emit(&line.to_string())?;
+        let error = serde_json::to_string(&rejected.error)?;
+        let line = format!(
+            r#"{{"seq":{seq},"rejected":{{"status":{},"error":{error}}}}}"#,
+            rejected.status
+        );
+        lines.push((seq, line));
+    }
+    lines.sort_by_key(|(seq, _)| *seq);
+    for (_, line) in lines {
+        emit(&line)?;
     }
     Ok(())
 }
