@@ -3,7 +3,7 @@
 //! calls [`run`] and prints [`describe`]'s line.
 
 use std::io::{self, IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::client::{Client, DEFAULT_FOLLOW_LIMIT};
 use crate::error::Error;
 use crate::follow::FollowEvent;
+use crate::outbox::{FlushReport, Outbox};
 use crate::query::Query;
 use crate::types::{Change, NewChange};
 
@@ -60,6 +61,12 @@ pub enum Command {
     Tail(TailArgs),
     /// Print the server's health.
     Health,
+    /// Print the cluster's members, roles and leader (`GET /cluster`).
+    Cluster,
+    /// Queue changes on disk while no server answers and send them later,
+    /// each applied once.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// List, show and download checkpoints.
     #[command(subcommand)]
     Checkpoints(CheckpointsCommand),
@@ -87,6 +94,35 @@ pub enum CheckpointsCommand {
         #[arg(short = 'o', long)]
         output: PathBuf,
     },
+}
+
+/// The subcommands of `outbox`.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Queue one change (on disk, with its own Idempotency-Key), print its
+    /// `{"seq":N}`, then try to send everything pending once; what stays
+    /// pending is sent by a later `outbox post` or `outbox flush`.
+    Post {
+        /// The outbox.
+        #[command(flatten)]
+        dir: OutboxDir,
+        /// The change.
+        #[command(flatten)]
+        change: ChangeArgs,
+    },
+    /// Send the pending changes in order, printing `{"seq":N,"_id":M}` for
+    /// each; fails when some stay pending because no server took them.
+    Flush(OutboxDir),
+    /// Print how many changes are pending and how many were refused.
+    Status(OutboxDir),
+}
+
+/// Where an outbox lives.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxDir {
+    /// The outbox's directory (created if missing); one process at a time.
+    #[arg(long = "dir", env = "CHANGEAGENT_OUTBOX_DIR")]
+    pub dir: PathBuf,
 }
 
 /// Which checkpoint a `checkpoints` subcommand is about.
@@ -148,6 +184,18 @@ impl FilterArgs {
 /// Arguments of `post`.
 #[derive(Debug, Args)]
 pub struct PostArgs {
+    /// The change.
+    #[command(flatten)]
+    pub change: ChangeArgs,
+    /// Posting again with the same key returns the first answer and
+    /// appends nothing.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A change to post.
+#[derive(Debug, Args)]
+pub struct ChangeArgs {
     /// The change's data as JSON; `-` or nothing reads it from stdin.
     pub data: Option<String>,
     /// A tag of the change (repeatable).
@@ -168,10 +216,31 @@ pub struct PostArgs {
     /// Delete the key instead of writing data.
     #[arg(long, requires = "key")]
     pub deleted: bool,
-    /// Posting again with the same key returns the first answer and
-    /// appends nothing.
-    #[arg(long)]
-    pub idempotency_key: Option<String>,
+}
+
+impl ChangeArgs {
+    /// The change: DATA parsed as JSON (read from stdin when absent or
+    /// `-`, except for a delete).
+    fn new_change(self) -> anyhow::Result<NewChange> {
+        let data = match self.data.as_deref() {
+            None if self.deleted => None,
+            Some("-") | None => Some(read_stdin()?),
+            Some(text) => Some(text.to_owned()),
+        };
+        let data = data
+            .map(|text| serde_json::from_str::<Value>(&text))
+            .transpose()
+            .context("DATA is not valid JSON (quote it for the shell, e.g. '{\"on\":true}')")?;
+        Ok(NewChange {
+            data,
+            tags: self.tags,
+            change_type: self.change_type,
+            tenant: self.tenant,
+            collection: self.collection,
+            key: self.key,
+            deleted: self.deleted,
+        })
+    }
 }
 
 /// Arguments of `get`.
@@ -217,19 +286,127 @@ pub struct TailArgs {
 
 /// Runs one command, printing its results to stdout.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::builder(&cli.servers)
-        .timeout(Duration::from_secs(cli.timeout_secs))
-        .build()?;
+    let mut builder = Client::builder(&cli.servers).timeout(Duration::from_secs(cli.timeout_secs));
+    if matches!(cli.command, Command::Outbox(OutboxCommand::Post { .. })) {
+        // Queued already: try each server once rather than wait out the
+        // retries; a later flush sends what stays pending.
+        builder = builder.max_attempts(u32::try_from(cli.servers.len()).unwrap_or(u32::MAX));
+    }
+    let client = builder.build()?;
     match cli.command {
         Command::Post(args) => post(&client, args).await,
         Command::Get(args) => get(&client, args).await,
-        Command::Tail(args) => tail(&client, args).await,
+        Command::Tail(args) => tail(&client, args, &mut io::stdout(), &mut io::stderr()).await,
         Command::Health => {
             let health = client.health().await?;
             emit(&serde_json::to_string_pretty(&health)?)
         }
+        Command::Cluster => {
+            let cluster = client.cluster_json().await?;
+            emit(&serde_json::to_string_pretty(&cluster)?)
+        }
+        Command::Outbox(command) => outbox(client, command).await,
         Command::Checkpoints(command) => checkpoints(&client, command).await,
     }
+}
+
+async fn outbox(client: Client, command: OutboxCommand) -> anyhow::Result<()> {
+    match command {
+        OutboxCommand::Post { dir, change } => {
+            let change = change.new_change()?;
+            let outbox = open_outbox(&dir.dir, client).await?;
+            let seq = outbox.queue(&change).await?;
+            emit(&json!({ "seq": seq }).to_string())?;
+            let report = outbox.flush().await?;
+            print_flush(&report)?;
+            if let Some(error) = &report.stopped {
+                note(&format!(
+                    "{} change(s) pending in {}, kept on disk ({}); run \
+                     `changeagent outbox flush --dir {}` once a server answers",
+                    report.pending,
+                    dir.dir.display(),
+                    causes(error),
+                    dir.dir.display()
+                ));
+            }
+            Ok(())
+        }
+        OutboxCommand::Flush(dir) => {
+            let outbox = open_outbox(&dir.dir, client).await?;
+            let report = outbox.flush().await?;
+            print_flush(&report)?;
+            match report.stopped {
+                Some(error) => Err(anyhow::Error::new(error).context(format!(
+                    "{} change(s) still pending in {}",
+                    report.pending,
+                    dir.dir.display()
+                ))),
+                None => Ok(()),
+            }
+        }
+        OutboxCommand::Status(dir) => {
+            let outbox = open_outbox(&dir.dir, client).await?;
+            let entries = outbox.entries().await;
+            let rejected = outbox.rejected().await?;
+            let oldest = entries.first();
+            let status = json!({
+                "dir": dir.dir,
+                "pending": entries.len(),
+                "oldestSeq": oldest.map(|e| e.seq),
+                "oldestQueuedAtMs": oldest.map(|e| e.queued_at_ms),
+                "rejected": rejected.len(),
+            });
+            emit(&status.to_string())
+        }
+    }
+}
+
+async fn open_outbox(dir: &Path, client: Client) -> anyhow::Result<Outbox> {
+    Outbox::open(dir, client)
+        .await
+        .with_context(|| format!("cannot open the outbox in {}", dir.display()))
+}
+
+/// An error and its causes, joined by `: ` (as `{:#}` shows an anyhow
+/// error).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// One line per entry a flush settled, in queue order: `{"seq","_id"}`
+/// when sent, `{"seq","rejected":{"status","error"}}` when refused (also
+/// noted on stderr).
+fn print_flush(report: &FlushReport) -> anyhow::Result<()> {
+    let mut lines = Vec::with_capacity(report.sent.len() + report.rejected.len());
+    for sent in &report.sent {
+        lines.push((sent.seq, serde_json::to_string(sent)?));
+    }
+    for rejected in &report.rejected {
+        let seq = rejected.entry.seq;
+        note(&format!(
+            "change {seq} was refused ({}) and moved to {}: fix it and queue it again",
+            rejected.error,
+            crate::outbox::REJECTED_FILE
+        ));
+        let error = serde_json::to_string(&rejected.error)?;
+        let line = format!(
+            r#"{{"seq":{seq},"rejected":{{"status":{},"error":{error}}}}}"#,
+            rejected.status
+        );
+        lines.push((seq, line));
+    }
+    lines.sort_by_key(|(seq, _)| *seq);
+    for (_, line) in lines {
+        emit(&line)?;
+    }
+    Ok(())
 }
 
 async fn checkpoints(client: &Client, command: CheckpointsCommand) -> anyhow::Result<()> {
@@ -278,24 +455,7 @@ async fn find_checkpoint(client: &Client, which: &CheckpointArgs) -> anyhow::Res
 }
 
 async fn post(client: &Client, args: PostArgs) -> anyhow::Result<()> {
-    let data = match args.data.as_deref() {
-        None if args.deleted => None,
-        Some("-") | None => Some(read_stdin()?),
-        Some(text) => Some(text.to_owned()),
-    };
-    let data = data
-        .map(|text| serde_json::from_str::<Value>(&text))
-        .transpose()
-        .context("DATA is not valid JSON (quote it for the shell, e.g. '{\"on\":true}')")?;
-    let change = NewChange {
-        data,
-        tags: args.tags,
-        change_type: args.change_type,
-        tenant: args.tenant,
-        collection: args.collection,
-        key: args.key,
-        deleted: args.deleted,
-    };
+    let change = args.change.new_change()?;
     let posted = match &args.idempotency_key {
         Some(key) => client.post_change_idempotent(key, &change).await?,
         None => client.post_change(&change).await?,
@@ -332,7 +492,16 @@ async fn get(client: &Client, args: GetArgs) -> anyhow::Result<()> {
     emit(String::from_utf8_lossy(&body).trim_end())
 }
 
-async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
+/// `tail`: prints changes as JSON lines on `out`, notes on `err`. With
+/// `-f` it follows forever through [`Client::follow`], which rides out
+/// server restarts; when the changes it needs were truncated it notes which
+/// on `err` and prints the checkpoint's records on `out` (they are the state
+/// as of the checkpoint), then the changes after it.
+async fn tail<O, E>(client: &Client, args: TailArgs, out: &mut O, err: &mut E) -> anyhow::Result<()>
+where
+    O: Write,
+    E: Write,
+{
     let since = match args.since {
         Some(since) => since,
         None => {
@@ -347,28 +516,24 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
     };
     let filter = args.filter.query();
     if args.follow {
+        // The position the stream has reached: after the last change
+        // printed, or the last checkpoint loaded.
+        let mut position = since;
         let mut events = Box::pin(client.follow(since, filter));
         while let Some(event) = events.next().await {
             match event? {
-                FollowEvent::Change(change) | FollowEvent::Record(change) => emit_change(&change)?,
+                FollowEvent::Change(change) => {
+                    position = change.id;
+                    emit_change_to(out, &change)?;
+                }
+                FollowEvent::Record(change) => emit_change_to(out, &change)?,
                 FollowEvent::Reset {
                     checkpoint,
                     first_index,
                 } => {
-                    note(&format!(
-                        "changes before {first_index} were truncated: reset to checkpoint {} \
-                         ({}, {} records); its records follow",
-                        checkpoint.index, checkpoint.scope, checkpoint.records
-                    ));
-                    let reset =
-                        json!({"reset": {"firstIndex": first_index, "checkpoint": checkpoint}});
-                    emit(&reset.to_string())?;
+                    note_to(err, &reset_note(position, first_index, &checkpoint));
                 }
-                FollowEvent::ResetEnd { index } => {
-                    note(&format!(
-                        "end of checkpoint {index}'s records; changes after {index} follow"
-                    ));
-                }
+                FollowEvent::ResetEnd { index } => position = index,
             }
         }
         return Ok(());
@@ -378,7 +543,7 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
         let (page, next) = client.changes_page(&["changes"], &query).await?;
         let mut since = query.since.unwrap_or(0);
         for change in &page.changes {
-            emit_change(change)?;
+            emit_change_to(out, change)?;
             since = since.max(change.id);
         }
         if page.at_end {
@@ -394,19 +559,42 @@ async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<()> {
     }
 }
 
-fn emit_change(change: &Change) -> anyhow::Result<()> {
-    emit(&serde_json::to_string(change)?)
+/// The one-line note of a reset: which changes were truncated, which
+/// checkpoint replaces them.
+fn reset_note(position: u64, first_index: u64, checkpoint: &Manifest) -> String {
+    let from = position + 1;
+    let truncated = match first_index.checked_sub(1) {
+        Some(to) if to > from => format!("changes {from} to {to} were truncated"),
+        _ => format!("change {from} was truncated"),
+    };
+    format!(
+        "{truncated}; loading checkpoint {} ({}, {} records): its records follow as the state \
+         as of change {}, then the changes after it",
+        checkpoint.index, checkpoint.scope, checkpoint.records, checkpoint.index
+    )
+}
+
+fn emit_change_to<O: Write>(out: &mut O, change: &Change) -> anyhow::Result<()> {
+    emit_to(out, &serde_json::to_string(change)?)
 }
 
 /// Prints a remark for the reader on stderr, apart from the JSON on stdout.
-/// A closed stderr is not worth failing for.
 fn note(line: &str) {
-    let _ = writeln!(io::stderr().lock(), "changeagent: {line}");
+    note_to(&mut io::stderr(), line);
+}
+
+/// Prints a remark on `err`. A closed stderr is not worth failing for.
+fn note_to<E: Write>(err: &mut E, line: &str) {
+    let _ = writeln!(err, "changeagent: {line}").and_then(|()| err.flush());
+}
+
+/// Prints one line on stdout and flushes it.
+fn emit(line: &str) -> anyhow::Result<()> {
+    emit_to(&mut io::stdout(), line)
 }
 
 /// Prints one line and flushes it, so `tail -f` output is seen at once.
-fn emit(line: &str) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
+fn emit_to<O: Write>(out: &mut O, line: &str) -> anyhow::Result<()> {
     out.write_all(line.as_bytes())
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush())
@@ -465,7 +653,22 @@ fn hint(error: &Error) -> &'static str {
         Error::TimedOut { .. } => {
             "the transfer stalled; check the network and the server, or raise --timeout-secs"
         }
-        Error::Io { .. } => "check the path, its permissions and the free space",
+        Error::Io { .. } | Error::OutboxIo { .. } => {
+            "check the path, its permissions and the free space"
+        }
+        Error::OutboxFull { .. } => {
+            "run `changeagent outbox flush` once a server answers, or queue into another --dir"
+        }
+        Error::EntryTooLarge { .. } => "make the change smaller",
+        Error::OutboxLocked { .. } => {
+            "wait for the other process using that outbox to finish, or use another --dir"
+        }
+        Error::OutboxCorrupt { .. } => {
+            "the outbox file was damaged or edited: move the directory aside, requeue what it holds, and report it if it was not edited"
+        }
+        Error::OutboxBroken { .. } => {
+            "a write to the outbox failed (disk full or failing?): fix the disk, then run the command again"
+        }
         Error::Api { status: 400, .. } => "fix the arguments (see --help)",
         Error::Api { status: 404, .. } => "check the id, tenant, collection or key",
         Error::Api { status: 409, .. } => {
@@ -530,9 +733,9 @@ mod tests {
         let Command::Post(args) = cli.command else {
             panic!("not post: {:?}", cli.command)
         };
-        assert_eq!(args.data.as_deref(), Some("{\"on\":true}"));
-        assert_eq!(args.tags, ["a", "b"]);
-        assert_eq!(args.change_type, 3);
+        assert_eq!(args.change.data.as_deref(), Some("{\"on\":true}"));
+        assert_eq!(args.change.tags, ["a", "b"]);
+        assert_eq!(args.change.change_type, 3);
         assert_eq!(args.idempotency_key.as_deref(), Some("k1"));
     }
 
@@ -641,5 +844,213 @@ mod tests {
         let error = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe))
             .context("cannot write to stdout");
         assert_eq!(describe(&error), None);
+    }
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use axum::extract::{Path as UrlPath, RawQuery, State};
+    use axum::http::header::CONTENT_TYPE;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use axum::{Json, Router};
+
+    use super::*;
+    use crate::checkpoint::testing::checkpoint;
+    use crate::client::RetryPolicy;
+
+    /// Lines written to it, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().expect("lock").clone();
+            String::from_utf8(bytes)
+                .expect("utf-8")
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// A server that restarts (answers 503 to its first requests), has
+    /// truncated the changes before 5 behind checkpoint 4, and holds
+    /// changes 5 and 6.
+    struct Fake {
+        unavailable: AtomicUsize,
+        manifest: Manifest,
+        data: Vec<u8>,
+    }
+
+    const RECORDS: [&str; 2] = [
+        r#"{"_id":2,"_ts":2,"tags":["a"],"data":2}"#,
+        r#"{"_id":4,"_ts":4,"data":{"z":1,"a":2}}"#,
+    ];
+    const CHANGES: [&str; 2] = [
+        r#"{"_id":5,"_ts":5,"tags":["a"],"data":5}"#,
+        r#"{"_id":6,"_ts":6,"data":6}"#,
+    ];
+
+    async fn changes(State(fake): State<Arc<Fake>>, RawQuery(query): RawQuery) -> Response {
+        let restarting = fake
+            .unavailable
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if restarting {
+            let body = json!({"error": "starting"});
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        }
+        let since: u64 = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "since")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        if since + 1 < 5 {
+            let body = json!({
+                "error": "truncated", "message": "gone", "firstIndex": 5,
+                "checkpoint": fake.manifest,
+            });
+            return (StatusCode::GONE, Json(body)).into_response();
+        }
+        let selected: Vec<&str> = CHANGES
+            .iter()
+            .filter(|c| changeagent_proto::checkpoint::record_id(c.as_bytes()) > Some(since))
+            .copied()
+            .collect();
+        let body = format!(
+            r#"{{"changes":[{}],"atStart":false,"atEnd":true,"firstIndex":5,"lastIndex":6}}"#,
+            selected.join(",")
+        );
+        ([(CONTENT_TYPE, "application/json")], body).into_response()
+    }
+
+    async fn data(State(fake): State<Arc<Fake>>, UrlPath(_index): UrlPath<u64>) -> Response {
+        fake.data.clone().into_response()
+    }
+
+    #[tokio::test]
+    async fn tail_f_rides_out_a_restart_and_prints_a_checkpoints_records_after_a_note() {
+        let (bytes, manifest) = checkpoint(4, &Scope::All, &RECORDS);
+        let fake = Arc::new(Fake {
+            unavailable: AtomicUsize::new(5),
+            manifest,
+            data: bytes,
+        });
+        let app = Router::new()
+            .route("/changes", get(changes))
+            .route("/checkpoints/{index}/data", get(data))
+            .with_state(Arc::clone(&fake));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = Client::builder([format!("http://{addr}")])
+            .retry(RetryPolicy {
+                max_attempts: 2,
+                min_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+                ..RetryPolicy::default()
+            })
+            .follow_block_secs(0)
+            .build()
+            .expect("client");
+        let args = TailArgs {
+            follow: true,
+            lines: 10,
+            since: Some(1),
+            filter: FilterArgs::default(),
+        };
+        let (out, err) = (Captured::default(), Captured::default());
+        let task = {
+            let (mut out, mut err) = (out.clone(), err.clone());
+            tokio::spawn(async move { tail(&client, args, &mut out, &mut err).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.lines().len() < 4 {
+            assert!(
+                Instant::now() < deadline && !task.is_finished(),
+                "tail -f printed {:?}, noted {:?}",
+                out.lines(),
+                err.lines()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert_eq!(
+            fake.unavailable.load(Ordering::Relaxed),
+            0,
+            "it got past the 503s"
+        );
+        // Only changes on stdout: the checkpoint's records (the state), then
+        // the changes after the checkpoint.
+        let want: Vec<String> = RECORDS
+            .iter()
+            .chain(&CHANGES)
+            .map(|c| {
+                serde_json::to_string(&serde_json::from_str::<Change>(c).expect("change"))
+                    .expect("json")
+            })
+            .collect();
+        assert_eq!(out.lines(), want);
+        assert_eq!(
+            err.lines(),
+            ["changeagent: changes 2 to 4 were truncated; loading checkpoint 4 (all, 2 records): \
+              its records follow as the state as of change 4, then the changes after it"]
+        );
+    }
+
+    #[test]
+    fn a_reset_note_names_one_change_or_a_range() {
+        let (_, manifest) = checkpoint(9, &Scope::All, &RECORDS);
+        assert!(reset_note(7, 9, &manifest).starts_with("change 8 was truncated; "));
+        assert!(reset_note(0, 9, &manifest).starts_with("changes 1 to 8 were truncated; "));
+    }
+
+    #[test]
+    fn outbox_subcommands_take_a_dir_and_a_change() {
+        let cli = Cli::try_parse_from([
+            "changeagent",
+            "outbox",
+            "post",
+            "--dir",
+            "/tmp/ob",
+            "{\"a\":1}",
+            "-t",
+            "x",
+        ])
+        .expect("parse");
+        let Command::Outbox(OutboxCommand::Post { dir, change }) = cli.command else {
+            panic!("not outbox post: {:?}", cli.command)
+        };
+        assert_eq!(dir.dir, PathBuf::from("/tmp/ob"));
+        assert_eq!(change.tags, ["x"]);
+        assert!(matches!(
+            Cli::try_parse_from(["changeagent", "outbox", "flush", "--dir", "d"])
+                .expect("parse")
+                .command,
+            Command::Outbox(OutboxCommand::Flush(_))
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["changeagent", "cluster"])
+                .expect("parse")
+                .command,
+            Command::Cluster
+        ));
     }
 }

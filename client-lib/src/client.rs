@@ -19,7 +19,11 @@
 //!
 //! `4xx` answers and other `5xx` answers are never retried. Each failure moves
 //! the client on to the next endpoint (round-robin, shared by all clones of
-//! the client); after every endpoint failed once in a row the client sleeps
+//! the client, see [`crate::failover`]); once the client has been away from
+//! the first endpoint for [`ClientBuilder::prefer_first_after`], the next
+//! request starts at the first endpoint again, so a client given its edges
+//! before the core returns to the edges when they are back. After every
+//! endpoint failed once in a row the client sleeps
 //! for the next delay of the exponential schedule of [`RetryPolicy`] (at
 //! least the server's `Retry-After`), until `max_attempts` or the
 //! `deadline` is reached. Then the last failure is returned.
@@ -32,7 +36,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +53,7 @@ use url::Url;
 
 use crate::checkpoint::{check_not_longer, temp_file, Digest, VerifiedCheckpoint};
 use crate::error::{is_unavailable, retry_after, Error, Result};
+use crate::failover::{Failover, DEFAULT_PREFER_FIRST_AFTER};
 use crate::query::Query;
 use crate::types::{
     Change, ChangeList, ClusterInfo, Collection, Health, KeyWrite, NameRequest, NewChange, Posted,
@@ -169,6 +173,7 @@ pub struct ClientBuilder {
     follow_block_secs: u32,
     checkpoint_dir: Option<PathBuf>,
     cluster_secret: Option<String>,
+    prefer_first_after: Option<Duration>,
 }
 
 impl ClientBuilder {
@@ -191,6 +196,7 @@ impl ClientBuilder {
             follow_block_secs: DEFAULT_FOLLOW_BLOCK_SECS,
             checkpoint_dir: None,
             cluster_secret: None,
+            prefer_first_after: Some(DEFAULT_PREFER_FIRST_AFTER),
         }
     }
 
@@ -257,6 +263,19 @@ impl ClientBuilder {
         self
     }
 
+    /// Once failover has moved the client off the first endpoint, the first
+    /// request after this long starts at the first endpoint again (and
+    /// moves on at once if it still fails). List the endpoints in order of
+    /// preference, e.g. edges before the core: the client returns to the
+    /// edges when they answer again instead of staying on the core.
+    /// `None`: stay wherever failover left the client. Long polls of
+    /// [`Client::follow`] follow along from their next request. Default
+    /// [`DEFAULT_PREFER_FIRST_AFTER`].
+    pub fn prefer_first_after(mut self, after: Option<Duration>) -> Self {
+        self.prefer_first_after = after;
+        self
+    }
+
     /// Checks the endpoints and builds the client.
     pub fn build(self) -> Result<Client> {
         let endpoints = self
@@ -275,8 +294,8 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
+                failover: Failover::new(endpoints.len(), self.prefer_first_after),
                 endpoints,
-                current: AtomicUsize::new(0),
                 timeout: self.timeout,
                 retry: self.retry,
                 auto_idempotency: self.auto_idempotency,
@@ -305,9 +324,9 @@ struct Inner {
     http: reqwest::Client,
     /// Never empty (checked by [`ClientBuilder::build`]).
     endpoints: Vec<Url>,
-    /// Index of the endpoint the next request goes to, always below
-    /// `endpoints.len()`; a request whose endpoint failed moves it on.
-    current: AtomicUsize,
+    /// Which endpoint each attempt goes to; a request whose endpoint failed
+    /// moves it on.
+    failover: Failover,
     timeout: Duration,
     retry: RetryPolicy,
     auto_idempotency: bool,
@@ -863,6 +882,11 @@ impl Client {
         self.read(Call::get("cluster", &["cluster"])).await
     }
 
+    /// `GET /cluster` as the server sent it, every field kept.
+    pub(crate) async fn cluster_json(&self) -> Result<Value> {
+        self.read(Call::get("cluster", &["cluster"])).await
+    }
+
     /// `GET /metrics`: Prometheus text.
     pub async fn metrics(&self) -> Result<String> {
         let (status, headers, body) = self.execute(&Call::get("metrics", &["metrics"])).await?;
@@ -1015,10 +1039,11 @@ impl Client {
         let mut failed_this_round = 0usize;
         loop {
             attempts += 1;
-            let index = call
-                .endpoint
-                .unwrap_or_else(|| inner.current.load(Ordering::Relaxed))
-                % endpoints;
+            let index = match call.endpoint {
+                Some(pinned) => pinned % endpoints,
+                None if attempts == 1 => inner.failover.start(),
+                None => inner.failover.current(),
+            };
             let outcome = self.attempt(index, call).await;
             let server_delay = match &outcome {
                 Ok(answer) if is_unavailable(answer.status) && call.retry_safe() => {
@@ -1045,12 +1070,7 @@ impl Client {
             };
             // Fail over to the next endpoint, unless a concurrent request
             // already moved on from this one.
-            let _ = inner.current.compare_exchange(
-                index,
-                (index + 1) % endpoints,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            inner.failover.failed(index);
             if attempts >= policy.max_attempts {
                 return outcome;
             }
@@ -1175,7 +1195,7 @@ pub(crate) fn changes_call(segments: &[&str], query: &Query) -> Call {
 }
 
 /// Runs blocking file work on tokio's blocking threads.
-async fn blocking<T, F>(what: &'static str, work: F) -> Result<T>
+pub(crate) async fn blocking<T, F>(what: &'static str, work: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
@@ -1190,7 +1210,7 @@ where
 
 /// Makes a rename in `path`'s directory durable (a no-op where directories
 /// cannot be opened as files).
-fn sync_parent_dir(path: &Path) -> io::Result<()> {
+pub(crate) fn sync_parent_dir(path: &Path) -> io::Result<()> {
     if cfg!(unix) {
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -1494,6 +1514,128 @@ mod tests {
         let call = changes_call(&["changes"], &Query::new().block(30));
         assert_eq!(call.extra_timeout, Duration::from_secs(30));
         assert_eq!(call.query, vec![("block", "30".to_owned())]);
+    }
+
+    // ---- failover against servers ------------------------------------------
+
+    mod preference {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        use axum::extract::State;
+        use axum::http::StatusCode as Status;
+        use axum::response::{IntoResponse, Response};
+        use axum::routing::get;
+        use axum::{Json, Router};
+        use futures::StreamExt;
+
+        use super::*;
+
+        /// A `GET /changes` that answers an empty page while `up`, else 503,
+        /// and counts the pages it served.
+        #[derive(Default)]
+        struct Fake {
+            up: AtomicBool,
+            served: AtomicUsize,
+        }
+
+        async fn changes(State(fake): State<Arc<Fake>>) -> Response {
+            if !fake.up.load(Ordering::Relaxed) {
+                let body = serde_json::json!({"error": "restarting"});
+                return (Status::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            }
+            fake.served.fetch_add(1, Ordering::Relaxed);
+            let body = serde_json::json!({
+                "changes": [], "atStart": true, "atEnd": true, "firstIndex": 1, "lastIndex": 0
+            });
+            Json(body).into_response()
+        }
+
+        async fn serve(up: bool) -> (Arc<Fake>, String) {
+            let fake = Arc::new(Fake::default());
+            fake.up.store(up, Ordering::Relaxed);
+            let app = Router::new()
+                .route("/changes", get(changes))
+                .with_state(Arc::clone(&fake));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("address");
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (fake, format!("http://{addr}"))
+        }
+
+        /// A client over `first` then `second` that fails over at once.
+        fn client(first: &str, second: &str, prefer: Option<Duration>) -> Client {
+            Client::builder([first, second])
+                .retry(RetryPolicy {
+                    max_attempts: 4,
+                    min_delay: Duration::from_millis(1),
+                    max_delay: Duration::from_millis(5),
+                    ..RetryPolicy::default()
+                })
+                .follow_block_secs(0)
+                .prefer_first_after(prefer)
+                .build()
+                .expect("client")
+        }
+
+        /// Sends reads until the first server has served one, failing
+        /// after a deadline.
+        async fn until_first_serves(client: &Client, first: &Fake) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while first.served.load(Ordering::Relaxed) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the client never went back to the first endpoint"
+                );
+                client.get_changes(&Query::new()).await.expect("a read");
+            }
+        }
+
+        #[tokio::test]
+        async fn requests_return_to_the_first_endpoint_once_the_interval_passed() {
+            let (first, first_url) = serve(false).await;
+            let (second, second_url) = serve(true).await;
+            let c = client(&first_url, &second_url, Some(Duration::from_millis(200)));
+            c.get_changes(&Query::new()).await.expect("fails over");
+            assert_eq!(second.served.load(Ordering::Relaxed), 1);
+            first.up.store(true, Ordering::Relaxed);
+            until_first_serves(&c, &first).await;
+        }
+
+        #[tokio::test]
+        async fn within_the_interval_requests_stay_where_failover_took_them() {
+            let (first, first_url) = serve(false).await;
+            let (second, second_url) = serve(true).await;
+            let c = client(&first_url, &second_url, Some(Duration::from_secs(3600)));
+            c.get_changes(&Query::new()).await.expect("fails over");
+            first.up.store(true, Ordering::Relaxed);
+            for _ in 0..5 {
+                c.get_changes(&Query::new()).await.expect("a read");
+            }
+            assert_eq!(first.served.load(Ordering::Relaxed), 0);
+            assert_eq!(second.served.load(Ordering::Relaxed), 6);
+        }
+
+        #[tokio::test]
+        async fn a_follow_returns_to_the_first_endpoint_too() {
+            let (first, first_url) = serve(false).await;
+            let (second, second_url) = serve(true).await;
+            let c = client(&first_url, &second_url, Some(Duration::from_millis(200)));
+            let mut pages = Box::pin(c.follow_raw(0, Query::new()));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            pages.next().await.expect("a page").expect("no error");
+            assert!(second.served.load(Ordering::Relaxed) >= 1);
+            first.up.store(true, Ordering::Relaxed);
+            while first.served.load(Ordering::Relaxed) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the follow never went back to the first endpoint"
+                );
+                pages.next().await.expect("a page").expect("no error");
+            }
+        }
     }
 
     // ---- checkpoint routes against a server --------------------------------

@@ -3,6 +3,7 @@
 //! parsing messages. As usual, `Display` shows one level; the cause (a
 //! reqwest or serde_json error) is its `source()` (`{:#}` with anyhow).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use changeagent_proto::checkpoint::ReadError;
@@ -200,6 +201,78 @@ pub enum Error {
         /// The operating system's complaint.
         #[source]
         source: std::io::Error,
+    },
+
+    /// An outbox file could not be created, written, synced or read.
+    #[error("cannot {what} {}", path.display())]
+    OutboxIo {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's complaint.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The outbox holds as many entries or bytes as it may: nothing more is
+    /// queued until a flush reaches a server.
+    #[error(
+        "the outbox is full: {entries} entries of {bytes} bytes pending, at most \
+         {max_entries} entries and {max_bytes} bytes; flush it to a server before queueing more"
+    )]
+    OutboxFull {
+        /// Entries pending.
+        entries: usize,
+        /// Bytes those entries take in the outbox file.
+        bytes: u64,
+        /// [`crate::outbox::MAX_PENDING_ENTRIES`].
+        max_entries: usize,
+        /// [`crate::outbox::MAX_PENDING_BYTES`].
+        max_bytes: u64,
+    },
+
+    /// A change too large to queue (the server would refuse it too).
+    #[error("the change takes {bytes} bytes as JSON, more than an outbox entry may ({max} bytes)")]
+    EntryTooLarge {
+        /// The change's size as JSON.
+        bytes: usize,
+        /// [`crate::outbox::MAX_ENTRY_BYTES`].
+        max: usize,
+    },
+
+    /// Another process (or another [`crate::Outbox`] of this one) has the
+    /// outbox directory open.
+    #[error("the outbox in {} is open in another process", dir.display())]
+    OutboxLocked {
+        /// The outbox directory.
+        dir: PathBuf,
+    },
+
+    /// A complete line of the outbox file is not what the outbox writes:
+    /// the file was damaged or edited. (A torn last line, left by a crash
+    /// during an append, is not an error: it is dropped.)
+    #[error("outbox file {} line {line}: {problem}", path.display())]
+    OutboxCorrupt {
+        /// The outbox file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong with it.
+        problem: &'static str,
+        /// The decoder's complaint, when the line is not valid JSON of the
+        /// expected shape.
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+
+    /// An earlier write to the outbox file failed in a way that leaves its
+    /// state on disk unknown (a failed fsync, or an append that could not be
+    /// undone): this handle refuses further work.
+    #[error("an earlier write to the outbox in {} failed; reopen the outbox to go on from what is on disk", dir.display())]
+    OutboxBroken {
+        /// The outbox directory.
+        dir: PathBuf,
     },
 }
 

@@ -1,5 +1,6 @@
 //! ChangeAgent's client side: an async client over one or more endpoints with
-//! retries, failover and idempotent posts, the [`Client::follow`] change
+//! retries, failover and idempotent posts, an [`Outbox`] that keeps posts on
+//! disk until a server takes them, the [`Client::follow`] change
 //! stream (which loads a checkpoint when the changes it needs were
 //! truncated), a checkpoint reader, and the logic of the `changeagent`
 //! command-line tool. The wire types come from `changeagent-proto` and are
@@ -32,10 +33,15 @@
 //!   from `changeagent-proto`).
 //! - [`client`]: [`Client`] and [`ClientBuilder`]: every route (checkpoint
 //!   downloads included), retries and failover.
+//! - [`failover`]: which endpoint each attempt goes to, and the return to
+//!   the first endpoints ([`ClientBuilder::prefer_first_after`]).
 //! - [`follow`]: [`Client::follow`] and [`Client::follow_raw`], the change
 //!   streams, and their items [`FollowEvent`] and [`RawPage`].
 //! - [`checkpoint`]: [`CheckpointReader`], which streams a checkpoint's
 //!   records and checks them against their manifest, and [`checkpoint::spool`].
+//! - [`outbox`]: [`Outbox`], a durable queue of posts for writers that are
+//!   only sometimes connected, each sent once with the key it was queued
+//!   with.
 //! - [`error`]: [`Error`], the one error type, and [`Result`].
 //! - [`cli`]: arguments and commands of the `changeagent` binary.
 
@@ -43,7 +49,9 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod failover;
 pub mod follow;
+pub mod outbox;
 
 pub use changeagent_proto as proto;
 pub use changeagent_proto::{query, types};
@@ -52,7 +60,9 @@ pub use changeagent_proto::{Manifest, Scope};
 pub use checkpoint::{CheckpointReader, VerifiedCheckpoint};
 pub use client::{Client, ClientBuilder, RawResponse, RetryPolicy};
 pub use error::{Error, Result};
+pub use failover::DEFAULT_PREFER_FIRST_AFTER;
 pub use follow::{FollowEvent, RawChange, RawPage};
+pub use outbox::{Entry, FlushReport, Outbox, Rejected, Sent};
 pub use query::Query;
 pub use types::{
     Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,
