@@ -55,6 +55,13 @@ const SCRAPE_INTERVAL: Duration = Duration::from_millis(100);
 /// Extra time a long-poll request may take beyond its `block`.
 const BLOCK_GRACE: Duration = Duration::from_secs(30);
 
+/// The gauge counts as settled before a run when it has not changed for
+/// this long (long-polls of a run that just ended close within milliseconds).
+const SETTLE_QUIET: Duration = Duration::from_secs(1);
+
+/// At most this long is spent waiting for the gauge to settle.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Used without the gauge: time given to a batch of long-polls to arrive.
 const NO_GAUGE_SETTLE: Duration = Duration::from_secs(1);
 
@@ -370,7 +377,7 @@ pub async fn run(core: &Server, target: &Target, args: &WaitersArgs) -> Result<L
         wait_caught_up(core, &target.server).await?
     };
     let server = &target.server;
-    let baseline = server.metric(GAUGE).await?;
+    let baseline = settled_gauge(server).await?;
     if baseline.is_none() {
         println!(
             "warning: the {} exports no {GAUGE} gauge; waiting {} per batch instead of \
@@ -576,6 +583,31 @@ async fn long_poll(
             since = last.id;
         }
         shared.reissued.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The gauge once no long-poll of an earlier run (or of a consumer that
+/// just left) is still being closed: when it reads 0, or the same value for
+/// [`SETTLE_QUIET`]; `None` when the server exports none.
+async fn settled_gauge(server: &Server) -> Result<Option<f64>> {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    let Some(mut last) = server.metric(GAUGE).await? else {
+        return Ok(None);
+    };
+    let mut since = Instant::now();
+    loop {
+        if last == 0.0 || since.elapsed() >= SETTLE_QUIET {
+            return Ok(Some(last));
+        }
+        if Instant::now() >= deadline {
+            // Others come and go: take what is there now.
+            return Ok(Some(last));
+        }
+        tokio::time::sleep(SCRAPE_INTERVAL).await;
+        let seen = server.metric(GAUGE).await?.unwrap_or(0.0);
+        if seen != last {
+            (last, since) = (seen, Instant::now());
+        }
     }
 }
 
