@@ -370,6 +370,12 @@ fn print_table(args: &FanoutArgs, edge: &NodeRun, core: Option<&NodeRun>) {
         String::new(),
     );
     row(
+        "answered before the core's answer",
+        both(&|r: &NodeRun| report::count(r.longpoll.before_answer)),
+        String::new(),
+        String::new(),
+    );
+    row(
         "long-polls that returned the change",
         both(&|r: &NodeRun| {
             format!(
