@@ -21,6 +21,7 @@ use changeagent_testkit::health::node_health;
 use changeagent_testkit::process::LOG_TAIL_LINES;
 use changeagent_testkit::{Binary, ServerOptions, ServerProcess, LEADER_DEADLINE};
 
+use crate::cluster;
 use crate::load::{self, Load};
 use crate::logline::{Fields, LogTail};
 use crate::memory::{self, Memory, Window};
@@ -203,8 +204,8 @@ struct Binaries {
 /// and one JSON summary line at the end.
 pub async fn run(args: &CheckpointArgs) -> Result<()> {
     let bins = Binaries {
-        server: locate(args.server_bin.as_ref(), "changeagent-server")?,
-        checkpointer: locate(args.checkpointer_bin.as_ref(), "changeagent-checkpointer")?,
+        server: cluster::locate(args.server_bin.as_ref(), "changeagent-server")?,
+        checkpointer: cluster::locate(args.checkpointer_bin.as_ref(), "changeagent-checkpointer")?,
     };
     let stores = args.stores();
     if stores.contains(&StoreKind::S3) {
@@ -261,23 +262,6 @@ async fn run_stores(
         run.check_restored()?;
     }
     Ok(())
-}
-
-/// Where binary `name` is: `flag` when given, else next to this executable.
-fn locate(flag: Option<&PathBuf>, name: &str) -> Result<PathBuf> {
-    let bin = match flag {
-        Some(path) => Binary::Path(path.clone()),
-        None => Binary::named(name),
-    };
-    let path = bin.locate()?;
-    if path.components().any(|c| c.as_os_str() == "debug") {
-        eprintln!(
-            "note: {} looks like a debug build; the figures will measure it, not the \
-             release build (cargo build --release --workspace --bins)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 /// Fails early, before any loading, when the S3 run cannot find Garage.

@@ -118,14 +118,7 @@ pub async fn start(size: usize, args: &NodeArgs) -> Result<Cluster> {
     if !(1..=MAX_NODES).contains(&size) {
         bail!("--cluster must be within 1..={MAX_NODES}");
     }
-    let bin = args.binary().locate()?;
-    if bin.components().any(|c| c.as_os_str() == "debug") {
-        eprintln!(
-            "note: {} looks like a debug build; the figures will measure it, not the \
-             release server (cargo build --release --workspace --bins)",
-            bin.display()
-        );
-    }
+    let bin = located(args.binary())?;
     std::fs::create_dir_all(&args.cluster_dir)
         .with_context(|| format!("creating --cluster-dir {}", args.cluster_dir.display()))?;
     // Absolute, so the printed paths can be used from anywhere.
@@ -144,6 +137,28 @@ pub async fn start(size: usize, args: &NodeArgs) -> Result<Cluster> {
         cluster.keep();
     }
     Ok(cluster)
+}
+
+/// Where binary `name` (`changeagent-server`, `changeagent-edge`, …) is:
+/// `flag` when given, else its `CHANGEAGENT_<NAME>_BIN` variable, else next
+/// to this executable. Notes a debug build.
+pub fn locate(flag: Option<&PathBuf>, name: &str) -> Result<PathBuf> {
+    located(match flag {
+        Some(path) => Binary::Path(path.clone()),
+        None => Binary::named(name),
+    })
+}
+
+fn located(bin: Binary) -> Result<PathBuf> {
+    let path = bin.locate()?;
+    if path.components().any(|c| c.as_os_str() == "debug") {
+        eprintln!(
+            "note: {} looks like a debug build; the figures will measure it, not the \
+             release build (cargo build --release --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// The benchmark's HTTP client of every node, in node order.

@@ -1,17 +1,21 @@
 //! `changeagent-bench`: load generator for ChangeAgent. It measures what the
 //! design promises — durable write latency and throughput, catch-up read
-//! throughput, the memory and wake-up latency of many idle long-polls, and
-//! how long a cluster is unavailable for writes when its leader dies — and
-//! prints human-readable figures next to the targets.
+//! throughput, the memory and wake-up latency of many idle long-polls on a
+//! core node or an edge, long-poll answers per second, and how long a
+//! cluster is unavailable for writes when its leader dies — and prints
+//! human-readable figures next to the targets.
 //!
-//! It talks plain HTTP/1.1 (one shared keep-alive `reqwest` client) to an
-//! already running node given by `--server` (env `CHANGEAGENT_SERVER`,
-//! default `http://127.0.0.1:9000`) and exits non-zero with a hint how to
-//! start one when that node cannot be reached. With `--cluster N` (`write`,
-//! `all`) and in `failover` it instead starts its own local cluster of the
+//! It talks plain HTTP/1.1 (one shared keep-alive `reqwest` client; the
+//! many long-polls of `longpoll`, `answers` and `fanout` use a minimal
+//! HTTP/1.1 client of their own, see `--client`) to an already running node
+//! given by `--server` (env `CHANGEAGENT_SERVER`, default
+//! `http://127.0.0.1:9000`) and exits non-zero with a hint how to start one
+//! when that node cannot be reached. With `--cluster N` (`write`, `all`) and
+//! in `failover` it instead starts its own local cluster of the
 //! `changeagent-server` binary next to it (see below); `checkpoint` starts
-//! its own node, checkpointer and restoring node. Results go to stdout,
-//! progress lines (every 2 s during long work) to stderr.
+//! its own node, checkpointer and restoring node; `fanout` its own core node
+//! and edge. Results go to stdout, progress lines (every 2 s during long
+//! work) to stderr.
 //!
 //! Build it in release mode; a debug build measures the benchmark itself:
 //!
@@ -52,19 +56,63 @@
 //!   after the other; prints changes/s, MB/s and page latency against the
 //!   300,000 changes/s target. Loading is a one-off: later runs find the
 //!   changes already there.
-//! - `longpoll [--count 10000] [--pid PID] [--block 60] [--ramp 500]` —
-//!   reads the server's RSS (`VmRSS` in `/proc/PID/status`, so the server
-//!   must run on this machine), opens `count` idle long-polls
-//!   `GET /changes?since=<lastIndex>&block=60`, each on its own connection,
-//!   `ramp` at a time, waiting after each batch until the server's
-//!   `changeagent_long_polls_open` gauge in `/metrics` shows them; reads RSS
-//!   again and prints the growth in MB and KB per long-poll against the
-//!   100 MB per 10,000 target. Then it posts one change and reports how long
-//!   every long-poll took to return (p50/p99/max, measured from the post)
-//!   and whether every one returned that change. Without `--pid` memory is
-//!   not measured. Each long-poll is a socket in this process and in the
-//!   server: raise the open-file limit first (`ulimit -n 65536`, in both
-//!   shells); the command checks its own limit and says so when too low.
+//! - `longpoll [--count 10000] [--pid PID] [--target URL] [--block 60]
+//!   [--ramp 500] [--client raw|reqwest]` — opens `count` idle long-polls
+//!   `GET /changes?since=<lastIndex>&block=60` on `--target` (default
+//!   `--server`; e.g. an edge tailing it, which is first given time to catch
+//!   up), each on its own connection, `ramp` at a time, waiting after each
+//!   batch until the target's `changeagent_long_polls_open` gauge in
+//!   `/metrics` shows them. With `--pid` (the target's; `VmRSS` in
+//!   `/proc/PID/status`, so it must run on this machine) it prints the RSS
+//!   growth in MB and KB per long-poll against the target of the target's
+//!   role (by the `role` of its `/health`): 5 KB per long-poll for an edge
+//!   (+50 MB per 10,000), 10 KB for a core node (100 MB per 10,000; the
+//!   other role's is printed beside it). Then it posts one change to
+//!   `--server` (the core) and reports how long every long-poll took to
+//!   return it, p50/p90/p99/max from the moment the core's answer to the
+//!   post arrived (against the 200 ms p99 target for 10,000 waiters on an
+//!   edge) and from the post's send, and whether every one returned that
+//!   change (the exit status says so too). Each long-poll is a socket in
+//!   this process and in the target: the command raises its own soft
+//!   open-file limit to the hard one and fails when that is too low; the
+//!   target needs `ulimit -n 65536` in its shell (a warning says so).
+//!   `--client` (`CHANGEAGENT_BENCH_CLIENT`) picks the long-polls' HTTP
+//!   client: `raw` (default), a minimal HTTP/1.1 client over one keep-alive
+//!   TCP connection per poller, or `reqwest`, the shared client; the raw one
+//!   costs this process less CPU per answer, so on a 2-core machine more of
+//!   it is left to the server being measured.
+//! - `answers [--pollers 1000] [--duration 10] [--writers 1] [--lead 100]
+//!   [--target URL] [--pid PID] [--client raw|reqwest]` — `pollers` pollers,
+//!   one connection each, loop `GET /changes?since=<their last>&block=30&limit=1`
+//!   on `--target` (default `--server`) while `writers` post batches of
+//!   changes to `--server`, keeping the log at most `lead` changes ahead of
+//!   the slowest poller (topped up once half of it is read), so no poller
+//!   starves and none falls behind for good. After every poller's first
+//!   answer it counts the answers over `duration` seconds and prints
+//!   answers/s against the 50,000 /s target of one edge, the share of
+//!   answers that had to wait for a new change, and the CPU time of this
+//!   process and (with `--pid`) the target over the span, per answer, which
+//!   shows which side bounds the rate. Every poller checks that each answer
+//!   holds exactly the next id (no gap, no repeat, never two); any such
+//!   error, failed request or failed post is reported and fails the run.
+//! - `fanout [--count 10000] [--pollers 1000] [--duration 10] [--client …]
+//!   [--edge-only] [--dir DIR] [--keep-dir] [--server-bin PATH]
+//!   [--edge-bin PATH] [--edge-arg "…"]` — starts its own single core node
+//!   (`changeagent-server`) and an edge (`changeagent-edge --upstream
+//!   <core>` plus any `--edge-arg`, split at spaces) through the test kit,
+//!   then runs `longpoll` (RSS per idle long-poll, wake-up latency of
+//!   `count` waiters on the edge for a post on the core) and `answers`
+//!   against the edge; then stops the edge and runs both against the core
+//!   alone to compare (unless `--edge-only`). Takes the flags of both
+//!   (`--block`, `--ramp`, `--writers`, `--lead`). Prints a progress line per
+//!   phase, one table of the edge's and the core's figures beside the edge's
+//!   targets with met / not met, then one JSON line with every figure. Data
+//!   dirs and logs live in a temporary directory under `--dir` (default the
+//!   current directory), removed at the end unless `--keep-dir` is given or
+//!   the run failed. The binaries are `--server-bin` /
+//!   `CHANGEAGENT_SERVER_BIN` and `--edge-bin` / `CHANGEAGENT_EDGE_BIN`,
+//!   else the ones next to this executable; the core and the edge inherit
+//!   the raised open-file limit.
 //! - `all [--fsync-dir DIR] [--pid PID] [--cluster N] …` — fsync in DIR
 //!   (default the current directory, or the cluster's directory), write with
 //!   1 and 64 clients and the batch run, read, then longpoll (skipped without
@@ -127,8 +175,10 @@
 //! Every flag also reads an environment variable, `CHANGEAGENT_BENCH_<FLAG>`
 //! (e.g. `CHANGEAGENT_BENCH_PID`), except `--server` (`CHANGEAGENT_SERVER`),
 //! `--server-bin` (`CHANGEAGENT_SERVER_BIN`, as in the system tests),
-//! `--checkpointer-bin` (`CHANGEAGENT_CHECKPOINTER_BIN`, likewise) and
-//! `--server-arg` (`CHANGEAGENT_BENCH_SERVER_ARGS`).
+//! `--checkpointer-bin` (`CHANGEAGENT_CHECKPOINTER_BIN`, likewise),
+//! `--edge-bin` (`CHANGEAGENT_EDGE_BIN`, likewise), `--server-arg`
+//! (`CHANGEAGENT_BENCH_SERVER_ARGS`) and `--edge-arg`
+//! (`CHANGEAGENT_BENCH_EDGE_ARGS`).
 //!
 //! # Examples
 //!
@@ -142,6 +192,9 @@
 //! changeagent-bench write --cluster 3 --cluster-dir /var/tmp
 //! changeagent-bench failover --rounds 20 --cluster-dir /var/tmp
 //! changeagent-bench checkpoint --store both --dir /var/tmp
+//! changeagent-bench longpoll --target http://127.0.0.1:9100 --pid "$(pgrep -n changeagent-edge)"
+//! changeagent-bench answers --target http://127.0.0.1:9100 --pollers 1000 --duration 10
+//! changeagent-bench fanout --count 10000 --pollers 1000 --dir /var/tmp
 //! ```
 //!
 //! # Layout
@@ -149,9 +202,18 @@
 //! - `fsync`: the fdatasync floor.
 //! - `write`: closed-loop single-change posters and the write targets.
 //! - `read`: batch loader and sequential pagers.
-//! - `longpoll`: idle long-poll memory and wake-up latency.
+//! - `longpoll`: idle long-poll memory and wake-up latency on a core or an
+//!   edge, the targets of each role.
+//! - `answers`: long-poll answers per second with one change each, writers
+//!   that keep the pollers fed, the order check of every answer.
+//! - `fanout`: a core and an edge started for the run, both measured.
+//! - `poll_client`: `--client`, the long-polls' connections (raw or reqwest).
+//! - `http1`: the minimal HTTP/1.1 client (GET, Content-Length or chunked).
+//! - `open_files`: raising and checking the open-file limit.
+//! - `cpu`: CPU time of a process from `/proc/PID/stat`.
 //! - `cluster`: the flags of a local N-node cluster and starting it with the
-//!   test kit (which finds the leader, kills and restarts nodes).
+//!   test kit (which finds the leader, kills and restarts nodes); where the
+//!   binaries are.
 //! - `failover`: leader kills under a retrying writer.
 //! - `checkpoint`: one checkpoint of a loaded node written and restored.
 //! - `load`: the batch loader `read` and `checkpoint` fill a node with.
@@ -160,14 +222,20 @@
 //! - `server`: the shared HTTP client and the node's index range and metrics.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
 
+mod answers;
 mod checkpoint;
 mod cluster;
+mod cpu;
 mod failover;
+mod fanout;
 mod fsync;
+mod http1;
 mod load;
 mod logline;
 mod longpoll;
 mod memory;
+mod open_files;
+mod poll_client;
 mod read;
 mod report;
 mod server;
@@ -181,11 +249,13 @@ use clap::{Parser, Subcommand};
 
 use changeagent_testkit::cluster::{Cluster, CLUSTER_DEADLINE};
 
+use crate::answers::AnswersCmd;
 use crate::checkpoint::CheckpointArgs;
 use crate::cluster::ClusterArgs;
 use crate::failover::FailoverArgs;
+use crate::fanout::FanoutArgs;
 use crate::fsync::{FsyncArgs, FsyncSampling};
-use crate::longpoll::LongpollArgs;
+use crate::longpoll::{LongpollArgs, Target};
 use crate::read::ReadArgs;
 use crate::server::Server;
 use crate::write::WriteArgs;
@@ -225,8 +295,12 @@ enum Command {
     },
     /// Sequential paging throughput over many changes (loads them first).
     Read(ReadArgs),
-    /// Memory and wake-up latency of many idle long-polls.
+    /// Memory and wake-up latency of many idle long-polls (on --target, e.g. an edge).
     Longpoll(LongpollArgs),
+    /// Long-poll answers per second when each answer carries one change.
+    Answers(AnswersCmd),
+    /// Starts a core and an edge; longpoll and answers on the edge, then on the core.
+    Fanout(FanoutArgs),
     /// Time from kill -9 of a local cluster's leader to the next acknowledged write.
     Failover(FailoverArgs),
     /// Time, size and memory of writing one checkpoint of a loaded node and restoring it.
@@ -269,6 +343,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "note: this is a debug build of the benchmark; its own work (the clients) costs \
+             several times the CPU of a release build (cargo build --release -p changeagent-bench)"
+        );
+    }
     match cli.command {
         Command::Fsync(args) => {
             validate_sampling(&args.sampling)?;
@@ -321,7 +401,27 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Longpoll(args) => {
             args.validate()?;
             let server = connect(&cli.server).await?;
-            longpoll::run(&server, &args).await?;
+            let target = target(&server, &args).await?;
+            longpoll::run(&server, &target, &args.waiters)
+                .await?
+                .check()?;
+        }
+        Command::Answers(cmd) => {
+            cmd.answers.validate()?;
+            let server = connect(&cli.server).await?;
+            let target = match cmd.target.as_deref() {
+                Some(url) => connect(url).await?,
+                None => server.clone(),
+            };
+            let target = Target::new(target, cmd.pid, cmd.client.client).await?;
+            let core_pid = if target.is(&server) { cmd.pid } else { None };
+            answers::run(&server, core_pid, &target, &cmd.answers)
+                .await?
+                .check()?;
+        }
+        Command::Fanout(args) => {
+            args.validate()?;
+            fanout::run(&args).await?;
         }
         Command::Failover(args) => {
             args.validate()?;
@@ -423,12 +523,23 @@ async fn run_cluster(cluster: &Cluster, phases: Phases<'_>) -> Result<()> {
 /// The longpoll phase of `all`, or a note why it is skipped.
 async fn run_longpoll(server: &Server, args: &LongpollArgs) -> Result<()> {
     if args.pid.is_some() {
-        longpoll::run(server, args).await
+        let target = target(server, args).await?;
+        longpoll::run(server, &target, &args.waiters).await?.check()
     } else {
         report::header("longpoll");
         println!("skipped: pass --pid <server pid> (and run `ulimit -n 65536` first)");
         Ok(())
     }
+}
+
+/// The node the long-polls go to: `url` (checked to answer) or else the
+/// core itself.
+async fn target(core: &Server, args: &LongpollArgs) -> Result<Target> {
+    let server = match args.target.as_deref() {
+        Some(url) => connect(url).await?,
+        None => core.clone(),
+    };
+    Target::new(server, args.pid, args.client.client).await
 }
 
 /// The node at `url`, after checking it answers.
@@ -506,7 +617,7 @@ mod tests {
         };
         assert_eq!(write.clients, [64]);
         assert_eq!(read.readers, [1, 2]);
-        assert_eq!((longpoll.count, longpoll.pid), (5, Some(1)));
+        assert_eq!((longpoll.waiters.count, longpoll.pid), (5, Some(1)));
     }
 
     #[test]
@@ -620,6 +731,71 @@ mod tests {
         ] {
             assert!(parse(bad).unwrap().validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn longpoll_answers_and_fanout_take_their_flags() {
+        let cli = Cli::try_parse_from([
+            "changeagent-bench",
+            "longpoll",
+            "--target",
+            "http://127.0.0.1:9100",
+            "--count",
+            "1000",
+            "--client",
+            "reqwest",
+        ])
+        .unwrap();
+        let Command::Longpoll(args) = cli.command else {
+            panic!("not longpoll")
+        };
+        assert_eq!(args.target.as_deref(), Some("http://127.0.0.1:9100"));
+        assert_eq!((args.waiters.count, args.waiters.block), (1000, 60));
+        assert_eq!(args.client.client, poll_client::ClientKind::Reqwest);
+
+        let cli = Cli::try_parse_from(["changeagent-bench", "answers"]).unwrap();
+        let Command::Answers(cmd) = cli.command else {
+            panic!("not answers")
+        };
+        let a = &cmd.answers;
+        assert_eq!(
+            (a.pollers, a.duration, a.writers, a.lead),
+            (1000, 10, 1, 100)
+        );
+        assert_eq!(cmd.client.client, poll_client::ClientKind::Raw);
+        assert_eq!(cmd.target, None);
+        assert!(a.validate().is_ok());
+
+        let cli = Cli::try_parse_from([
+            "changeagent-bench",
+            "fanout",
+            "--count",
+            "1000",
+            "--pollers",
+            "200",
+            "--duration",
+            "3",
+            "--edge-bin",
+            "/x/changeagent-edge",
+            "--edge-arg",
+            "--max-block-secs 120",
+            "--edge-only",
+        ])
+        .unwrap();
+        let Command::Fanout(args) = cli.command else {
+            panic!("not fanout")
+        };
+        assert_eq!(args.waiters.count, 1000);
+        assert_eq!((args.answers.pollers, args.answers.duration), (200, 3));
+        assert_eq!(args.edge_bin, Some(PathBuf::from("/x/changeagent-edge")));
+        assert_eq!(args.edge_args, ["--max-block-secs", "120"]);
+        assert!(args.edge_only && !args.keep_dir);
+        assert!(args.validate().is_ok());
+        let cli = Cli::try_parse_from(["changeagent-bench", "fanout", "--pollers", "0"]).unwrap();
+        let Command::Fanout(args) = cli.command else {
+            panic!("not fanout")
+        };
+        assert!(args.validate().is_err());
     }
 
     #[test]

@@ -68,6 +68,21 @@ impl Latency {
     }
 }
 
+impl Latency {
+    /// `{"p50_ms":…,"p90_ms":…,"p99_ms":…,"max_ms":…,"count":…}` for a
+    /// JSON summary line.
+    pub fn to_json(self) -> serde_json::Value {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        serde_json::json!({
+            "count": self.count,
+            "p50_ms": ms(self.p50),
+            "p90_ms": ms(self.p90),
+            "p99_ms": ms(self.p99),
+            "max_ms": ms(self.max),
+        })
+    }
+}
+
 /// A duration in milliseconds with microsecond precision: `1.234 ms`.
 pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)

@@ -155,6 +155,19 @@ impl Server {
         })
     }
 
+    /// The `"role"` in `GET /health` (`leader`, `follower`, `edge`, …);
+    /// `None` when the answer has none.
+    pub async fn role(&self) -> Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct Health {
+            role: Option<String>,
+        }
+        let body = self.get_ok("/health", REQUEST_TIMEOUT).await?;
+        let health: Health =
+            serde_json::from_slice(&body).context("GET /health: answer is not JSON")?;
+        Ok(health.role)
+    }
+
     /// The sum of all series of metric `name` in `GET /metrics`, or `None`
     /// when the server does not export it.
     pub async fn metric(&self, name: &str) -> Result<Option<f64>> {
