@@ -31,7 +31,7 @@ pub use import::{ImportMode, Imported, Replica};
 pub use objects::Objects;
 pub use record::{parse_post_body, ChangeInput, PostBody};
 pub use store::{Collection, Filter, PageInfo, State, Store, Tenant};
-pub use txn::{Applied, Txn};
+pub use txn::{Applied, Follow, Txn};
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_nanos() -> i64 {

@@ -68,6 +68,15 @@ enum Rows {
     List,
 }
 
+/// How [`Txn::apply_next`] applies an upstream's change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Into a copy that keeps everything (a checkpointer's): records are only recorded.
+    Copy,
+    /// Into a replica that moves with its upstream (an edge's): see [`Txn::apply_upstream`].
+    Replica,
+}
+
 /// What a change applied from upstream did besides joining the list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -538,6 +547,30 @@ impl Txn<'_> {
                 Ok(Applied::CheckpointEnd(m))
             }
             _ => Ok(Applied::Change),
+        }
+    }
+
+    /// Applies the change `id` of an upstream's unfiltered list (`line` is its wire JSON) as
+    /// the next one: `None` when it was applied already (a page overlapping the last one), an
+    /// error when it is not the one after the last applied (a gap, which an unfiltered list
+    /// never has). A [`Follow::Replica`] follows the upstream's housekeeping too.
+    pub fn apply_next(&mut self, id: u64, line: &[u8], follow: Follow) -> Result<Option<Applied>> {
+        let expected = self.state.last_id + 1;
+        if id < expected {
+            return Ok(None);
+        }
+        if id != expected {
+            return Err(Error::BadRecord {
+                id,
+                detail: format!(
+                    "the upstream's list jumps from {} to {id}: a gap in an unfiltered list",
+                    expected - 1
+                ),
+            });
+        }
+        match follow {
+            Follow::Copy => self.apply_record(line, true).map(|_| Some(Applied::Change)),
+            Follow::Replica => self.apply_upstream(line).map(Some),
         }
     }
 

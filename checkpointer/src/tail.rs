@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use changeagent_client::{Error as ClientError, Query, RawPage};
 use changeagent_proto::{Manifest, Scope};
-use changeagent_store::ImportMode;
+use changeagent_store::{Follow, ImportMode};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -94,18 +94,7 @@ impl TailWorker {
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let mut txn = store.begin();
             for change in &page.changes {
-                let expected = txn.state().last_id + 1;
-                if change.id < expected {
-                    continue;
-                }
-                if change.id != expected {
-                    anyhow::bail!(
-                        "the core's list jumps from {} to {}: a gap in an unfiltered list",
-                        expected - 1,
-                        change.id
-                    );
-                }
-                txn.apply_record(&change.json, true)?;
+                txn.apply_next(change.id, &change.json, Follow::Copy)?;
             }
             store.commit(txn)?;
             Ok(())

@@ -18,7 +18,7 @@ use backon::BackoffBuilder;
 use changeagent_client::{Query, RawPage};
 use changeagent_proto::limits::MAX_LIMIT;
 use changeagent_proto::Manifest;
-use changeagent_store::Applied;
+use changeagent_store::{Applied, Follow};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -141,23 +141,12 @@ impl TailWorker {
             let mut ended = Vec::new();
             let mut txn = store.begin();
             for change in &page.changes {
-                let expected = txn.state().last_id + 1;
-                if change.id < expected {
-                    continue;
-                }
-                if change.id != expected {
-                    anyhow::bail!(
-                        "the upstream's list jumps from {} to {}: a gap in an unfiltered list",
-                        expected - 1,
-                        change.id
-                    );
-                }
-                match txn.apply_upstream(&change.json)? {
-                    Applied::CheckpointEnd(m) => ended.push(m),
-                    Applied::Truncate { before } => {
+                match txn.apply_next(change.id, &change.json, Follow::Replica)? {
+                    Some(Applied::CheckpointEnd(m)) => ended.push(m),
+                    Some(Applied::Truncate { before }) => {
                         tracing::info!(before, "following the upstream's truncation")
                     }
-                    Applied::Change => {}
+                    Some(Applied::Change) | None => {}
                 }
             }
             store.commit(txn)?;

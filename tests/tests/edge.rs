@@ -496,6 +496,16 @@ async fn a_consumer_following_an_edge_across_a_truncation_ends_with_the_cores_st
         "the consumer never loaded a checkpoint"
     );
     assert_eq!(through_edge.state(), reads_everything.state());
+    // The edge followed the truncations it saw while tailing: same range, same bytes.
+    wait_caught_up(&edge_api, &core_api).await;
+    assert_eq!(
+        edge_api.retained_raw_changes("").await,
+        core_api.retained_raw_changes("").await
+    );
+    assert_eq!(
+        metric(&edge_api, "changeagent_edge_bootstraps_total").await,
+        0
+    );
     assert!(
         metric(
             &edge_api,
