@@ -15,8 +15,6 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
-use crate::record::StoredChange;
-use crate::store::{Filter, PageInfo};
 use crate::Result;
 
 /// Changes kept at most: a few seconds of a busy core's writes, enough for every long-poll
@@ -79,145 +77,85 @@ impl TailCache {
         run.bytes = 0;
     }
 
-    /// Rule 3: writes the page after `since` into `out` like `Store::read_page` would, or
-    /// `None` when the cache does not reach back to `since`. `info` carries the retained range
-    /// the caller read from the store's state, with nothing counted yet.
-    pub(crate) fn read_page(
+    /// Rule 3: offers the changes `start..=last` to `each` in `_id` order until it returns
+    /// false; `None` (offering nothing) when the run does not hold all of them.
+    pub(crate) fn scan(
         &self,
-        since: u64,
-        limit: usize,
-        filter: &Filter,
-        mut info: PageInfo,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<PageInfo>> {
-        let start = since.saturating_add(1);
-        if start > info.last_index || limit == 0 {
-            return Some(Ok(info));
-        }
+        start: u64,
+        last: u64,
+        mut each: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Option<Result<()>> {
         let run = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let (first, last) = (run.first()?, run.last()?);
-        if first > start || last < info.last_index {
+        let (first, newest) = (run.first()?, run.last()?);
+        if first > start || newest < last {
             return None;
         }
         let skip = (start - first) as usize;
         for (id, value) in run.entries.iter().skip(skip) {
-            if *id > info.last_index {
+            if *id > last {
                 break;
             }
-            let c = match StoredChange::decode(value) {
-                Ok(c) => c,
+            match each(*id, value) {
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(e) => return Some(Err(e)),
-            };
-            if !filter.matches(&c) {
-                continue;
             }
-            if info.count == limit {
-                info.more = true;
-                break;
-            }
-            if info.count > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(c.json);
-            info.count += 1;
-            info.last_returned = Some(*id);
         }
-        Some(Ok(info))
+        Some(Ok(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Resolved;
 
-    fn stored(id: u64, tags: &[String]) -> (u64, Bytes) {
-        let r = Resolved {
-            id,
-            ts: 1,
-            change_type: 0,
-            tags,
-            tenant: None,
-            collection: None,
-            key: None,
-            deleted: false,
-            data: Some("1"),
-        };
-        (id, Bytes::from(r.stored_value(&r.wire_json())))
+    fn entry(id: u64) -> (u64, Bytes) {
+        (id, Bytes::from(id.to_string()))
     }
 
-    fn info(first: u64, last: u64) -> PageInfo {
-        PageInfo {
-            count: 0,
-            last_returned: None,
-            more: false,
-            first_index: first,
-            last_index: last,
-        }
+    fn ids(cache: &TailCache, start: u64, last: u64, stop_after: usize) -> Option<Vec<u64>> {
+        let mut seen = Vec::new();
+        cache
+            .scan(start, last, |id, value| {
+                assert_eq!(value, id.to_string().as_bytes());
+                seen.push(id);
+                Ok(seen.len() < stop_after)
+            })?
+            .unwrap();
+        Some(seen)
     }
 
     #[test]
-    fn answers_only_what_it_covers() {
+    fn offers_only_what_it_holds_whole() {
         let cache = TailCache::default();
-        cache.extend((5..=9).map(|id| stored(id, &[])).collect());
-        let all = Filter::default();
-        let mut out = Vec::new();
-        // Before the run: the store must answer.
-        assert!(cache.read_page(3, 10, &all, info(1, 9), &mut out).is_none());
-        let page = cache
-            .read_page(4, 2, &all, info(1, 9), &mut out)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (page.count, page.last_returned, page.more),
-            (2, Some(6), true)
-        );
-        assert!(out.starts_with(b"{\"_id\":5,"));
-        // Not past what readers may see yet.
-        out.clear();
-        let page = cache
-            .read_page(7, 10, &all, info(1, 8), &mut out)
-            .unwrap()
-            .unwrap();
-        assert_eq!((page.count, page.more), (1, false));
+        cache.extend((5..=9).map(entry).collect());
+        assert_eq!(ids(&cache, 4, 9, 100), None, "before the run");
+        assert_eq!(ids(&cache, 5, 10, 100), None, "past the run");
+        assert_eq!(ids(&cache, 6, 9, 100), Some(vec![6, 7, 8, 9]));
+        assert_eq!(ids(&cache, 6, 8, 100), Some(vec![6, 7, 8]));
+        assert_eq!(ids(&cache, 5, 9, 2), Some(vec![5, 6]));
     }
 
     #[test]
-    fn a_gap_starts_a_new_run_and_filters_apply() {
+    fn a_gap_starts_a_new_run() {
         let cache = TailCache::default();
-        cache.extend(vec![stored(1, &[]), stored(2, &[])]);
-        let tag = vec!["t".to_owned()];
-        cache.extend(vec![stored(10, &tag), stored(11, &[]), stored(12, &tag)]);
-        let mut out = Vec::new();
-        assert!(cache
-            .read_page(1, 10, &Filter::default(), info(1, 12), &mut out)
-            .is_none());
-        let f = Filter {
-            tags: tag,
-            ..Filter::default()
-        };
-        let page = cache
-            .read_page(9, 1, &f, info(1, 12), &mut out)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (page.count, page.last_returned, page.more),
-            (1, Some(10), true)
-        );
+        cache.extend(vec![entry(1), entry(2)]);
+        cache.extend(vec![entry(10), entry(11)]);
+        assert_eq!(ids(&cache, 2, 11, 100), None);
+        assert_eq!(ids(&cache, 10, 11, 100), Some(vec![10, 11]));
+        cache.clear();
+        assert_eq!(ids(&cache, 10, 11, 100), None);
     }
 
     #[test]
     fn bounded_in_entries_and_bytes() {
         let cache = TailCache::default();
-        cache.extend(
-            (1..=(TAIL_CACHE_ENTRIES as u64 + 10))
-                .map(|id| stored(id, &[]))
-                .collect(),
-        );
-        let run = cache.inner.read().unwrap();
-        assert_eq!(run.entries.len(), TAIL_CACHE_ENTRIES);
-        assert_eq!(run.first(), Some(11));
-        drop(run);
+        cache.extend((1..=(TAIL_CACHE_ENTRIES as u64 + 10)).map(entry).collect());
+        {
+            let run = cache.inner.read().unwrap();
+            assert_eq!(run.entries.len(), TAIL_CACHE_ENTRIES);
+            assert_eq!(run.first(), Some(11));
+        }
         let big = Bytes::from(vec![0u8; TAIL_CACHE_BYTES / 2 + 1]);
         cache.extend(vec![(TAIL_CACHE_ENTRIES as u64 + 11, big.clone())]);
         cache.extend(vec![(TAIL_CACHE_ENTRIES as u64 + 12, big)]);

@@ -38,7 +38,7 @@ impl Filter {
         self.tags.is_empty() && self.change_type.is_none() && self.tenant.is_none()
     }
 
-    pub(crate) fn matches(&self, c: &StoredChange<'_>) -> bool {
+    fn matches(&self, c: &StoredChange<'_>) -> bool {
         match self.change_type {
             Some(t) if c.change_type != t => return false,
             None if c.change_type < 0 && !self.is_unfiltered() => return false,
@@ -68,6 +68,73 @@ pub struct PageInfo {
     pub first_index: u64,
     /// Newest applied `_id`.
     pub last_index: u64,
+}
+
+impl PageInfo {
+    fn empty(first_index: u64, last_index: u64) -> PageInfo {
+        PageInfo {
+            count: 0,
+            last_returned: None,
+            more: false,
+            first_index,
+            last_index,
+        }
+    }
+}
+
+/// Writes one page: the changes it is offered, in `_id` order, that match its filter, until
+/// its limit (and one more seen, which sets `more`). The store and the tail cache offer
+/// changes to it alike.
+struct PageWriter<'a> {
+    filter: &'a Filter,
+    limit: usize,
+    info: PageInfo,
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> PageWriter<'a> {
+    /// A writer for the changes after `since`; `None` when there can be none (nothing after
+    /// `since`, or `limit` 0); [`Rejection::Truncated`] when `since` is before what is kept.
+    fn start(
+        since: u64,
+        limit: usize,
+        filter: &'a Filter,
+        first_index: u64,
+        last_index: u64,
+        out: &'a mut Vec<u8>,
+    ) -> Result<Option<PageWriter<'a>>> {
+        if since.saturating_add(1) < first_index {
+            return Err(Rejection::Truncated { first_index }.into());
+        }
+        if since.saturating_add(1) > last_index || limit == 0 {
+            return Ok(None);
+        }
+        Ok(Some(PageWriter {
+            filter,
+            limit,
+            info: PageInfo::empty(first_index, last_index),
+            out,
+        }))
+    }
+
+    /// Offers one stored change; false once the page is full.
+    fn emit(&mut self, id: u64, value: &[u8]) -> Result<bool> {
+        let c = StoredChange::decode(value)?;
+        if !self.filter.matches(&c) {
+            return Ok(true);
+        }
+        if self.info.count == self.limit {
+            self.info.more = true;
+            return Ok(false);
+        }
+        if self.info.count > 0 {
+            self.out.push(b',');
+        }
+        self.out.extend_from_slice(c.json);
+        self.info.count += 1;
+        self.info.last_returned = Some(id);
+        Ok(true)
+    }
 }
 
 /// Scalars kept in `meta` and mirrored in memory.
@@ -366,17 +433,15 @@ impl Store {
             let c = self.current_guard();
             (c.state.first_index, c.state.last_id)
         };
-        if since.saturating_add(1) < first_index {
-            return Some(Err(Rejection::Truncated { first_index }.into()));
-        }
-        let info = PageInfo {
-            count: 0,
-            last_returned: None,
-            more: false,
-            first_index,
-            last_index,
+        let mut page = match PageWriter::start(since, limit, filter, first_index, last_index, out) {
+            Ok(Some(page)) => page,
+            Ok(None) => return Some(Ok(PageInfo::empty(first_index, last_index))),
+            Err(e) => return Some(Err(e)),
         };
-        self.feed.read_page(since, limit, filter, info, out)
+        let scanned = self
+            .feed
+            .scan(since + 1, last_index, |id, value| page.emit(id, value))?;
+        Some(scanned.map(|()| page.info))
     }
 
     /// Writes the JSON of up to `limit` changes with `_id > since` matching `filter` into
@@ -392,51 +457,24 @@ impl Store {
             let c = self.current_guard();
             (c.db.clone(), c.state.first_index, c.state.last_id)
         };
-        if since.saturating_add(1) < first_index {
-            return Err(Rejection::Truncated { first_index }.into());
-        }
-        let mut info = PageInfo {
-            count: 0,
-            last_returned: None,
-            more: false,
-            first_index,
-            last_index,
+        let Some(mut page) = PageWriter::start(since, limit, filter, first_index, last_index, out)?
+        else {
+            return Ok(PageInfo::empty(first_index, last_index));
         };
-        let start = since.saturating_add(1);
-        if start > last_index || limit == 0 {
-            return Ok(info);
-        }
+        let start = since + 1;
         let changes = db.cf(cf::CHANGES)?;
-        // Returns false to stop the scan.
-        let mut emit = |id: u64, value: &[u8]| -> Result<bool> {
-            let c = StoredChange::decode(value)?;
-            if !filter.matches(&c) {
-                return Ok(true);
-            }
-            if info.count == limit {
-                info.more = true;
-                return Ok(false);
-            }
-            if info.count > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(c.json);
-            info.count += 1;
-            info.last_returned = Some(id);
-            Ok(true)
-        };
-        if filter.tags.is_empty() && filter.tenant.is_none() && filter.change_type.is_none() {
+        if filter.is_unfiltered() {
             let mut it = db.db.raw_iterator_cf(changes);
             it.seek(layout::id_key(start));
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
                 let id = layout::decode_u64(k).ok_or_else(|| Error::corrupt("changes", "key"))?;
-                if id > last_index || !emit(id, v)? {
+                if id > last_index || !page.emit(id, v)? {
                     break;
                 }
                 it.next();
             }
             it.status()?;
-            return Ok(info);
+            return Ok(page.info);
         }
         let mut source = index_source(&db, filter, start)?;
         while let Some(id) = source.next_id()? {
@@ -445,12 +483,12 @@ impl Store {
             }
             // A missing row was truncated after the index was read; skip it.
             if let Some(v) = db.db.get_pinned_cf(changes, layout::id_key(id))? {
-                if !emit(id, &v)? {
+                if !page.emit(id, &v)? {
                     break;
                 }
             }
         }
-        Ok(info)
+        Ok(page.info)
     }
 
     /// The `since` that starts a query at the first retained change with `_ts >= ts`.

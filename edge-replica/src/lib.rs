@@ -49,7 +49,8 @@ pub struct Context {
     pub store: Arc<Store>,
     /// The checkpointers' object store (`--object-store`), or the local mirror.
     pub objects: Arc<Objects>,
-    /// Whether `objects` is the local mirror this edge fills itself.
+    /// The local mirror's directory when `objects` is that mirror (no `--object-store`): the
+    /// edge fills it with the checkpoints its upstream records.
     pub mirror: Option<PathBuf>,
     /// The upstream, for tailing and bootstrapping (this edge's own requests).
     pub client: Client,
