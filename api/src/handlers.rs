@@ -16,6 +16,7 @@ use changeagent_proto::query::{parse_bool, parse_limit, ChangesQuery};
 use changeagent_store::{Collection, Filter, PageInfo, Store, Tenant};
 
 use crate::error::ApiError;
+use crate::metrics::PageSource;
 use crate::ReadApi;
 
 /// Runs a blocking store call off the async workers.
@@ -104,8 +105,12 @@ pub async fn serve_changes(
         applied.borrow_and_update();
         let mut body = Vec::new();
         let page = match store.read_page_cached(since, q.limit, &filter, &mut body) {
-            Some(page) => page.map(|info| (body, info)).map_err(ApiError::from),
+            Some(page) => {
+                api.metrics.page_read(PageSource::TailCache);
+                page.map(|info| (body, info)).map_err(ApiError::from)
+            }
             None => {
+                api.metrics.page_read(PageSource::Store);
                 let (f, limit) = (filter.clone(), q.limit);
                 blocking(store, move |s| {
                     let mut body = Vec::new();

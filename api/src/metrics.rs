@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -32,6 +32,16 @@ pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     long_polls: AtomicI64,
+    /// Pages of changes built from the store's tail cache, and read from RocksDB.
+    pages_from_cache: AtomicU64,
+    pages_from_store: AtomicU64,
+}
+
+/// Where a page of changes was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageSource {
+    TailCache,
+    Store,
 }
 
 /// Counts one open long-poll while alive.
@@ -48,6 +58,15 @@ impl HttpMetrics {
     pub fn long_poll(self: &Arc<Self>) -> LongPollGuard {
         self.long_polls.fetch_add(1, Ordering::Relaxed);
         LongPollGuard(self.clone())
+    }
+
+    /// Counts one page of changes read from `source`.
+    pub fn page_read(&self, source: PageSource) {
+        let counter = match source {
+            PageSource::TailCache => &self.pages_from_cache,
+            PageSource::Store => &self.pages_from_store,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Long-polls waiting right now.
@@ -126,6 +145,21 @@ impl HttpMetrics {
             "Long-polls waiting for changes.",
             self.long_polls_open(),
         );
+        out.push_str(
+            "# HELP changeagent_change_pages_total Pages of changes answered, by where they \
+             were read (a woken long-poll reads the tail cache).\n",
+        );
+        out.push_str("# TYPE changeagent_change_pages_total counter\n");
+        for (source, n) in [
+            ("tail_cache", &self.pages_from_cache),
+            ("store", &self.pages_from_store),
+        ] {
+            let _ = writeln!(
+                out,
+                "changeagent_change_pages_total{{source=\"{source}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

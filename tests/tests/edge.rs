@@ -204,6 +204,11 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
     })
     .await
     .unwrap();
+    let from_store = metric(
+        &edge_api,
+        "changeagent_change_pages_total{source=\"store\"}",
+    )
+    .await;
     let id = core_api.post_change(r#"{"data":"wake up"}"#).await;
     let mut woken = 0;
     while let Some(answer) = polls.join_next().await {
@@ -216,6 +221,23 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
         woken += 1;
     }
     assert_eq!(woken, POLLS);
+    // Every woken long-poll built its answer from the tail cache, none read RocksDB.
+    assert_eq!(
+        metric(
+            &edge_api,
+            "changeagent_change_pages_total{source=\"store\"}"
+        )
+        .await,
+        from_store
+    );
+    assert!(
+        metric(
+            &edge_api,
+            "changeagent_change_pages_total{source=\"tail_cache\"}"
+        )
+        .await
+            >= 2 * POLLS as u64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
