@@ -141,13 +141,6 @@ enum Framing {
     Chunked,
 }
 
-/// What reading a head ended with.
-enum HeadRead {
-    Head(Head),
-    /// The client closed, went idle too long, or the server shuts down between requests.
-    Closed,
-}
-
 struct Connection {
     stream: TcpStream,
     /// Bytes read past the end of the last request (empty, not just cleared, between
@@ -162,8 +155,8 @@ impl Connection {
     async fn run(mut self) {
         loop {
             let head = match self.read_head().await {
-                Ok(HeadRead::Head(head)) => head,
-                Ok(HeadRead::Closed) => return,
+                Ok(Some(head)) => head,
+                Ok(None) => return,
                 Err(Some(refusal)) => return self.refuse(refusal).await,
                 Err(None) => return,
             };
@@ -195,8 +188,9 @@ impl Connection {
         }
     }
 
-    /// Rule 1.
-    async fn read_head(&mut self) -> Result<HeadRead, Option<Refusal>> {
+    /// Rule 1: the next request's head; `None` when the client closed, went idle too long,
+    /// or the server shuts down between requests.
+    async fn read_head(&mut self) -> Result<Option<Head>, Option<Refusal>> {
         let mut deadline = None;
         loop {
             if let Some(end) = find_head_end(&self.pending) {
@@ -205,7 +199,7 @@ impl Connection {
                     self.pending = BytesMut::new();
                 }
                 return parse_head(&raw, self.options.max_head_bytes)
-                    .map(HeadRead::Head)
+                    .map(Some)
                     .map_err(Some);
             }
             if self.pending.len() > self.options.max_head_bytes {
@@ -227,15 +221,15 @@ impl Connection {
                 read = read_some(&mut self.stream, &mut self.pending) => read,
                 _ = tokio::time::sleep_until(wait) => {
                     return if idle {
-                        Ok(HeadRead::Closed)
+                        Ok(None)
                     } else {
                         Err(Some(refuse(StatusCode::REQUEST_TIMEOUT, "the request head did not arrive in time")))
                     };
                 }
-                _ = self.shutdown.cancelled(), if idle => return Ok(HeadRead::Closed),
+                _ = self.shutdown.cancelled(), if idle => return Ok(None),
             };
             match read {
-                Ok(0) if self.pending.is_empty() => return Ok(HeadRead::Closed),
+                Ok(0) if self.pending.is_empty() => return Ok(None),
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {
                     // Tolerate empty lines before a request (RFC 9112 section 2.2).

@@ -67,7 +67,7 @@ pub async fn bootstrap(ctx: &Context, named: Option<Manifest>) -> anyhow::Result
             }
         }
         candidates.retain(|m| m.index + 1 >= first_index);
-        candidates.sort_by(|a, b| b.index.cmp(&a.index));
+        candidates.sort_by_key(|m| std::cmp::Reverse(m.index));
         if candidates.is_empty() {
             if first_index <= 1 {
                 adopt_cluster_id(ctx, &cluster_id).await?;
