@@ -59,8 +59,14 @@ pub enum Command {
     Get(GetArgs),
     /// Print changes one JSON per line; with -f keep following new ones.
     Tail(TailArgs),
-    /// Print the server's health.
-    Health,
+    /// Print the server's health (a core node, an edge or a checkpointer).
+    Health {
+        /// Exit with an error unless the server is ready to serve: a core node must know a
+        /// leader and still be a member; an edge or a checkpointer only has to answer. For
+        /// container health checks.
+        #[arg(long)]
+        ready: bool,
+    },
     /// Print the cluster's members, roles and leader (`GET /cluster`).
     Cluster,
     /// Queue changes on disk while no server answers and send them later,
@@ -297,9 +303,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Post(args) => post(&client, args).await,
         Command::Get(args) => get(&client, args).await,
         Command::Tail(args) => tail(&client, args, &mut io::stdout(), &mut io::stderr()).await,
-        Command::Health => {
-            let health = client.health().await?;
-            emit(&serde_json::to_string_pretty(&health)?)
+        Command::Health { ready } => {
+            let health = client.health_json().await?;
+            emit(&serde_json::to_string_pretty(&health)?)?;
+            match not_ready(&health) {
+                Some(why) if ready => anyhow::bail!("not ready: {why}"),
+                _ => Ok(()),
+            }
         }
         Command::Cluster => {
             let cluster = client.cluster_json().await?;
@@ -578,6 +588,21 @@ fn emit_change_to<O: Write>(out: &mut O, change: &Change) -> anyhow::Result<()> 
     emit_to(out, &serde_json::to_string(change)?)
 }
 
+/// Why a server that answered `health` with this JSON cannot serve yet, if it cannot: a
+/// core node that knows no leader (no writes, no consistent reads) or is no longer a member.
+fn not_ready(health: &Value) -> Option<String> {
+    if health["role"] == "removed" {
+        return Some("this node was removed from the cluster".to_owned());
+    }
+    match health.get("leader") {
+        Some(Value::Null) => Some(format!(
+            "no leader known yet (role {}, term {})",
+            health["role"], health["term"]
+        )),
+        _ => None,
+    }
+}
+
 /// Prints a remark for the reader on stderr, apart from the JSON on stdout.
 fn note(line: &str) {
     note_to(&mut io::stderr(), line);
@@ -698,6 +723,19 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ready_needs_a_known_leader_and_membership_on_a_core_only() {
+        let core = |role: &str, leader: Value| json!({"role": role, "leader": leader, "term": 3});
+        assert_eq!(not_ready(&core("follower", json!(2))), None);
+        assert_eq!(not_ready(&core("leader", json!(1))), None);
+        let why = not_ready(&core("candidate", Value::Null)).expect("no leader");
+        assert!(why.contains("no leader"), "{why}");
+        assert!(not_ready(&core("removed", json!(1))).is_some());
+        // An edge and a checkpointer have no leader field: answering is enough.
+        assert_eq!(not_ready(&json!({"role": "edge", "lastIndex": 4})), None);
+        assert_eq!(not_ready(&json!({"role": "checkpointer"})), None);
     }
 
     #[test]

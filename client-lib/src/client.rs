@@ -882,6 +882,12 @@ impl Client {
         self.read(Call::get("cluster", &["cluster"])).await
     }
 
+    /// `GET /health` as the server sent it, every field kept (an edge's and a
+    /// checkpointer's differ from a core node's).
+    pub(crate) async fn health_json(&self) -> Result<Value> {
+        self.read(Call::get("health", &["health"])).await
+    }
+
     /// `GET /cluster` as the server sent it, every field kept.
     pub(crate) async fn cluster_json(&self) -> Result<Value> {
         self.read(Call::get("cluster", &["cluster"])).await
