@@ -51,7 +51,8 @@ pub enum Step {
     Partition,
     /// Freeze edge1 until the cores truncated past it; it bootstraps again after a 410.
     PauseEdge,
-    /// SIGKILL the checkpointer inside a checkpoint round; start it; a newer checkpoint.
+    /// SIGKILL the checkpointer inside a checkpoint round (the object store frozen
+    /// meanwhile, so the round cannot end first); start it; a newer checkpoint.
     RestartCheckpointer,
     /// Restart the S3 store; a checkpoint lands after it.
     RestartS3,
@@ -418,7 +419,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, String>>,
 {
-    let last = Arc::new(Mutex::new(String::from("no answer yet")));
+    let last = Arc::new(Mutex::new(String::from("waiting for the first answer")));
     let shown = Arc::clone(&last);
     let label = what.to_string();
     let _progress = Progress::start(move |elapsed| {

@@ -172,7 +172,9 @@
 //!   truncated the cores past its index; unpaused, it bootstraps again after
 //!   the 410 and catches up), `restart-checkpointer` (`docker kill` of the
 //!   checkpointer between a round's start record and its end record, then
-//!   `docker start`; a newer checkpoint completes) and `restart-s3` (`docker
+//!   `docker start`; a newer checkpoint completes; the object store is frozen
+//!   with `docker pause` from between two rounds until the kill, so the round
+//!   cannot end before the kill lands) and `restart-s3` (`docker
 //!   restart` of the object store; a checkpoint lands after it). After each,
 //!   it waits (up to `--settle-secs`, a progress line every 2 s) until every
 //!   container is running and healthy, the cores agree on a leader, the log

@@ -25,9 +25,11 @@ const PARTITION_ADVANCE: u64 = 100;
 /// answers 410.
 const PAUSE_MARGIN: u64 = 100;
 
-/// Checkpoint rounds the `restart-checkpointer` step waits for to kill the checkpointer in
-/// one; a round that ends before `docker kill` lands does not count.
-const KILL_ATTEMPTS: usize = 5;
+/// Changes the log must grow by after a checkpoint round's end record before the
+/// `restart-checkpointer` step freezes the object store: time for the round's last steps
+/// (`latest.json`, truncation, deleting old objects; milliseconds) to finish, far less
+/// than the pause before the next round (`CHANGEAGENT_CHECKPOINT_SECS`, 15 s by default).
+const IDLE_MARGIN: u64 = 2 * ADVANCE;
 
 /// How long a long-poll for internal records blocks: well under the request timeout.
 const BLOCK_SECS: u64 = 10;
@@ -293,137 +295,143 @@ async fn next_record(
     .await
 }
 
-/// `restart-checkpointer`: waits for a checkpoint round to begin (its start record in the
-/// core's log) and, if its end record is not there yet, SIGKILLs the checkpointer and
-/// starts it again; then waits for the first round begun after the restart to end and
-/// be listed by the core.
+/// `restart-checkpointer`: SIGKILLs the checkpointer inside a checkpoint round (after the
+/// core appended the round's start record, before its end record) and starts it again; the
+/// first round begun after the restart ends and is listed by the core, and the killed round
+/// never ended.
 ///
-/// What "mid-upload" means here: the kill lands between the core appending the round's
-/// start record and its end record, that is somewhere in the export, the upload, the
-/// read-back check or the end request. The checkpointer does not say which phase it is in,
-/// so the step cannot tell which one it cut; it only proves (from the log, afterwards) that
-/// the killed round never ended: no end record for its index came before the restarted
-/// checkpointer's next start. A round that ended before `docker kill` took effect does not
-/// count, and the step tries the next round, up to [`KILL_ATTEMPTS`].
+/// What "mid-upload" means here: a round of this topology takes about 100 ms, `docker kill`
+/// several hundred on a busy host, so a kill sent when the start record shows up mostly
+/// lands after the round has ended. To land it inside the round every time, the step freezes
+/// the object store (`docker pause s3`) between two rounds — once a round has ended and the
+/// log has moved on by [`IDLE_MARGIN`] changes, long before the next round is due. The next
+/// round then records its start, exports, and cannot finish its upload (nor read it back);
+/// the kill lands while it exports or waits on the frozen store, and the store is thawed
+/// right after. The checkpointer does not say which of the two it was in, so the step cannot
+/// tell them apart. It proves afterwards, from the log, that the killed round never ended:
+/// no end record for its index before the restarted checkpointer's first start record.
 async fn restart_checkpointer(t: &Topology, within: Duration) -> Result<Value> {
     let before = t.newest_checkpoint().await?;
     let leader = t.wait_leader(&[], within).await?;
     let core = Api::new(t.cores[leader].url.clone());
     let cp = &t.checkpointer;
-    let mut since = t.leader_last_index(&[], within).await?;
-    let mut attempts = Vec::new();
-    for attempt in 1..=KILL_ATTEMPTS {
-        let round_ms = metric(&cp.api, "changeagent_checkpointer_last_duration_ms")
-            .await
-            .ok()
-            .flatten();
+    let since = t.leader_last_index(&[], within).await?;
+    // 1. Between two rounds: one has ended, and the log has moved on past it.
+    let ended = next_record(
+        &core,
+        since,
+        CHECKPOINT_END,
+        "a checkpoint round ends",
+        within,
+        |_| true,
+    )
+    .await?;
+    t.wait_writes(&[], ended.id + IDLE_MARGIN, within).await?;
+    // 2. The store frozen, the next round starts and cannot finish; it is killed.
+    eprintln!(
+        "  … docker pause {} (between two checkpoint rounds)",
+        t.s3.service
+    );
+    let frozen = Instant::now();
+    docker::try_pause(&t.s3.id).await?;
+    let killed = async {
         let start = next_record(
             &core,
-            since,
+            ended.id,
             CHECKPOINT_START,
-            "a checkpoint round starts",
+            "the next checkpoint round starts",
             within,
             |_| true,
         )
         .await?;
         let index = start.index().context("a start record without an index")?;
-        let ended_before = records(&core, start.id, CHECKPOINT_END, 0)
-            .await
-            .map_err(|e| anyhow!(e))?
-            .iter()
-            .any(|e| e.full_scope() && e.index() == Some(index));
-        if ended_before {
-            attempts.push(json!({"attempt": attempt, "index": index, "killed": false,
-                                 "why": "the round had ended before the run saw its start"}));
-            since = start.id;
-            continue;
+        if end_of(&core, start.id, index, u64::MAX).await?.is_some() {
+            bail!("the round for index {index} ended although the object store was frozen");
         }
         let seen = Instant::now();
         docker::try_kill(&cp.container.id).await?;
-        let kill_ms = seen.elapsed().as_millis();
         eprintln!(
-            "  … docker kill {} ({kill_ms} ms after its round for index {index} started; the \
-             last round took {} ms)",
+            "  … docker kill {} (round for index {index} in progress; the kill took {} ms)",
             cp.service(),
-            round_ms.map_or_else(|| "?".to_string(), |ms| ms.to_string())
+            seen.elapsed().as_millis()
         );
-        let restarted = Instant::now();
-        docker::try_start(&cp.container.id).await?;
-        let by = start.data["by"].clone();
-        let again = next_record(
-            &core,
-            start.id,
-            CHECKPOINT_START,
-            "the restarted checkpointer starts a round",
-            within,
-            |_| true,
-        )
-        .await?;
-        let again_index = again.index().context("a start record without an index")?;
-        let end = next_record(
-            &core,
-            again.id,
-            CHECKPOINT_END,
-            &format!("the round for index {again_index} ends"),
-            within,
-            |r| r.index() == Some(again_index),
-        )
-        .await?;
-        watch(
-            &format!("the core lists checkpoint {again_index}"),
-            within,
-            || async {
-                let list = get_json(&core, "/checkpoints").await?;
-                let newest = newest_index(&list)?;
-                if newest >= again_index {
-                    Ok(())
-                } else {
-                    Err(format!("newest listed {newest}"))
-                }
-            },
-        )
-        .await?;
-        let ended_late = records(&core, start.id, CHECKPOINT_END, 0)
-            .await
-            .map_err(|e| anyhow!(e))?
-            .iter()
-            .any(|e| e.id < again.id && e.full_scope() && e.index() == Some(index));
-        let record = json!({
-            "attempt": attempt,
-            "index": index,
-            "killed": true,
-            "killMs": kill_ms,
-            "lastRoundMs": round_ms,
-            "interrupted": !ended_late,
-            "restartedStartIndex": again_index,
-            "sameId": again.data["by"] == by,
-            "restartToCheckpointSecs": secs(restarted.elapsed()),
-            "endRecord": end.id,
-        });
-        attempts.push(record);
-        if !ended_late {
-            if again.data["by"] != by {
-                bail!(
-                    "the restarted checkpointer started its round as {} instead of {by}: it \
-                     did not keep its id in its data dir",
-                    again.data["by"]
-                );
-            }
-            return Ok(json!({
-                "checkpointBefore": before,
-                "killedRound": index,
-                "newCheckpoint": again_index,
-                "attempts": attempts,
-            }));
-        }
-        eprintln!("  … the round for index {index} had ended before the kill landed; trying the next round");
-        since = end.id;
+        anyhow::Ok((start, index))
     }
-    Err(anyhow!(
-        "in {KILL_ATTEMPTS} rounds the kill never landed inside a checkpoint round (each \
-         ended before `docker kill` took effect): {}",
-        Value::Array(attempts)
-    ))
+    .await;
+    // Thawed whether or not the kill happened.
+    docker::try_unpause(&t.s3.id).await?;
+    let frozen_secs = secs(frozen.elapsed());
+    let (start, index) = killed?;
+    // 3. Started again, it takes its own start back and completes a newer checkpoint.
+    let restarted = Instant::now();
+    docker::try_start(&cp.container.id).await?;
+    let again = next_record(
+        &core,
+        start.id,
+        CHECKPOINT_START,
+        "the restarted checkpointer starts a round",
+        within,
+        |_| true,
+    )
+    .await?;
+    let again_index = again.index().context("a start record without an index")?;
+    let end = next_record(
+        &core,
+        again.id,
+        CHECKPOINT_END,
+        &format!("the round for index {again_index} ends"),
+        within,
+        |r| r.index() == Some(again_index),
+    )
+    .await?;
+    watch(
+        &format!("the core lists checkpoint {again_index}"),
+        within,
+        || async {
+            let newest = newest_index(&get_json(&core, "/checkpoints").await?)?;
+            if newest >= again_index {
+                Ok(())
+            } else {
+                Err(format!("newest listed {newest}"))
+            }
+        },
+    )
+    .await?;
+    if let Some(late) = end_of(&core, start.id, index, again.id).await? {
+        bail!(
+            "the killed round for index {index} ended after all (end record {late}, before the              restarted checkpointer's start record {})",
+            again.id
+        );
+    }
+    if again.data["by"] != start.data["by"] {
+        bail!(
+            "the restarted checkpointer started its round as {} instead of {}: it did not keep \
+             its id in its data dir",
+            again.data["by"],
+            start.data["by"]
+        );
+    }
+    Ok(json!({
+        "checkpointBefore": before,
+        "killedRound": index,
+        "killedStartRecord": start.id,
+        "s3FrozenSecs": frozen_secs,
+        "newCheckpoint": again_index,
+        "newEndRecord": end.id,
+        "restartToCheckpointSecs": secs(restarted.elapsed()),
+    }))
+}
+
+/// The `_id` of the first full-scope end record for checkpoint `index` after `since` and
+/// before `until`, if there is one.
+async fn end_of(core: &Api, since: u64, index: u64, until: u64) -> Result<Option<u64>> {
+    let ends = records(core, since, CHECKPOINT_END, 0)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    Ok(ends
+        .iter()
+        .find(|e| e.id < until && e.full_scope() && e.index() == Some(index))
+        .map(|e| e.id))
 }
 
 /// `restart-s3`: `docker restart` of the object store; once it is healthy, a checkpoint

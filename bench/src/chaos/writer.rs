@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use changeagent_testkit::health::PROBE_TIMEOUT;
 use changeagent_testkit::Api;
 use serde_json::Value;
-use tokio::task::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 
 /// The tag on every change the writer posts, so a reader can pick them out.
@@ -21,15 +22,21 @@ pub const TAG: &str = "changeagent-chaos";
 /// enough that a cluster without a leader is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// How long the writer may take to finish the write in progress once told to stop.
+/// How long the writer may take to finish the writes in flight once told to stop.
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Writes in flight at once at most: enough to keep the rate when one takes a few hundred
+/// milliseconds (fsync and replication on a busy host), few enough not to pile up while the
+/// cluster has no leader.
+const IN_FLIGHT: usize = 8;
 
 /// State shared by the writer task and the run.
 #[derive(Default)]
 struct Shared {
-    /// Set by [`Writer::stop`]; the task ends after its write in progress.
+    /// Set by [`Writer::stop`]; no new write starts, those in flight end after their
+    /// current attempt.
     stop: AtomicBool,
-    /// `(n, _id)` of every acknowledged write, in order.
+    /// `(n, _id)` of every acknowledged write, in the order of the acknowledgements.
     acked: Mutex<Vec<(u64, u64)>>,
     /// Numbers of writes sent at least once.
     sent: AtomicU64,
@@ -42,8 +49,8 @@ struct Shared {
 /// A running writer; dropping it stops the task at once.
 pub struct Writer {
     shared: Arc<Shared>,
-    /// The write loop; ends when `shared.stop` is set (after its write in progress) or is
-    /// aborted when this struct is dropped.
+    /// The write loop; ends when `shared.stop` is set and the writes in flight have ended,
+    /// or is aborted (with them) when this struct is dropped.
     task: Option<JoinHandle<()>>,
     run_id: String,
 }
@@ -97,7 +104,7 @@ impl Writer {
         lock(&self.shared.last_failure).clone()
     }
 
-    /// Stops after the write in progress (abandoning it after [`STOP_DEADLINE`]).
+    /// Stops after the writes in flight (abandoning them after [`STOP_DEADLINE`]).
     pub async fn stop(mut self) -> WriterLog {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(mut task) = self.task.take() {
@@ -141,34 +148,64 @@ pub fn marker(data: &Value) -> Option<(&str, u64)> {
     Some((data.get("chaos")?.as_str()?, data.get("n")?.as_u64()?))
 }
 
+/// Starts write 1, 2, … at `rate` per second, each in its own task (at most [`IN_FLIGHT`]
+/// at once), until told to stop; then waits for those in flight.
 async fn write_loop(cores: Vec<Api>, shared: Arc<Shared>, run_id: String, rate: u32) {
+    let cores = Arc::new(cores);
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    // The writes in flight; dropped (and so aborted) with this task when the run gives up
+    // waiting for them.
+    let mut writes = JoinSet::new();
     let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
     // After an outage, carry on at the rate rather than bursting to make up.
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut node = 0;
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         ticks.tick().await;
+        // The semaphore is never closed.
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
         n += 1;
         shared.sent.store(n, Ordering::Relaxed);
-        let key = format!("chaos-{run_id}-{n}");
-        let body = body(&run_id, n);
-        loop {
-            match attempt(&cores[node], &key, &body).await {
-                Ok(id) => {
-                    lock(&shared.acked).push((n, id));
-                    break;
+        writes.spawn(write_one(
+            Arc::clone(&cores),
+            Arc::clone(&shared),
+            body(&run_id, n),
+            format!("chaos-{run_id}-{n}"),
+            n,
+            permit,
+        ));
+        while writes.try_join_next().is_some() {}
+    }
+    while writes.join_next().await.is_some() {}
+}
+
+/// Posts write `n` until a core acknowledges it, trying the next core after a failure; an
+/// unacknowledged write is given up only when the run stops.
+async fn write_one(
+    cores: Arc<Vec<Api>>,
+    shared: Arc<Shared>,
+    body: String,
+    key: String,
+    n: u64,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut node = (n as usize) % cores.len();
+    loop {
+        match attempt(&cores[node], &key, &body).await {
+            Ok(id) => {
+                lock(&shared.acked).push((n, id));
+                return;
+            }
+            Err(why) => {
+                shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                *lock(&shared.last_failure) = Some(format!("{}: {why}", cores[node].base()));
+                if shared.stop.load(Ordering::Relaxed) {
+                    return;
                 }
-                Err(why) => {
-                    shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    *lock(&shared.last_failure) = Some(format!("{}: {why}", cores[node].base()));
-                    // An unacknowledged write is given up only when the run stops.
-                    if shared.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    node = (node + 1) % cores.len();
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
+                node = (node + 1) % cores.len();
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
         }
     }
