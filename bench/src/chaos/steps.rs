@@ -55,8 +55,7 @@ pub async fn run(step: Step, t: &Topology, within: Duration) -> Result<Value> {
 /// `kill-leader`: SIGKILL the leader's container; a new leader among the others and writes
 /// through it; start the container again; it catches up with the leader.
 async fn kill_leader(t: &Topology, within: Duration) -> Result<Value> {
-    let leader = t.wait_leader(&[], within).await?;
-    let before = t.leader_last_index(&[], within).await?;
+    let (leader, before) = t.wait_leader(&[], within).await?;
     let node = &t.cores[leader];
     eprintln!(
         "  … docker kill {} (the leader, lastIndex {before})",
@@ -65,20 +64,8 @@ async fn kill_leader(t: &Topology, within: Duration) -> Result<Value> {
     let killed = Instant::now();
     docker::try_kill(&node.container.id).await?;
     let survived = async {
-        let new = t.wait_leader(&[leader], within).await?;
-        // A stale answer may still name the killed node; only another counts.
-        let new = if new == leader {
-            watch("a leader other than the killed one", within, || async {
-                match t.leader(&[leader]).await {
-                    Ok((l, _)) if l != leader => Ok(l),
-                    Ok(_) => Err("the killed node is still named leader".to_string()),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?
-        } else {
-            new
-        };
+        // The killed node is left out, so only another can be the one agreed on.
+        let (new, _) = t.wait_leader(&[leader], within).await?;
         let elected = killed.elapsed();
         t.wait_writes(&[leader], before + ADVANCE, within).await?;
         anyhow::Ok((new, elected, killed.elapsed()))
@@ -103,12 +90,11 @@ async fn kill_leader(t: &Topology, within: Duration) -> Result<Value> {
 /// `partition`: a follower disconnected from the project's network; the others go on
 /// without it; reconnected under its service name, it catches up.
 async fn partition(t: &Topology, within: Duration) -> Result<Value> {
-    let leader = t.wait_leader(&[], within).await?;
+    let (leader, before) = t.wait_leader(&[], within).await?;
     let cut = (0..t.cores.len())
         .find(|&i| i != leader)
         .context("no follower to cut off")?;
     let node = &t.cores[cut];
-    let before = t.leader_last_index(&[], within).await?;
     eprintln!(
         "  … docker network disconnect {} {} (a follower, lastIndex {before})",
         t.network,
@@ -312,10 +298,9 @@ async fn next_record(
 /// no end record for its index before the restarted checkpointer's first start record.
 async fn restart_checkpointer(t: &Topology, within: Duration) -> Result<Value> {
     let before = t.newest_checkpoint().await?;
-    let leader = t.wait_leader(&[], within).await?;
+    let (leader, since) = t.wait_leader(&[], within).await?;
     let core = Api::new(t.cores[leader].url.clone());
     let cp = &t.checkpointer;
-    let since = t.leader_last_index(&[], within).await?;
     // 1. Between two rounds: one has ended, and the log has moved on past it.
     let ended = next_record(
         &core,
@@ -464,7 +449,7 @@ async fn restart_s3(t: &Topology, within: Duration) -> Result<Value> {
     })
     .await?;
     let healthy_secs = secs(started.elapsed());
-    let leader = t.wait_leader(&[], within).await?;
+    let (leader, _) = t.wait_leader(&[], within).await?;
     let core = Api::new(t.cores[leader].url.clone());
     let start = next_record(
         &core,

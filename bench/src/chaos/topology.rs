@@ -174,10 +174,11 @@ impl Topology {
         parts.join("; ")
     }
 
-    /// Waits until the cores not in `skip` agree on a leader; its index.
-    pub async fn wait_leader(&self, skip: &[usize], within: Duration) -> Result<usize> {
+    /// Waits until the cores not in `skip` agree on a leader: its index and `lastIndex`.
+    pub async fn wait_leader(&self, skip: &[usize], within: Duration) -> Result<(usize, u64)> {
         watch("the cores agree on a leader", within, || async {
-            self.leader(skip).await.map(|(l, _)| l)
+            let (leader, healths) = self.leader(skip).await?;
+            Ok((leader, healths[leader].as_ref().map_or(0, |h| h.last_index)))
         })
         .await
     }
@@ -203,7 +204,7 @@ impl Topology {
 
     /// The leader's `lastIndex` once the cores not in `skip` agree on one.
     pub async fn leader_last_index(&self, skip: &[usize], within: Duration) -> Result<u64> {
-        self.wait_writes(skip, 0, within).await
+        Ok(self.wait_leader(skip, within).await?.1)
     }
 
     /// Waits until core `i` has applied `index` and every core agrees on a leader.
