@@ -154,6 +154,44 @@
 //!   logs and the `file://` store live in a temporary directory under
 //!   `--dir` (default the current directory), removed at the end unless
 //!   `--keep-dir` is given or the run failed.
+//! - `chaos --project P --cores URLS --edges URLS --checkpointer URL
+//!   [--steps …] [--settle-secs 180] [--write-rate 20] [--fleet-stop-secs 600]`
+//!   — faults across the containers of a running compose topology
+//!   (`deploy/docker-compose.yml`; `deploy/compose chaos` passes the flags),
+//!   through the `docker` CLI. The containers are found by their compose
+//!   labels (project P, services `core1`… in the order of `--cores`, `edge1`…
+//!   in the order of `--edges`, `checkpointer`, `s3`, `fleet`). While the
+//!   fleet simulator runs, the command posts `--write-rate` changes per second
+//!   of its own through the cores (each with an `Idempotency-Key`, retried on
+//!   the next core), then runs the `--steps` (default all, in this order):
+//!   `kill-leader` (`docker kill` of the leader core: a new leader among the
+//!   others and writes through it; `docker start`; it catches up),
+//!   `partition` (`docker network disconnect` of a follower core: the log
+//!   grows without it; reconnected under its service name, it catches up),
+//!   `pause-edge` (`docker pause` of edge1 until the checkpointer has
+//!   truncated the cores past its index; unpaused, it bootstraps again after
+//!   the 410 and catches up), `restart-checkpointer` (`docker kill` of the
+//!   checkpointer between a round's start record and its end record, then
+//!   `docker start`; a newer checkpoint completes; the object store is frozen
+//!   with `docker pause` from between two rounds until the kill, so the round
+//!   cannot end before the kill lands) and `restart-s3` (`docker
+//!   restart` of the object store; a checkpoint lands after it). After each,
+//!   it waits (up to `--settle-secs`, a progress line every 2 s) until every
+//!   container is running and healthy, the cores agree on a leader, the log
+//!   has grown and the edges have caught up. Then it stops the fleet with
+//!   SIGTERM (`docker stop -t <fleet-stop-secs>`: the fleet converges, checks
+//!   every consumer and exits 0 when its report says `"ok": true`; an absent
+//!   or exited fleet fails this check as "fleet not running"), waits until the
+//!   cores agree on `firstIndex` and `lastIndex` and the edges reach it, and
+//!   checks that every core and edge serves the same bytes for each change
+//!   they both retain, that every checkpoint the cores list downloads and
+//!   verifies (size, sha256, every line, trailer), and that each of its own
+//!   acknowledged writes is in the newest checkpoint or the retained log
+//!   exactly once. Prints one JSON summary on stdout (each step with its
+//!   durations, the fleet's report, each check), and on failure what failed
+//!   and which `deploy/compose logs SERVICE` to read; exits 0 only when every
+//!   step recovered and every check held. Ctrl-C puts every container back
+//!   (unpaused, started, reconnected) before exiting.
 //!
 //! # Local clusters
 //!
@@ -195,6 +233,7 @@
 //! changeagent-bench longpoll --target http://127.0.0.1:9100 --pid "$(pgrep -n changeagent-edge)"
 //! changeagent-bench answers --target http://127.0.0.1:9100 --pollers 1000 --duration 10
 //! changeagent-bench fanout --count 10000 --pollers 1000 --dir /var/tmp
+//! deploy/compose chaos --steps kill-leader,pause-edge
 //! ```
 //!
 //! # Layout
@@ -221,8 +260,11 @@
 //! - `logline`: a child's new log lines and the fields of a `tracing` line.
 //! - `server`: the shared HTTP client and the node's index range and metrics.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
+//! - `chaos`: faults across the containers of a compose topology, then the
+//!   fleet's verdict and the checks of replicas, checkpoints and writes.
 
 mod answers;
+mod chaos;
 mod checkpoint;
 mod cluster;
 mod cpu;
@@ -250,6 +292,7 @@ use clap::{Parser, Subcommand};
 use changeagent_testkit::cluster::{Cluster, CLUSTER_DEADLINE};
 
 use crate::answers::AnswersCmd;
+use crate::chaos::ChaosArgs;
 use crate::checkpoint::CheckpointArgs;
 use crate::cluster::ClusterArgs;
 use crate::failover::FailoverArgs;
@@ -305,6 +348,8 @@ enum Command {
     Failover(FailoverArgs),
     /// Time, size and memory of writing one checkpoint of a loaded node and restoring it.
     Checkpoint(CheckpointArgs),
+    /// Faults across the containers of a compose topology, then the fleet's and our checks.
+    Chaos(ChaosArgs),
     /// fsync, write (1 and 64 clients, batch), read, then longpoll (needs --pid).
     All {
         /// Directory for the fsync phase (the server's data dir; default the
@@ -327,6 +372,17 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Chaos(args) = &cli.command {
+        // It handles Ctrl-C itself: the containers it broke are put back first.
+        return match chaos::main(args).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // On Ctrl-C the run is dropped, and with it any local cluster, whose
     // drop kills its nodes.
     let outcome = tokio::select! {
@@ -430,6 +486,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Checkpoint(args) => {
             args.validate()?;
             checkpoint::run(&args).await?;
+        }
+        Command::Chaos(_) => {
+            bail!("chaos runs from main, outside the Ctrl-C handling of the others")
         }
         Command::All {
             fsync_dir,

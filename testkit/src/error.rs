@@ -101,6 +101,17 @@ pub enum Error {
         cause: Box<Error>,
     },
 
+    /// A `docker` command failed, could not be run, or took too long.
+    #[error("`docker {command}` failed ({outcome}): {stderr}")]
+    Docker {
+        /// The arguments after `docker`, joined by spaces.
+        command: String,
+        /// `exit status: 1`, `could not run it: …` or `timed out after …`.
+        outcome: String,
+        /// What it printed on stderr, trimmed.
+        stderr: String,
+    },
+
     /// A wait on observable state passed its deadline.
     #[error(
         "timed out after {waited:?} ({polls} polls) waiting until {what}; last state seen: {last}"

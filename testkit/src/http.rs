@@ -262,23 +262,48 @@ impl Api {
 
     /// Every change after `since` matching `query`, in pages of 1000.
     pub async fn raw_changes_after(&self, since: u64, query: &str) -> Vec<String> {
+        self.try_raw_changes_after(since, query)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`raw_changes_after`](Self::raw_changes_after), saying what went wrong instead of
+    /// panicking: a failed request, a status other than 200 (a 410 when `since` was
+    /// truncated meanwhile) or a body that is not a change list.
+    pub async fn try_raw_changes_after(
+        &self,
+        since: u64,
+        query: &str,
+    ) -> Result<Vec<String>, String> {
         let mut out = Vec::new();
         let mut since = since;
         loop {
             let sep = if query.is_empty() { "" } else { "&" };
+            let path = format!("/changes?since={since}&limit=1000{sep}{query}");
             let r = self
-                .get(&format!("/changes?since={since}&limit=1000{sep}{query}"))
-                .await;
-            r.expect_status(200);
-            let page = raw_changes(&r.body);
-            let at_end = r.json()["atEnd"].as_bool().expect("atEnd is a bool");
-            if let Some(last) = page.last() {
-                since = change_id(last);
+                .try_get(&path)
+                .await
+                .map_err(|e| format!("GET {}: {e}", self.url(&path)))?;
+            if r.status != 200 {
+                return Err(format!(
+                    "GET {}: status {} {}",
+                    self.url(&path),
+                    r.status,
+                    r.text()
+                ));
             }
-            let empty = page.is_empty();
-            out.extend(page);
+            let page =
+                try_raw_changes(&r.body).map_err(|e| format!("GET {}: {e}", self.url(&path)))?;
+            let at_end = page.at_end.ok_or_else(|| {
+                format!("GET {}: no boolean atEnd in {}", self.url(&path), r.text())
+            })?;
+            let empty = page.changes.is_empty();
+            for raw in page.changes {
+                since = try_change_id(&raw).map_err(|e| format!("GET {}: {e}", self.url(&path)))?;
+                out.push(raw);
+            }
             if at_end || empty {
-                return out;
+                return Ok(out);
             }
         }
     }
@@ -296,15 +321,48 @@ pub fn posted_id(v: &Value) -> u64 {
 struct RawChangeList<'a> {
     #[serde(borrow)]
     changes: Vec<&'a RawValue>,
+    #[serde(default, rename = "atEnd")]
+    at_end: Option<bool>,
 }
 
 /// The changes of a `GET /changes` body, each as the exact JSON text the
 /// server sent (no re-serialisation, so field order and spacing are kept).
 #[track_caller]
 pub fn raw_changes(body: &[u8]) -> Vec<String> {
-    let list: RawChangeList<'_> = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not a change list ({e}): {}", String::from_utf8_lossy(body)));
-    list.changes.iter().map(|c| c.get().to_string()).collect()
+    try_raw_changes(body)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .changes
+}
+
+/// One `GET /changes` body read by [`try_raw_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawPage {
+    /// Each change as the exact JSON text the server sent.
+    pub changes: Vec<String>,
+    /// The body's `atEnd` (`None` when it has none).
+    pub at_end: Option<bool>,
+}
+
+/// [`raw_changes`] with `atEnd`; an error (quoting the start of the body) when the body
+/// is not a change list.
+pub fn try_raw_changes(body: &[u8]) -> Result<RawPage, String> {
+    let list: RawChangeList<'_> = serde_json::from_slice(body).map_err(|e| {
+        let text: String = String::from_utf8_lossy(body).chars().take(300).collect();
+        format!("not a change list ({e}): {text}")
+    })?;
+    Ok(RawPage {
+        changes: list.changes.iter().map(|c| c.get().to_string()).collect(),
+        at_end: list.at_end,
+    })
+}
+
+/// The `_id` of one change given as JSON text; an error when it has none.
+pub fn try_change_id(raw: &str) -> Result<u64, String> {
+    let v: Value =
+        serde_json::from_str(raw).map_err(|e| format!("bad change JSON ({e}): {raw}"))?;
+    v["_id"]
+        .as_u64()
+        .ok_or_else(|| format!("change without numeric _id: {raw}"))
 }
 
 /// The `_id` of one change given as JSON text.
@@ -386,6 +444,18 @@ mod tests {
             rfc3339_from_nanos(1_464_805_241_291_100_178),
             "2016-06-01T18:20:41.291100178Z"
         );
+    }
+
+    #[test]
+    fn pages_read_without_panicking() {
+        let page = try_raw_changes(br#"{"changes":[{"_id":3,"data":1}],"atEnd":true}"#).unwrap();
+        assert_eq!(page.changes, [r#"{"_id":3,"data":1}"#]);
+        assert_eq!(page.at_end, Some(true));
+        assert_eq!(try_change_id(&page.changes[0]), Ok(3));
+        let err = try_raw_changes(br#"{"error":"truncated"}"#).unwrap_err();
+        assert!(err.contains("not a change list"), "{err}");
+        assert!(err.contains("truncated"), "{err}");
+        assert!(try_change_id(r#"{"data":1}"#).is_err());
     }
 
     #[test]

@@ -30,6 +30,9 @@
 //!   with one bucket and key, for the checkpointer's object storage.
 //! - [`proxy`]: a TCP proxy in front of a node that cuts traffic by source
 //!   IP, so a cluster can be partitioned.
+//! - [`docker`]: containers of a compose project through the `docker` CLI:
+//!   found by their labels, inspected, killed, paused, cut off their network,
+//!   restarted and stopped; files copied out of them.
 //! - [`workload`]: clients that write and read through a cluster and record
 //!   every attempt and read in a history.
 //! - [`state`]: [`ConsumerState`](state::ConsumerState), what a consumer of the list
@@ -44,6 +47,7 @@
 
 pub mod binary;
 pub mod cluster;
+pub mod docker;
 pub mod error;
 pub mod garage;
 pub mod health;
@@ -59,8 +63,8 @@ pub use binary::{server_bin, Binary};
 pub use error::{Error, Result};
 pub use health::health;
 pub use http::{
-    change_id, change_ids, change_ts, data_by_id, posted_id, raw_changes, rfc3339_from_nanos, Api,
-    Reply, REQUEST_TIMEOUT,
+    change_id, change_ids, change_ts, data_by_id, posted_id, raw_changes, rfc3339_from_nanos,
+    try_change_id, try_raw_changes, Api, RawPage, Reply, REQUEST_TIMEOUT,
 };
 pub use process::{ServerOptions, ServerProcess, LEADER_DEADLINE, START_DEADLINE, STOP_DEADLINE};
 pub use wait::{wait_until, wait_until_some, POLL_INTERVAL};
