@@ -1,0 +1,1030 @@
+//! `fleet`: a long-running simulation of ChangeAgent's users against any
+//! running cluster — always-online writers and occasionally connected ones
+//! with an on-disk outbox, and a thousand viewers following the list
+//! through the edges, some of them going offline for longer than the core
+//! retains changes — that checks, as it goes and at the end, that everyone
+//! saw the same list and that every acknowledged write is in it once. It
+//! runs on its own (`--duration`) or as a docker-compose service until
+//! SIGTERM, and prints one JSON summary on stdout; exit status 0 when no
+//! violation was found, 1 otherwise.
+//!
+//! # What runs
+//!
+//! - Setup: the tenants `fleet-t{T}` and two collections each, created
+//!   idempotently (a `409` is fine) and retried with backoff while the
+//!   cluster has no leader yet, for up to [`SETUP_DEADLINE`].
+//! - `--writers` always-online writers post through `--cores` (see
+//!   [`writer`]); `--outbox-writers` occasionally connected ones queue into
+//!   an outbox under `--data-dir`, flushing while online. Together they
+//!   write `--rate` changes a second, each its share.
+//! - `--consumers` viewers follow the list from 0 through `--edges`
+//!   (round-robin; one shared client per edge, failing over to the other
+//!   edges), or the cores when no edge is given. A `--offline-share` of
+//!   them alternate online periods (`--online-secs`) and offline ones
+//!   (`--offline-secs`, no request at all), then resume from their
+//!   position; when it was truncated meanwhile the client library reloads
+//!   the newest checkpoint. Every viewer checks its view as it goes (dense
+//!   `_id`s, reloads that move forward, see [`check`]) and keeps its state
+//!   as a `StateDigest` of the test kit: a few kilobytes of hashes instead
+//!   of every change. At most `--catch-up` viewers catch up at once.
+//! - A reference consumer follows a core from 0 the same way and notes at
+//!   which `_id` every write appears ([`verify`]).
+//! - A progress line on stderr every 2 s.
+//!
+//! # The end
+//!
+//! After `--duration` seconds, or at the first SIGTERM or SIGINT (a second
+//! one stops waiting): 1. writers stop (a write in flight is retried until
+//! answered); 2. outbox writers come online and flush until empty; 3. every
+//! viewer comes online and catches up; 4. every consumer freezes and
+//! reports its position; 5. the final index `P` is the highest of those,
+//! of the cores' `lastIndex` and of the acknowledged `_id`s; 6. every
+//! consumer goes on to exactly `P` and ends there; 7. each viewer's digest
+//! is compared with the reference's, and every writer's log is checked
+//! against the reference's notes ([`verify`] says how, and why that is
+//! sound). Steps 1–6 share one deadline, `--settle-secs`; whatever has not
+//! happened by then is a violation.
+//!
+//! # Figures
+//!
+//! Latency is commit-to-consumer: the time a viewer got a change minus the
+//! change's `_ts` (nanoseconds since the epoch, stamped by the leader when
+//! it proposed the change, so it includes the commit), for changes that
+//! reached a viewer by its live long-polls: only once the viewer has caught
+//! up with the core's `lastIndex` as of the moment it came online, so the
+//! catch-up after an offline period (or the start) is not counted. Both
+//! clocks must agree: run the fleet on a cluster machine or under NTP.
+//!
+//! Transient errors (refused connections, `502`–`504`, timeouts, `408`,
+//! `429`) that writers, outboxes and setup met and retried are counted,
+//! never violations; the follows retry theirs inside the client library.
+//!
+//! # Bounds
+//!
+//! Memory per viewer is its digest (about 30 bytes per live key, 24 for
+//! all unkeyed changes) and its follow's current page; writers log 16
+//! bytes per write and the reference 8 per write, plus one entry per key.
+//! Checkpoint downloads go to temp files under `--data-dir`, at most
+//! `--catch-up` at once. Violation messages kept: 50, each under 400 bytes.
+//!
+//! # Layout
+//!
+//! - [`schedule`]: second ranges, pacing, the seeded generator, who is
+//!   occasionally connected.
+//! - [`names`]: tenants, collections, keys and write markers.
+//! - [`writer`]: the writers, their logs and outcomes.
+//! - [`consumer`]: the consumers, their phases and digests.
+//! - [`check`]: the dense check of each view, and the violations.
+//! - [`verify`]: where each write appears, and the check of every write.
+//! - [`stats`]: counters, latency and the progress line.
+//! - [`summary`]: the JSON summary and its verdict.
+
+pub mod check;
+pub mod consumer;
+pub mod names;
+pub mod schedule;
+pub mod stats;
+pub mod summary;
+pub mod verify;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use changeagent_client::{Client, ClientBuilder, Outbox, RetryPolicy};
+use clap::Args;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::check::Violations;
+use crate::fleet::consumer::{Consumers, Ending, Phase, Role, Seat};
+use crate::fleet::names::{KeySpace, COLLECTIONS_PER_TENANT, MAX_KEYS};
+use crate::fleet::schedule::{is_occasional, Rng, SecsRange};
+use crate::fleet::stats::Stats;
+use crate::fleet::summary::{verdict, LatencyMs, Summary};
+use crate::fleet::verify::{Sightings, Verified};
+use crate::fleet::writer::{Outcome, WriterLog, Writers};
+use crate::open_files;
+use crate::report::{Progress, PROGRESS_INTERVAL};
+
+/// How long setup waits for the cluster to take the tenants and
+/// collections: a cluster started with the fleet (docker compose) elects a
+/// leader well within it, even on a slow machine.
+pub const SETUP_DEADLINE: Duration = Duration::from_secs(300);
+
+/// How often the cores' `lastIndex` is read: often enough for catch-up
+/// targets and the progress line, rarely enough to cost the cores nothing.
+const INDEX_POLL: Duration = Duration::from_secs(1);
+
+/// Timeout of one `/health` read of a core: a core slower than this is
+/// skipped for that round.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the end's waits look at the consumers: a polling period of
+/// the driver, not a synchronisation delay.
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+
+/// Longest pause between two tries of a setup request.
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Args)]
+pub struct FleetArgs {
+    /// Core nodes the writers post through, comma-separated; the client
+    /// fails over between them.
+    #[arg(
+        long,
+        env = "CHANGEAGENT_FLEET_CORES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub cores: Vec<String>,
+    /// Edges the viewers follow through, comma-separated, round-robin;
+    /// none: the viewers follow the cores.
+    #[arg(long, env = "CHANGEAGENT_FLEET_EDGES", value_delimiter = ',')]
+    pub edges: Vec<String>,
+    /// Viewers.
+    #[arg(long, env = "CHANGEAGENT_FLEET_CONSUMERS", default_value_t = 1000)]
+    pub consumers: usize,
+    /// Always-online writers.
+    #[arg(long, env = "CHANGEAGENT_FLEET_WRITERS", default_value_t = 4)]
+    pub writers: u32,
+    /// Occasionally connected writers, each with an outbox.
+    #[arg(long, env = "CHANGEAGENT_FLEET_OUTBOX_WRITERS", default_value_t = 2)]
+    pub outbox_writers: u32,
+    /// Tenants (two collections each).
+    #[arg(long, env = "CHANGEAGENT_FLEET_TENANTS", default_value_t = 3)]
+    pub tenants: u32,
+    /// Keys per collection.
+    #[arg(long, env = "CHANGEAGENT_FLEET_KEYS", default_value_t = 200)]
+    pub keys: u32,
+    /// Changes a second, all writers together.
+    #[arg(long, env = "CHANGEAGENT_FLEET_RATE", default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seconds to run; 0: until SIGTERM or SIGINT.
+    #[arg(long, env = "CHANGEAGENT_FLEET_DURATION", default_value_t = 0)]
+    pub duration: u64,
+    /// Share of the viewers that are occasionally connected (0 to 1).
+    #[arg(long, env = "CHANGEAGENT_FLEET_OFFLINE_SHARE", default_value_t = 0.2)]
+    pub offline_share: f64,
+    /// Seconds of an offline period, MIN..MAX: some should outlast the
+    /// core's retention, so the viewer reloads a checkpoint.
+    #[arg(long, env = "CHANGEAGENT_FLEET_OFFLINE_SECS", default_value = "5..120")]
+    pub offline_secs: SecsRange,
+    /// Seconds of an online period of occasionally connected viewers and
+    /// outbox writers, MIN..MAX.
+    #[arg(long, env = "CHANGEAGENT_FLEET_ONLINE_SECS", default_value = "10..60")]
+    pub online_secs: SecsRange,
+    /// Directory for the outboxes and checkpoint downloads; default: a
+    /// temporary directory, removed at the end.
+    #[arg(long, env = "CHANGEAGENT_FLEET_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds the end may take to flush, catch up and converge.
+    #[arg(long, env = "CHANGEAGENT_FLEET_SETTLE_SECS", default_value_t = 300)]
+    pub settle_secs: u64,
+    /// Also write the JSON summary to this file.
+    #[arg(long, env = "CHANGEAGENT_FLEET_REPORT")]
+    pub report: Option<PathBuf>,
+    /// The cluster's secret, sent with the writers' requests.
+    #[arg(long, env = "CHANGEAGENT_FLEET_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// A file holding the cluster's secret.
+    #[arg(
+        long,
+        env = "CHANGEAGENT_FLEET_CLUSTER_SECRET_FILE",
+        conflicts_with = "cluster_secret"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Seed of the fleet's choices (keys, kinds of writes, periods);
+    /// default: from the clock. The summary says which.
+    #[arg(long, env = "CHANGEAGENT_FLEET_SEED")]
+    pub seed: Option<u64>,
+    /// Viewers that may catch up at once (after starting or coming back
+    /// online): bounds checkpoint downloads and catch-up pages in flight.
+    #[arg(long, env = "CHANGEAGENT_FLEET_CATCH_UP", default_value_t = 64)]
+    pub catch_up: usize,
+    /// Seconds each long poll waits on the server.
+    #[arg(long, env = "CHANGEAGENT_FLEET_BLOCK_SECS", default_value_t = 30)]
+    pub block_secs: u32,
+}
+
+impl FleetArgs {
+    /// Checks the flags once, before any work.
+    pub fn validate(&self) -> Result<()> {
+        if self.cores().is_empty() {
+            bail!("--cores needs at least one URL");
+        }
+        if self.tenants == 0 || self.keys == 0 {
+            bail!("--tenants and --keys must be at least 1");
+        }
+        let keys =
+            u64::from(self.tenants) * u64::from(COLLECTIONS_PER_TENANT) * u64::from(self.keys);
+        if keys > MAX_KEYS {
+            bail!("--tenants × 2 collections × --keys is {keys} keys, more than {MAX_KEYS}");
+        }
+        if self.writers + self.outbox_writers > 0 && !(self.rate > 0.0 && self.rate <= 1e6) {
+            bail!("--rate must be above 0 (and at most 1,000,000) when there are writers");
+        }
+        if !(0.0..=1.0).contains(&self.offline_share) {
+            bail!("--offline-share must be within 0..1");
+        }
+        if self.online_secs.max <= 0.0 {
+            bail!("--online-secs must allow some time online");
+        }
+        if self.settle_secs == 0 || self.catch_up == 0 {
+            bail!("--settle-secs and --catch-up must be at least 1");
+        }
+        if !(1..=300).contains(&self.block_secs) {
+            bail!("--block-secs must be within 1..=300");
+        }
+        Ok(())
+    }
+
+    fn cores(&self) -> Vec<String> {
+        non_empty(&self.cores)
+    }
+
+    fn edges(&self) -> Vec<String> {
+        non_empty(&self.edges)
+    }
+
+    /// The occasionally connected viewers.
+    fn occasional(&self) -> usize {
+        (self.offline_share * self.consumers as f64).round() as usize
+    }
+
+    fn key_space(&self) -> KeySpace {
+        KeySpace {
+            tenants: self.tenants,
+            keys: self.keys,
+        }
+    }
+}
+
+/// The URLs given, without empty ones (`CHANGEAGENT_FLEET_EDGES=` is none).
+fn non_empty(urls: &[String]) -> Vec<String> {
+    urls.iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// `urls` starting at the `first`-th: a client that prefers that one and
+/// fails over to the others.
+fn rotated(urls: &[String], first: usize) -> Vec<String> {
+    let mut out = urls.to_vec();
+    if !out.is_empty() {
+        out.rotate_left(first % urls.len());
+    }
+    out
+}
+
+/// Runs the fleet; the exit status says whether it found no violation.
+pub async fn main(args: FleetArgs) -> ExitCode {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "note: this is a debug build of the benchmark; its consumers cost several times \
+             the CPU of a release build (cargo build --release -p changeagent-bench)"
+        );
+    }
+    match run(args).await {
+        Ok(summary) if summary.ok => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the fleet, prints the summary (and writes `--report`), returns it.
+pub async fn run(args: FleetArgs) -> Result<Summary> {
+    args.validate()?;
+    let started = Instant::now();
+    let cores = args.cores();
+    let edges = args.edges();
+    let secret = match &args.cluster_secret_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the cluster secret from {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => args.cluster_secret.clone(),
+    };
+    let sockets = args.consumers as u64 + u64::from(args.writers + args.outbox_writers) * 2;
+    open_files::ensure(sockets + 2 * cores.len() as u64 + 16, None)?;
+
+    let seed = args.seed.unwrap_or_else(clock_seed);
+    let mut rng = Rng::new(seed);
+    // The run's name tells its markers from every other run's, also with
+    // the same seed on the same cluster.
+    let run = format!("{:016x}", Rng::new(seed ^ clock_seed()).next_u64());
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("changeagent-fleet-")
+                .tempdir()
+                .context("creating a temporary data directory")?;
+            temp.path().to_owned()
+        }
+    };
+    let spool = data_dir.join("spool");
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let keys = args.key_space();
+    let stats = Arc::new(Stats::new()?);
+    let ending = CancellationToken::new();
+    let hurry = CancellationToken::new();
+    let _signals = watch_signals(ending.clone(), hurry.clone())?;
+
+    let writer_client = ClientBuilder::new(&cores)
+        .retry(RetryPolicy {
+            max_attempts: (2 * cores.len() as u32).max(3),
+            deadline: Some(Duration::from_secs(10)),
+            ..RetryPolicy::default()
+        })
+        .cluster_secret(secret)
+        .build()
+        .context("the cores' client")?;
+    eprintln!(
+        "fleet {run}: {} consumers ({} occasionally connected) via {}, {} writers + {} outbox \
+         writers at {}/s over {} keys, seed {seed}, data in {}",
+        args.consumers,
+        args.occasional(),
+        if edges.is_empty() {
+            "the cores".to_owned()
+        } else {
+            format!("{} edges", edges.len())
+        },
+        args.writers,
+        args.outbox_writers,
+        args.rate,
+        keys.len(),
+        data_dir.display()
+    );
+    setup(&writer_client, keys, &stats, &ending).await?;
+
+    let health_clients = Arc::new(
+        cores
+            .iter()
+            .map(|core| {
+                ClientBuilder::new([core])
+                    .max_attempts(1)
+                    .timeout(HEALTH_TIMEOUT)
+                    .build()
+            })
+            .collect::<changeagent_client::Result<Vec<_>>>()?,
+    );
+    poll_index(&health_clients, &stats).await;
+    let index_watch = {
+        let stats = Arc::clone(&stats);
+        let health_clients = Arc::clone(&health_clients);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(INDEX_POLL).await;
+                poll_index(&health_clients, &stats).await;
+            }
+        })
+    };
+
+    // Consumers: the reference first, then the viewers.
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    let consumers_ctx = Arc::new(Consumers {
+        stats: Arc::clone(&stats),
+        catch_up: Arc::new(Semaphore::new(args.catch_up)),
+        phase: phase_rx,
+        online_secs: args.online_secs,
+        offline_secs: args.offline_secs,
+    });
+    let follow_client = |urls: Vec<String>| {
+        ClientBuilder::new(urls)
+            .checkpoint_dir(&spool)
+            .follow_block_secs(args.block_secs)
+            .build()
+    };
+    let reference_seat = Arc::new(Seat::default());
+    let reference = tokio::spawn(consumer::consumer(
+        Arc::clone(&consumers_ctx),
+        "the reference (following the cores)".to_owned(),
+        follow_client(cores.clone())?,
+        Role::Reference(Box::new(Sightings::new(
+            &run,
+            keys,
+            args.writers + args.outbox_writers,
+        ))),
+        Arc::clone(&reference_seat),
+        rng.fork(),
+    ));
+    let (via, via_word) = if edges.is_empty() {
+        (&cores, "core")
+    } else {
+        (&edges, "edge")
+    };
+    let viewer_clients = (0..via.len())
+        .map(|i| follow_client(rotated(via, i)))
+        .collect::<changeagent_client::Result<Vec<_>>>()?;
+    let occasional = args.occasional();
+    let mut seats = Vec::with_capacity(args.consumers);
+    let mut viewers: Vec<JoinHandle<Ending>> = Vec::with_capacity(args.consumers);
+    for i in 0..args.consumers {
+        let seat = Arc::new(Seat::default());
+        seats.push(Arc::clone(&seat));
+        let offline = is_occasional(i, args.consumers, occasional);
+        let who = format!(
+            "consumer {i} ({via_word} {}{})",
+            i % via.len(),
+            if offline {
+                ", occasionally connected"
+            } else {
+                ""
+            }
+        );
+        viewers.push(tokio::spawn(consumer::consumer(
+            Arc::clone(&consumers_ctx),
+            who,
+            viewer_clients[i % via.len()].clone(),
+            Role::Viewer {
+                occasional: offline,
+            },
+            seat,
+            rng.fork(),
+        )));
+    }
+
+    // Writers.
+    let writers_total = args.writers + args.outbox_writers;
+    let writers_ctx = Arc::new(Writers {
+        client: writer_client.clone(),
+        stats: Arc::clone(&stats),
+        keys,
+        run: run.clone(),
+        per_writer_rate: args.rate / f64::from(writers_total.max(1)),
+        online_writers: args.writers,
+        stop: CancellationToken::new(),
+        give_up: CancellationToken::new(),
+    });
+    let mut writer_tasks: Vec<JoinHandle<WriterLog>> = Vec::new();
+    for w in 0..args.writers {
+        writer_tasks.push(tokio::spawn(writer::online_writer(
+            Arc::clone(&writers_ctx),
+            w,
+            rng.fork(),
+        )));
+    }
+    let mut outboxes = Vec::new();
+    for o in 0..args.outbox_writers {
+        let w = args.writers + o;
+        let dir = data_dir.join(format!("outbox-{o}"));
+        let outbox = Outbox::open(&dir, writer_client.clone())
+            .await
+            .with_context(|| format!("opening the outbox in {}", dir.display()))?;
+        outboxes.push(outbox.clone());
+        writer_tasks.push(tokio::spawn(writer::outbox_writer(
+            Arc::clone(&writers_ctx),
+            w,
+            outbox,
+            rng.fork(),
+            args.online_secs,
+            args.offline_secs,
+        )));
+    }
+
+    // The run.
+    let consumers = args.consumers as u64;
+    let progress = {
+        let stats = Arc::clone(&stats);
+        let outboxes = outboxes.clone();
+        Progress::start(move |elapsed| stats.line(elapsed, consumers, pending(&outboxes)))
+    };
+    let duration = (args.duration > 0).then(|| Duration::from_secs(args.duration));
+    tokio::select! {
+        () = ending.cancelled() => {}
+        () = sleep_for(duration) => {}
+    }
+    drop(progress);
+    let ran = started.elapsed();
+    eprintln!(
+        "fleet: ending after {:.0} s: {}",
+        ran.as_secs_f64(),
+        stats.line(ran, consumers, pending(&outboxes))
+    );
+
+    // The end: one deadline for steps 1–6.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.settle_secs);
+    let give_up = writers_ctx.give_up.clone();
+    let settle_timer = {
+        let hurry = hurry.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                () = hurry.cancelled() => {}
+            }
+            give_up.cancel();
+        })
+    };
+    let give_up = writers_ctx.give_up.clone();
+    let settle = Settle {
+        stats: &stats,
+        give_up: &give_up,
+        settle_secs: args.settle_secs,
+        started: Instant::now(),
+    };
+
+    // 1 and 2: writers stop; outboxes flush.
+    writers_ctx.stop.cancel();
+    let logs = settle
+        .writers(writer_tasks, &outboxes)
+        .await
+        .context("a writer task failed")?;
+    let all_seats: Vec<&Arc<Seat>> = seats.iter().chain([&reference_seat]).collect();
+    let total_seats = all_seats.len();
+    // 3: everyone online and caught up.
+    let _ = phase_tx.send(Phase::AllOnline);
+    let mut on_track = settle
+        .until("every consumer online and caught up", || {
+            let live = all_seats
+                .iter()
+                .filter(|s| s.live.load(Ordering::Relaxed))
+                .count();
+            (
+                live == total_seats,
+                format!("{live} of {total_seats} caught up"),
+            )
+        })
+        .await;
+    // 4: frozen.
+    if on_track {
+        let _ = phase_tx.send(Phase::Freeze);
+        on_track = settle
+            .until("every consumer frozen", || {
+                let frozen = all_seats
+                    .iter()
+                    .filter(|s| s.frozen.load(Ordering::Relaxed))
+                    .count();
+                (
+                    frozen == total_seats,
+                    format!("{frozen} of {total_seats} frozen"),
+                )
+            })
+            .await;
+    }
+    // 5 and 6: the final index, and everyone at it.
+    let mut final_index = 0;
+    if on_track {
+        poll_index(&health_clients, &stats).await;
+        let acked = logs
+            .iter()
+            .flat_map(|l| l.writes.iter())
+            .filter(|w| w.outcome == Outcome::Acked)
+            .map(|w| w.id)
+            .max()
+            .unwrap_or(0);
+        let frozen = all_seats
+            .iter()
+            .map(|s| s.position.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        final_index = Stats::get(&stats.core_last).max(acked).max(frozen);
+        let _ = phase_tx.send(Phase::StopAt(final_index));
+        let at = |h: &JoinHandle<Ending>| h.is_finished();
+        settle
+            .until(&format!("every consumer at {final_index}"), || {
+                let done = viewers.iter().filter(|h| at(h)).count() + usize::from(at(&reference));
+                (
+                    done == total_seats,
+                    format!("{done} of {total_seats} there"),
+                )
+            })
+            .await;
+    }
+    index_watch.abort();
+    settle_timer.abort();
+
+    // 7: compare and verify.
+    let violations = &stats.violations;
+    let mut endings = Vec::with_capacity(viewers.len());
+    for handle in viewers {
+        endings.push(finish(handle, violations).await);
+    }
+    let reference = finish(reference, violations).await;
+    let mut compared = 0;
+    let mut equal = 0;
+    let mut verified = Verified::default();
+    let mut reference_checkpoint = 0;
+    match &reference {
+        Some(Ending {
+            digest: Some(reference_digest),
+            sightings: Some(sightings),
+            ..
+        }) => {
+            for (i, ending) in endings.iter().enumerate() {
+                match ending {
+                    Some(Ending {
+                        digest: Some(digest),
+                        ..
+                    }) => {
+                        compared += 1;
+                        if digest == reference_digest {
+                            equal += 1;
+                        } else {
+                            violations.add(format!(
+                                "consumer {i}: its state at {final_index} differs from the \
+                                 reference's: {} against {}",
+                                digest.summary(),
+                                reference_digest.summary()
+                            ));
+                        }
+                    }
+                    Some(ending) => violations.add(format!(
+                        "consumer {i}: ended at {} without reaching the final index {final_index}",
+                        ending.position
+                    )),
+                    None => violations.add(format!(
+                        "consumer {i}: did not end within --settle-secs (at {})",
+                        seats[i].position.load(Ordering::Relaxed)
+                    )),
+                }
+            }
+            verified = sightings.verify(&logs, violations);
+            reference_checkpoint = sightings.base();
+        }
+        other => violations.add(format!(
+            "the reference consumer did not reach the final index {final_index} (it ended at \
+             {}): no consumer could be compared and no write checked",
+            other
+                .as_ref()
+                .map_or(reference_seat.position.load(Ordering::Relaxed), |e| e
+                    .position)
+        )),
+    }
+    let outbox_posts = Stats::get(&stats.outbox_posts);
+    let writes_acked = Stats::get(&stats.acked);
+    if args.writers > 0 && writes_acked == 0 {
+        violations.add("no write of the always-online writers was acknowledged");
+    }
+    if args.outbox_writers > 0 && Stats::get(&stats.outbox_acked) == 0 {
+        violations.add("no outbox post was acknowledged");
+    }
+
+    let total = violations.total();
+    let summary = Summary {
+        ok: verdict(total),
+        consumers,
+        offline_consumers: occasional as u64,
+        changes_delivered: Stats::get(&stats.delivered),
+        writes_acked,
+        outbox_posts,
+        reloads: Stats::get(&stats.reloads),
+        transient_errors: Stats::get(&stats.transient),
+        latency_ms: LatencyMs::of(stats.latency()),
+        final_index,
+        violations: violations.kept(),
+        violations_total: total,
+        consumers_compared: compared,
+        consumers_equal: equal,
+        writes_checked: verified.acked,
+        writes_found: verified.found,
+        writes_overwritten: verified.overwritten,
+        writes_unknown: verified.unknown,
+        outbox_acked: Stats::get(&stats.outbox_acked),
+        reference_checkpoint,
+        run,
+        seed,
+        elapsed_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    };
+    let json = serde_json::to_string(&summary).context("encoding the summary")?;
+    println!("{json}");
+    if let Some(path) = &args.report {
+        write_report(path, &json).await?;
+    }
+    eprintln!("{}", summary.message());
+    Ok(summary)
+}
+
+/// A consumer's ending, or `None` when it had not ended (it is aborted) or
+/// failed (a violation).
+async fn finish(handle: JoinHandle<Ending>, violations: &Violations) -> Option<Ending> {
+    if !handle.is_finished() {
+        handle.abort();
+        return None;
+    }
+    match handle.await {
+        Ok(ending) => Some(ending),
+        Err(error) => {
+            violations.add(format!("a consumer task failed: {error}"));
+            None
+        }
+    }
+}
+
+/// Outbox entries waiting, over all outboxes.
+fn pending(outboxes: &[Outbox]) -> u64 {
+    outboxes.iter().map(|o| o.pending() as u64).sum()
+}
+
+/// Reads every core's `lastIndex` and keeps the highest in
+/// `stats.core_last`; cores that do not answer are skipped.
+async fn poll_index(cores: &[Client], stats: &Stats) {
+    let answers = futures::future::join_all(cores.iter().map(|c| c.health())).await;
+    if let Some(last) = answers
+        .into_iter()
+        .filter_map(|h| h.ok())
+        .map(|h| h.last_index)
+        .max()
+    {
+        stats.core_last.fetch_max(last, Ordering::Relaxed);
+    }
+}
+
+/// Sleeps for `duration`, or forever.
+async fn sleep_for(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A seed from the clock, for runs without `--seed`.
+fn clock_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+/// Cancels `ending` at the first SIGTERM or SIGINT and `hurry` at the
+/// second. The task lives as long as the process.
+fn watch_signals(ending: CancellationToken, hurry: CancellationToken) -> Result<JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(tokio::spawn(async move {
+        for (token, what) in [
+            (ending, "ending: stopping the writers, then checking the fleet (signal again to stop waiting)"),
+            (hurry, "stopping the wait: whatever has not converged is reported"),
+        ] {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("fleet: signal: {what}");
+            token.cancel();
+        }
+    }))
+}
+
+/// Creates the tenants and collections, each once (a `409` means it exists
+/// already), retrying while the cluster cannot take them yet.
+async fn setup(
+    client: &Client,
+    keys: KeySpace,
+    stats: &Arc<Stats>,
+    ending: &CancellationToken,
+) -> Result<()> {
+    let deadline = Instant::now() + SETUP_DEADLINE;
+    let last = Arc::new(Mutex::new(String::from("no answer yet")));
+    let _progress = {
+        let last = Arc::clone(&last);
+        Progress::start(move |elapsed| {
+            let last = last.lock().map(|l| l.clone()).unwrap_or_default();
+            format!(
+                "{:>4}s: waiting for the cluster to take the fleet's tenants ({last})",
+                elapsed.as_secs()
+            )
+        })
+    };
+    for t in 0..keys.tenants {
+        let tenant = KeySpace::tenant(t);
+        create(
+            &format!("tenant {tenant}"),
+            deadline,
+            stats,
+            &last,
+            ending,
+            || {
+                let tenant = tenant.clone();
+                async move { client.create_tenant(&tenant).await.map(|_| ()) }
+            },
+        )
+        .await?;
+        for c in 0..COLLECTIONS_PER_TENANT {
+            let collection = KeySpace::collection(t, c);
+            create(
+                &format!("collection {collection}"),
+                deadline,
+                stats,
+                &last,
+                ending,
+                || {
+                    let (tenant, collection) = (tenant.clone(), collection.clone());
+                    async move {
+                        client
+                            .create_collection(&tenant, &collection)
+                            .await
+                            .map(|_| ())
+                    }
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// One create of [`setup`], retried with backoff.
+async fn create<F, Fut>(
+    what: &str,
+    deadline: Instant,
+    stats: &Stats,
+    last: &Mutex<String>,
+    ending: &CancellationToken,
+    op: F,
+) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = changeagent_client::Result<()>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match op().await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_conflict() => return Ok(()),
+            Err(error) => error,
+        };
+        // A follower that has not applied the tenant yet answers 404 for
+        // its collection.
+        if !(writer::retry_later(&error) || error.is_not_found()) {
+            bail!("creating {what}: {error}");
+        }
+        if writer::retry_later(&error) {
+            Stats::add(&stats.transient, 1);
+        }
+        if let Ok(mut last) = last.lock() {
+            *last = format!("{what}: {error}");
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the cluster did not take {what} within {} s: {error}",
+                SETUP_DEADLINE.as_secs()
+            );
+        }
+        tokio::select! {
+            () = ending.cancelled() => bail!("interrupted while waiting for the cluster"),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(SETUP_RETRY_MAX);
+    }
+}
+
+/// The waits of the end, which share one deadline (`give_up`, cancelled
+/// then, or at a second signal).
+struct Settle<'a> {
+    stats: &'a Stats,
+    give_up: &'a CancellationToken,
+    settle_secs: u64,
+    started: Instant,
+}
+
+impl Settle<'_> {
+    /// Waits for the writers; the outboxes report what they hold meanwhile.
+    async fn writers(
+        &self,
+        tasks: Vec<JoinHandle<WriterLog>>,
+        outboxes: &[Outbox],
+    ) -> Result<Vec<WriterLog>> {
+        let mut logs = Vec::with_capacity(tasks.len());
+        let _progress = {
+            let outboxes = outboxes.to_vec();
+            Progress::start(move |elapsed| {
+                format!(
+                    "{:>4}s settling: writers finishing, {} outbox entries pending",
+                    elapsed.as_secs(),
+                    pending(&outboxes)
+                )
+            })
+        };
+        for task in tasks {
+            logs.push(task.await?);
+        }
+        Ok(logs)
+    }
+
+    /// Polls `probe` (done?, state) until done or the deadline; a deadline
+    /// passed is a violation naming `what` and the last state.
+    async fn until<F>(&self, what: &str, mut probe: F) -> bool
+    where
+        F: FnMut() -> (bool, String),
+    {
+        let mut next_line = tokio::time::Instant::now() + PROGRESS_INTERVAL;
+        loop {
+            let (done, state) = probe();
+            if done {
+                return true;
+            }
+            if self.give_up.is_cancelled() {
+                self.stats.violations.add(format!(
+                    "settling: not {what} within --settle-secs {} ({state})",
+                    self.settle_secs
+                ));
+                return false;
+            }
+            if tokio::time::Instant::now() >= next_line {
+                eprintln!(
+                    "  … {:>4}s settling: waiting for {what}: {state}",
+                    self.started.elapsed().as_secs()
+                );
+                next_line += PROGRESS_INTERVAL;
+            }
+            tokio::select! {
+                () = self.give_up.cancelled() => {}
+                () = tokio::time::sleep(SETTLE_POLL) => {}
+            }
+        }
+    }
+}
+
+/// Writes the summary to `path`.
+async fn write_report(path: &Path, json: &str) -> Result<()> {
+    tokio::fs::write(path, format!("{json}\n"))
+        .await
+        .with_context(|| format!("writing the report to {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<FleetArgs, clap::Error> {
+        let mut argv = vec!["fleet"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|c| c.fleet)
+    }
+
+    #[test]
+    fn defaults_are_a_thousand_consumers_of_three_tenants() {
+        let a = parse(&["--cores", "http://a:1,http://b:2"]).unwrap();
+        assert_eq!(a.cores(), ["http://a:1", "http://b:2"]);
+        assert!(a.edges().is_empty());
+        assert_eq!((a.consumers, a.writers, a.outbox_writers), (1000, 4, 2));
+        assert_eq!((a.tenants, a.keys, a.rate, a.duration), (3, 200, 50.0, 0));
+        assert_eq!(a.offline_secs, "5..120".parse().unwrap());
+        assert_eq!(a.occasional(), 200);
+        assert_eq!(a.key_space().len(), 1200);
+        assert_eq!(a.settle_secs, 300);
+        assert!(a.validate().is_ok());
+        assert!(parse(&[]).is_err(), "--cores is required");
+    }
+
+    #[test]
+    fn bad_flags_are_refused_before_any_work() {
+        for bad in [
+            &["--cores", ","][..],
+            &["--cores", "a", "--tenants", "0"],
+            &["--cores", "a", "--rate", "0"],
+            &["--cores", "a", "--offline-share", "1.5"],
+            &["--cores", "a", "--settle-secs", "0"],
+            &["--cores", "a", "--online-secs", "0"],
+            &["--cores", "a", "--block-secs", "301"],
+            &["--cores", "a", "--keys", "4000000000"],
+        ] {
+            assert!(parse(bad).unwrap().validate().is_err(), "{bad:?}");
+        }
+        assert!(parse(&["--cores", "a", "--offline-secs", "9..3"]).is_err());
+        // No writers: no rate needed.
+        let a = parse(&[
+            "--cores",
+            "a",
+            "--writers",
+            "0",
+            "--outbox-writers",
+            "0",
+            "--rate",
+            "0",
+        ])
+        .unwrap();
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
+    fn viewers_prefer_their_own_edge_and_fail_over_to_the_others() {
+        let urls: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        assert_eq!(rotated(&urls, 0), ["a", "b", "c"]);
+        assert_eq!(rotated(&urls, 1), ["b", "c", "a"]);
+        assert_eq!(rotated(&urls, 5), ["c", "a", "b"]);
+        assert_eq!(non_empty(&[" x ".into(), "".into()]), ["x"]);
+    }
+}
