@@ -313,7 +313,84 @@ async fn sleep_until(at: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
+    use changeagent_client::{Change, Manifest, Scope};
+
     use super::*;
+
+    fn change(id: u64) -> FollowEvent {
+        FollowEvent::Change(Change {
+            id,
+            ts: 0,
+            change_type: 0,
+            tags: Vec::new(),
+            tenant: None,
+            collection: None,
+            key: None,
+            deleted: false,
+            data: Some(serde_json::json!({"n": id})),
+        })
+    }
+
+    fn view() -> View {
+        View {
+            check: ViewCheck::new(0),
+            digest: StateDigest::default(),
+            sightings: None,
+        }
+    }
+
+    #[test]
+    fn a_viewer_that_misses_a_change_records_a_violation_and_differs() {
+        let stats = Stats::new().unwrap();
+        let (mut dense, mut gappy) = (view(), view());
+        for id in 1..=4 {
+            dense.apply(&change(id), &stats, "dense", true, false);
+        }
+        assert_eq!(stats.violations.total(), 0);
+        for id in [1, 2, 4] {
+            gappy.apply(&change(id), &stats, "gappy", true, false);
+        }
+        assert_eq!(stats.violations.total(), 1);
+        let kept = stats.violations.kept();
+        assert!(kept[0].starts_with("gappy: at 2 got change 4"), "{kept:?}");
+        assert_eq!((dense.check.position(), gappy.check.position()), (4, 4));
+        assert_ne!(dense.digest, gappy.digest, "the final comparison fails too");
+        assert_eq!(Stats::get(&stats.delivered), 7);
+    }
+
+    #[test]
+    fn a_reload_resets_the_digest_and_counts() {
+        let stats = Stats::new().unwrap();
+        let mut v = view();
+        v.apply(&change(1), &stats, "v", true, true);
+        let reset = FollowEvent::Reset {
+            checkpoint: Manifest {
+                index: 5,
+                scope: Scope::All,
+                object: String::new(),
+                size: 0,
+                sha256: String::new(),
+                records: 1,
+                created_ts: 0,
+                cluster_id: String::new(),
+            },
+            first_index: 6,
+        };
+        v.apply(&reset, &stats, "v", true, true);
+        assert_eq!(v.digest, StateDigest::default());
+        let FollowEvent::Change(record) = change(3) else {
+            unreachable!()
+        };
+        v.apply(&FollowEvent::Record(record), &stats, "v", true, true);
+        v.apply(&FollowEvent::ResetEnd { index: 5 }, &stats, "v", true, true);
+        v.apply(&change(6), &stats, "v", true, true);
+        assert_eq!(stats.violations.total(), 0, "{:?}", stats.violations.kept());
+        assert_eq!(v.check.position(), 6);
+        assert_eq!(Stats::get(&stats.reloads), 1);
+        assert_eq!(v.digest.unkeyed_changes(), 2);
+        // Changes applied while live count their latency; records do not.
+        assert_eq!(stats.latency().unwrap().count, 2);
+    }
 
     #[test]
     fn latency_is_the_time_since_the_changes_timestamp() {
