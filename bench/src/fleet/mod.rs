@@ -43,7 +43,13 @@
 //! is compared with the reference's, and every writer's log is checked
 //! against the reference's notes ([`verify`] says how, and why that is
 //! sound). Steps 1–6 share one deadline, `--settle-secs`; whatever has not
-//! happened by then is a violation.
+//! happened by then is a violation. As a compose service, give it a
+//! `stop_grace_period` above `--settle-secs`: compose SIGKILLs a service
+//! 10 s after its SIGTERM by default.
+//!
+//! One fleet per cluster: the final check takes every write to the fleet's
+//! keys to be its own (another run's writes are told apart by their
+//! markers, but a concurrent run's deletes would look like lost writes).
 //!
 //! # Figures
 //!
@@ -690,7 +696,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         consumers_equal: equal,
         writes_checked: verified.acked,
         writes_found: verified.found,
-        writes_overwritten: verified.overwritten,
+        writes_unseen: verified.unseen,
         writes_unknown: verified.unknown,
         outbox_acked: Stats::get(&stats.outbox_acked),
         reference_checkpoint,

@@ -37,11 +37,12 @@ pub struct Summary {
     pub consumers_compared: u64,
     pub consumers_equal: u64,
     /// Acknowledged writes (outbox posts included) checked against the
-    /// list, found at their `_id`, overwritten before the reference's
-    /// checkpoint, and writes given up without an answer.
+    /// list; of them, found at their `_id`, and keyed ones no longer in any
+    /// state (overwritten or deleted before the reference's checkpoint) but
+    /// consistent with it; and writes given up without an answer.
     pub writes_checked: u64,
     pub writes_found: u64,
-    pub writes_overwritten: u64,
+    pub writes_unseen: u64,
     pub writes_unknown: u64,
     /// Outbox posts acknowledged.
     pub outbox_acked: u64,
@@ -133,7 +134,7 @@ mod tests {
             consumers_equal: 10,
             writes_checked: 8,
             writes_found: 8,
-            writes_overwritten: 0,
+            writes_unseen: 0,
             writes_unknown: 0,
             outbox_acked: 3,
             reference_checkpoint: 0,

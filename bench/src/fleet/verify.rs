@@ -36,7 +36,7 @@ use changeagent_client::{Change, FollowEvent};
 
 use crate::fleet::check::Violations;
 use crate::fleet::names::{KeySpace, Marker, NO_KEY};
-use crate::fleet::writer::{Kind, Outcome, WriterLog};
+use crate::fleet::writer::{Kind, Outcome, Write, WriterLog};
 
 /// Highest write number a marker may carry: far beyond any run (a writer
 /// at 1,000 writes a second for a year), so a marker past it is garbage,
@@ -67,8 +67,9 @@ pub struct Verified {
     pub acked: u64,
     /// Of them, found at their `_id` in the list or the checkpoint.
     pub found: u64,
-    /// Of them, keyed writes overwritten before the checkpoint (rule 3).
-    pub overwritten: u64,
+    /// Of them, keyed writes no longer in any state, overwritten or
+    /// deleted by the checkpoint, and consistent with it (rule 3).
+    pub unseen: u64,
     /// Writes given up without an answer (rule 5).
     pub unknown: u64,
 }
@@ -208,76 +209,25 @@ impl Sightings {
                     Outcome::Refused => {}
                     Outcome::Acked => {
                         verified.acked += 1;
-                        let problem = if a > base {
-                            // Rule 1.
-                            match write.kind {
-                                Kind::Delete => match self.deletes.get(&a) {
-                                    Some(&key) if key == write.key => None,
-                                    _ => Some(format!(
-                                        "was acknowledged at {a}, but the change there is not \
-                                         a delete of its key"
-                                    )),
-                                },
-                                _ if at == a => None,
-                                _ if at == 0 => {
-                                    Some(format!("was acknowledged at {a}, but is not in the list"))
-                                }
-                                _ => Some(format!(
-                                    "was acknowledged at {a}, but is in the list at {at}"
-                                )),
-                            }
+                        let judged = if a > base {
+                            self.in_list(write, at)
                         } else if write.kind == Kind::Unkeyed {
-                            // Rule 2.
-                            match at {
-                                _ if at == a => None,
-                                0 => Some(format!(
-                                    "was acknowledged at {a}, but checkpoint {base} does not \
-                                     hold it"
-                                )),
-                                _ => Some(format!(
-                                    "was acknowledged at {a}, but checkpoint {base} holds it at \
-                                     {at}"
-                                )),
-                            }
+                            Judged::in_checkpoint(a, at, base)
                         } else {
-                            // Rule 3.
-                            match self.checkpoint_keys.get(&write.key) {
-                                Some(&r) if r > a => {
-                                    verified.overwritten += 1;
-                                    None
-                                }
-                                Some(&r) if r == a && write.kind == Kind::Upsert && at == a => None,
-                                Some(&r) if r == a => Some(format!(
-                                    "was acknowledged at {a}, but the key's record {r} in \
-                                     checkpoint {base} is another change"
-                                )),
-                                Some(&r) => Some(format!(
-                                    "was acknowledged at {a}, but checkpoint {base} holds the \
-                                     older change {r} for its key: the write was lost"
-                                )),
-                                None if write.kind == Kind::Delete => None,
-                                None => {
-                                    let deleted_later = unsure_deletes.contains(&write.key)
-                                        || acked_deletes.get(&write.key).is_some_and(|ids| {
-                                            ids.iter().any(|&d| d > a && d <= base)
-                                        });
-                                    if deleted_later {
-                                        verified.overwritten += 1;
-                                        None
-                                    } else {
-                                        Some(format!(
-                                            "was acknowledged at {a}, but its key is not in \
-                                             checkpoint {base} and no later delete of it is \
-                                             known: the write was lost"
-                                        ))
-                                    }
-                                }
-                            }
+                            let deleted_later = || {
+                                unsure_deletes.contains(&write.key)
+                                    || acked_deletes
+                                        .get(&write.key)
+                                        .is_some_and(|ids| ids.iter().any(|&d| d > a && d <= base))
+                            };
+                            self.key_in_checkpoint(write, at, deleted_later)
                         };
-                        match problem {
-                            Some(problem) => violations.add(format!("{} {problem}", who())),
-                            None if at != 0 || write.kind == Kind::Delete => verified.found += 1,
-                            None => {}
+                        match judged {
+                            Judged::Found => verified.found += 1,
+                            Judged::Unseen => verified.unseen += 1,
+                            Judged::Problem(problem) => {
+                                violations.add(format!("{} {problem}", who()));
+                            }
                         }
                     }
                 }
@@ -296,6 +246,80 @@ impl Sightings {
         }
         verified
     }
+
+    /// Rule 1: a write acknowledged at `_id` `write.id`, past the
+    /// checkpoint, whose marker was seen at `at`.
+    fn in_list(&self, write: &Write, at: u64) -> Judged {
+        let a = write.id;
+        match write.kind {
+            Kind::Delete => match self.deletes.get(&a) {
+                Some(&key) if key == write.key => Judged::Found,
+                _ => Judged::Problem(format!(
+                    "was acknowledged at {a}, but the change there is not a delete of its key"
+                )),
+            },
+            _ if at == a => Judged::Found,
+            _ if at == 0 => {
+                Judged::Problem(format!("was acknowledged at {a}, but is not in the list"))
+            }
+            _ => Judged::Problem(format!(
+                "was acknowledged at {a}, but is in the list at {at}"
+            )),
+        }
+    }
+
+    /// Rule 3: a keyed write acknowledged at or before the checkpoint.
+    fn key_in_checkpoint(
+        &self,
+        write: &Write,
+        at: u64,
+        deleted_later: impl Fn() -> bool,
+    ) -> Judged {
+        let (a, base) = (write.id, self.base);
+        match self.checkpoint_keys.get(&write.key) {
+            Some(&r) if r > a => Judged::Unseen,
+            Some(&r) if r == a && write.kind == Kind::Upsert && at == a => Judged::Found,
+            Some(&r) if r == a => Judged::Problem(format!(
+                "was acknowledged at {a}, but the key's record {r} in checkpoint {base} is \
+                 another change"
+            )),
+            Some(&r) => Judged::Problem(format!(
+                "was acknowledged at {a}, but checkpoint {base} holds the older change {r} for \
+                 its key: the write was lost"
+            )),
+            None if write.kind == Kind::Delete || deleted_later() => Judged::Unseen,
+            None => Judged::Problem(format!(
+                "was acknowledged at {a}, but its key is not in checkpoint {base} and no later \
+                 delete of it is known: the write was lost"
+            )),
+        }
+    }
+}
+
+/// The verdict on one acknowledged write.
+enum Judged {
+    /// Found at its `_id`: in the list, or the checkpoint's record.
+    Found,
+    /// A keyed write no longer in any state (overwritten or deleted by
+    /// the checkpoint), and consistent with what the checkpoint holds.
+    Unseen,
+    Problem(String),
+}
+
+impl Judged {
+    /// Rule 2: an unkeyed write acknowledged at `a`, at or before the
+    /// checkpoint `base`, whose marker was seen at `at`.
+    fn in_checkpoint(a: u64, at: u64, base: u64) -> Judged {
+        match at {
+            _ if at == a => Judged::Found,
+            0 => Judged::Problem(format!(
+                "was acknowledged at {a}, but checkpoint {base} does not hold it"
+            )),
+            _ => Judged::Problem(format!(
+                "was acknowledged at {a}, but checkpoint {base} holds it at {at}"
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -304,7 +328,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::fleet::writer::Write;
 
     const RUN: &str = "r1";
 
@@ -405,7 +428,7 @@ mod tests {
             Verified {
                 acked: 4,
                 found: 4,
-                overwritten: 0,
+                unseen: 0,
                 unknown: 0
             }
         );
@@ -491,7 +514,8 @@ mod tests {
         let (verified, violations) = verify(&events, &good);
         assert!(violations.is_empty(), "{violations:?}");
         assert_eq!(verified.acked, 8);
-        assert_eq!(verified.overwritten, 2, "writes 1 and 4");
+        assert_eq!(verified.unseen, 4, "writes 1 (deleted by 2), 2, 4 (overwritten) and 5");
+        assert_eq!(verified.found, 4);
 
         // Checkpoint 10 holds key 1's record 5 (writer 0's write 1), nothing else.
         let events = [
@@ -543,6 +567,6 @@ mod tests {
         )];
         let (verified, violations) = verify(&events, &logs);
         assert!(violations.is_empty(), "{violations:?}");
-        assert_eq!((verified.unknown, verified.overwritten), (3, 1));
+        assert_eq!((verified.unknown, verified.unseen), (3, 1));
     }
 }
