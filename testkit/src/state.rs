@@ -118,12 +118,12 @@ impl StateDigest {
         match change["type"].as_i64().unwrap_or(0) {
             -4 => {
                 let tid = data["_id"].as_u64().unwrap_or(0);
-                self.tenants.insert(tid, hash_str(&text(data, "name")));
+                self.tenants.insert(tid, hash_str(str_of(data, "name")));
                 return;
             }
             -5 => {
                 let cid = data["_id"].as_u64().unwrap_or(0);
-                let named = hash_pair(&text(data, "tenant"), &text(data, "name"));
+                let named = hash_pair(str_of(data, "tenant"), str_of(data, "name"));
                 self.collections.insert(cid, named);
                 return;
             }
@@ -131,9 +131,9 @@ impl StateDigest {
         }
         if change.get("key").is_some() {
             let key = key_hash(
-                &text(change, "tenant"),
-                &text(change, "collection"),
-                &text(change, "key"),
+                str_of(change, "tenant"),
+                str_of(change, "collection"),
+                str_of(change, "key"),
             );
             if change["deleted"].as_bool().unwrap_or(false) {
                 self.keys.remove(&key);
@@ -143,6 +143,41 @@ impl StateDigest {
         } else {
             self.unkeyed += 1;
             self.unkeyed_sum = self.unkeyed_sum.wrapping_add(value_hash(change));
+        }
+    }
+
+    /// [`StateDigest::apply`] for a change held as its fields rather than its JSON: the
+    /// same digest, without building a JSON value of the change.
+    pub fn apply_fields(&mut self, change: &ChangeFields<'_>) {
+        let data = change.data.unwrap_or(&Value::Null);
+        match change.change_type {
+            -4 => {
+                let tid = data["_id"].as_u64().unwrap_or(0);
+                self.tenants.insert(tid, hash_str(str_of(data, "name")));
+                return;
+            }
+            -5 => {
+                let cid = data["_id"].as_u64().unwrap_or(0);
+                let named = hash_pair(str_of(data, "tenant"), str_of(data, "name"));
+                self.collections.insert(cid, named);
+                return;
+            }
+            _ => {}
+        }
+        if let Some(key) = change.key {
+            let key = key_hash(
+                change.tenant.unwrap_or_default(),
+                change.collection.unwrap_or_default(),
+                key,
+            );
+            if change.deleted {
+                self.keys.remove(&key);
+            } else {
+                self.keys.insert(key, change.hash());
+            }
+        } else {
+            self.unkeyed += 1;
+            self.unkeyed_sum = self.unkeyed_sum.wrapping_add(change.hash());
         }
     }
 
@@ -207,6 +242,80 @@ impl StateDigest {
     }
 }
 
+/// A change as its fields, borrowed, for [`StateDigest::apply_fields`]. Its JSON is the
+/// wire form: `_id` and `_ts` always, `type` unless 0, `tags` unless empty, `tenant`,
+/// `collection` and `key` when given, `deleted` when true, `data` when given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChangeFields<'a> {
+    pub id: u64,
+    pub ts: i64,
+    pub change_type: i32,
+    pub tags: &'a [String],
+    pub tenant: Option<&'a str>,
+    pub collection: Option<&'a str>,
+    pub key: Option<&'a str>,
+    pub deleted: bool,
+    pub data: Option<&'a Value>,
+}
+
+impl ChangeFields<'_> {
+    /// The hash of the change's wire JSON, as [`StateDigest::apply`] computes it from the
+    /// JSON value: each member hashed apart and the hashes added.
+    fn hash(&self) -> u64 {
+        let mut members = 0usize;
+        let mut sum = 0u64;
+        let mut member = |name: &str, value: &dyn Fn(&mut DefaultHasher)| {
+            let mut one = DefaultHasher::new();
+            name.hash(&mut one);
+            value(&mut one);
+            sum = sum.wrapping_add(one.finish());
+            members += 1;
+        };
+        member("_id", &|h| hash_u64(self.id, h));
+        member("_ts", &|h| hash_i64(self.ts, h));
+        if self.change_type != 0 {
+            member("type", &|h| hash_i64(i64::from(self.change_type), h));
+        }
+        if !self.tags.is_empty() {
+            member("tags", &|h| {
+                4u8.hash(h);
+                self.tags.len().hash(h);
+                for tag in self.tags {
+                    hash_string(tag, h);
+                }
+            });
+        }
+        for (name, text) in [
+            ("tenant", self.tenant),
+            ("collection", self.collection),
+            ("key", self.key),
+        ] {
+            if let Some(text) = text {
+                member(name, &|h| hash_string(text, h));
+            }
+        }
+        if self.deleted {
+            member("deleted", &|h| {
+                1u8.hash(h);
+                true.hash(h);
+            });
+        }
+        if let Some(data) = self.data {
+            member("data", &|h| hash_value(data, h));
+        }
+        let mut h = DefaultHasher::new();
+        5u8.hash(&mut h);
+        members.hash(&mut h);
+        sum.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// A text field of a JSON object, "" when absent.
+fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or_default()
+}
+
 fn hash_str(s: &str) -> u64 {
     let mut h = DefaultHasher::new();
     s.hash(&mut h);
@@ -243,6 +352,30 @@ fn value_hash(value: &Value) -> u64 {
     h.finish()
 }
 
+/// A non-negative integer, as `Value` holds it (`PosInt`).
+fn hash_u64(u: u64, h: &mut DefaultHasher) {
+    2u8.hash(h);
+    0u8.hash(h);
+    u.hash(h);
+}
+
+/// An integer: as [`hash_u64`] when not negative, as `Value` holds it.
+fn hash_i64(i: i64, h: &mut DefaultHasher) {
+    match u64::try_from(i) {
+        Ok(u) => hash_u64(u, h),
+        Err(_) => {
+            2u8.hash(h);
+            1u8.hash(h);
+            i.hash(h);
+        }
+    }
+}
+
+fn hash_string(s: &str, h: &mut DefaultHasher) {
+    3u8.hash(h);
+    s.hash(h);
+}
+
 fn hash_value(value: &Value, h: &mut DefaultHasher) {
     match value {
         Value::Null => 0u8.hash(h),
@@ -251,14 +384,18 @@ fn hash_value(value: &Value, h: &mut DefaultHasher) {
             b.hash(h);
         }
         Value::Number(n) => {
-            2u8.hash(h);
-            // `Number`'s equality compares its representation, as its text does: 1 ≠ 1.0.
-            n.to_string().hash(h);
+            // `Number`'s equality compares its representation: 1 ≠ 1.0.
+            if let Some(u) = n.as_u64() {
+                hash_u64(u, h);
+            } else if let Some(i) = n.as_i64() {
+                hash_i64(i, h);
+            } else {
+                2u8.hash(h);
+                2u8.hash(h);
+                n.as_f64().unwrap_or_default().to_bits().hash(h);
+            }
         }
-        Value::String(s) => {
-            3u8.hash(h);
-            s.hash(h);
-        }
+        Value::String(s) => hash_string(s, h),
         Value::Array(items) => {
             4u8.hash(h);
             items.len().hash(h);
@@ -419,6 +556,56 @@ mod tests {
             &serde_json::from_str(r#"{"data":{"q":[2,{"s":4,"r":3}],"p":1},"_id":1}"#).unwrap(),
         );
         assert_eq!(a, b);
+    }
+
+    fn tags(c: &Value) -> Vec<String> {
+        let tags = c["tags"].as_array().cloned().unwrap_or_default();
+        tags.iter()
+            .map(|t| t.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The fields of a wire JSON change, as a caller holding parsed changes has them.
+    fn fields<'a>(c: &'a Value, tags: &'a [String]) -> ChangeFields<'a> {
+        ChangeFields {
+            id: c["_id"].as_u64().unwrap(),
+            ts: c["_ts"].as_i64().unwrap_or(0),
+            change_type: c["type"].as_i64().unwrap_or(0) as i32,
+            tags,
+            tenant: c["tenant"].as_str(),
+            collection: c["collection"].as_str(),
+            key: c["key"].as_str(),
+            deleted: c["deleted"].as_bool().unwrap_or(false),
+            data: c.get("data"),
+        }
+    }
+
+    #[test]
+    fn a_digest_from_fields_equals_one_from_json() {
+        let mut all = list(300);
+        for c in &mut all {
+            // Every change as the server sends it: with a `_ts`.
+            if c.get("_ts").is_none() {
+                c["_ts"] = json!(5);
+            }
+        }
+        all.push(json!({"_id": 301, "_ts": -3, "type": 7, "tags": ["a", "b"],
+                        "data": [1, -2, 2.5, "x", null, true, {"k": {}}]}));
+        let mut from_json = StateDigest::default();
+        let mut from_fields = StateDigest::default();
+        for c in &all {
+            from_json.apply(c);
+            from_fields.apply_fields(&fields(c, &tags(c)));
+            assert_eq!(from_json, from_fields, "after {c}");
+        }
+        // And they tell the same differences apart.
+        let mut other = from_fields.clone();
+        other.apply_fields(&ChangeFields {
+            id: 302,
+            ts: 1,
+            ..ChangeFields::default()
+        });
+        assert_ne!(other, from_json);
     }
 
     #[test]

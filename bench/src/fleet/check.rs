@@ -189,9 +189,9 @@ impl ViewCheck {
         }
     }
 
-    /// The follow failed in the middle of a reload: the reload is given
-    /// up, the position stays where it was before it (the next follow from
-    /// there reloads again).
+    /// The follow failed, or the consumer went offline, in the middle of a
+    /// reload: the reload is given up, the position stays where it was
+    /// before it (the next follow from there reloads again).
     pub fn abandon_reload(&mut self) {
         self.reload = None;
     }

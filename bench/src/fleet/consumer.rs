@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use changeagent_client::{Client, FollowEvent, Query};
-use changeagent_testkit::state::StateDigest;
+use changeagent_client::{Change, Client, FollowEvent, Query};
+use changeagent_testkit::state::{ChangeFields, StateDigest};
 use futures::StreamExt;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -104,6 +104,11 @@ struct View {
     check: ViewCheck,
     digest: StateDigest,
     sightings: Option<Box<Sightings>>,
+    /// During a reload: the digest and notes as they were before it, put
+    /// back when the reload is given up (the follow failed or the consumer
+    /// went offline), since the next follow from the position before it
+    /// may be served without a reload (another edge that truncated less).
+    before_reload: Option<(StateDigest, Option<Box<Sightings>>)>,
 }
 
 impl View {
@@ -128,27 +133,53 @@ impl View {
                 if counted {
                     Stats::add(&stats.reloads, 1);
                 }
-                self.digest.reset();
+                let digest = std::mem::take(&mut self.digest);
+                if !self.check.reloading() {
+                    self.before_reload = Some((digest, self.sightings.clone()));
+                }
                 self.check.reset(checkpoint.index, *first_index)
             }
             FollowEvent::Record(record) => self.check.record(record.id),
-            FollowEvent::ResetEnd { index } => self.check.reset_end(*index),
+            FollowEvent::ResetEnd { index } => {
+                self.before_reload = None;
+                self.check.reset_end(*index)
+            }
         };
         if let Err(violation) = verdict {
             stats.violations.add(format!("{who}: {violation}"));
         }
         if let Some(change) = event.change() {
-            match serde_json::to_value(change) {
-                Ok(value) => self.digest.apply(&value),
-                Err(error) => stats.violations.add(format!(
-                    "{who}: change {} does not encode: {error}",
-                    change.id
-                )),
-            }
+            self.digest.apply_fields(&fields(change));
         }
         if let Some(sightings) = &mut self.sightings {
             sightings.see(event, &stats.violations);
         }
+    }
+
+    /// Gives up a reload under way: back to the position, digest and
+    /// notes from before it.
+    fn abandon_reload(&mut self) {
+        self.check.abandon_reload();
+        if let Some((digest, sightings)) = self.before_reload.take() {
+            self.digest = digest;
+            self.sightings = sightings;
+        }
+    }
+}
+
+/// A change's fields for its digest: the same digest as of its wire JSON,
+/// without building that JSON (a thousand viewers apply every change).
+fn fields(change: &Change) -> ChangeFields<'_> {
+    ChangeFields {
+        id: change.id,
+        ts: change.ts,
+        change_type: change.change_type,
+        tags: &change.tags,
+        tenant: change.tenant.as_deref(),
+        collection: change.collection.as_deref(),
+        key: change.key.as_deref(),
+        deleted: change.deleted,
+        data: change.data.as_ref(),
     }
 }
 
@@ -181,6 +212,7 @@ pub async fn consumer(
         check: ViewCheck::new(0),
         digest: StateDigest::default(),
         sightings,
+        before_reload: None,
     };
     let mut phase = ctx.phase.clone();
     let stats = &*ctx.stats;
@@ -260,7 +292,7 @@ pub async fn consumer(
                             "{who}: the follow failed at {}: {why}",
                             view.check.position()
                         ));
-                        view.check.abandon_reload();
+                        view.abandon_reload();
                         tokio::time::sleep(RESTART_PAUSE).await;
                         stream = Box::pin(client.follow(view.check.position(), Query::new()));
                     }
@@ -277,7 +309,9 @@ pub async fn consumer(
             }
         }
         match end {
-            End::Offline => {}
+            // Gone in the middle of a reload: the next follow, from the
+            // position before it, meets the 410 again and starts over.
+            End::Offline => view.abandon_reload(),
             End::AtFinal => {
                 return Ending {
                     position: view.check.position(),
@@ -313,7 +347,8 @@ async fn sleep_until(at: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use changeagent_client::{Change, Manifest, Scope};
+    use changeagent_client::{Manifest, Scope};
+    use serde_json::json;
 
     use super::*;
 
@@ -336,7 +371,90 @@ mod tests {
             check: ViewCheck::new(0),
             digest: StateDigest::default(),
             sightings: None,
+            before_reload: None,
         }
+    }
+
+    fn reset(index: u64) -> FollowEvent {
+        FollowEvent::Reset {
+            checkpoint: Manifest {
+                index,
+                scope: Scope::All,
+                object: String::new(),
+                size: 0,
+                sha256: String::new(),
+                records: 1,
+                created_ts: 0,
+                cluster_id: String::new(),
+            },
+            first_index: index + 1,
+        }
+    }
+
+    #[test]
+    fn the_digest_of_a_change_is_that_of_its_wire_json() {
+        let base = Change {
+            id: 9,
+            ts: 1_700_000_000_000_000_000,
+            change_type: 0,
+            tags: Vec::new(),
+            tenant: None,
+            collection: None,
+            key: None,
+            deleted: false,
+            data: None,
+        };
+        let changes = [
+            Change {
+                change_type: -4,
+                data: Some(json!({"_id": 1, "name": "fleet-t0"})),
+                ..base.clone()
+            },
+            Change {
+                id: 10,
+                change_type: -5,
+                data: Some(json!({"_id": 2, "name": "fleet-t0-c0", "tenant": "fleet-t0"})),
+                ..base.clone()
+            },
+            Change {
+                id: 11,
+                tenant: Some("fleet-t0".into()),
+                collection: Some("fleet-t0-c0".into()),
+                key: Some("k1".into()),
+                data: Some(json!({"fleet": {"run": "r", "w": 1, "n": 2}, "pad": "xx"})),
+                ..base.clone()
+            },
+            Change {
+                id: 12,
+                tenant: Some("fleet-t0".into()),
+                collection: Some("fleet-t0-c0".into()),
+                key: Some("k1".into()),
+                deleted: true,
+                ..base.clone()
+            },
+            Change {
+                id: 13,
+                change_type: 3,
+                tags: vec!["t1".into(), "t2".into()],
+                tenant: Some("fleet-t0".into()),
+                data: Some(json!([1, -1, 1.5, null, "s", {"a": false}])),
+                ..base.clone()
+            },
+            Change {
+                id: 14,
+                change_type: -2,
+                data: Some(json!({"index": 13, "size": 100})),
+                ..base.clone()
+            },
+        ];
+        let mut from_json = StateDigest::default();
+        let mut from_fields = StateDigest::default();
+        for change in &changes {
+            from_json.apply(&serde_json::to_value(change).unwrap());
+            from_fields.apply_fields(&fields(change));
+            assert_eq!(from_json, from_fields, "after change {}", change.id);
+        }
+        assert_eq!(from_fields.unkeyed_changes(), 2);
     }
 
     #[test]
@@ -363,20 +481,7 @@ mod tests {
         let stats = Stats::new().unwrap();
         let mut v = view();
         v.apply(&change(1), &stats, "v", true, true);
-        let reset = FollowEvent::Reset {
-            checkpoint: Manifest {
-                index: 5,
-                scope: Scope::All,
-                object: String::new(),
-                size: 0,
-                sha256: String::new(),
-                records: 1,
-                created_ts: 0,
-                cluster_id: String::new(),
-            },
-            first_index: 6,
-        };
-        v.apply(&reset, &stats, "v", true, true);
+        v.apply(&reset(5), &stats, "v", true, true);
         assert_eq!(v.digest, StateDigest::default());
         let FollowEvent::Change(record) = change(3) else {
             unreachable!()
@@ -390,6 +495,53 @@ mod tests {
         assert_eq!(v.digest.unkeyed_changes(), 2);
         // Changes applied while live count their latency; records do not.
         assert_eq!(stats.latency().unwrap().count, 2);
+    }
+
+    #[test]
+    fn a_reload_given_up_puts_the_state_back_and_may_start_over() {
+        let stats = Stats::new().unwrap();
+        let mut v = view();
+        v.apply(&change(1), &stats, "v", true, false);
+        let at_one = v.digest.clone();
+        // Went offline in the middle of checkpoint 5's records.
+        v.apply(&reset(5), &stats, "v", true, false);
+        let FollowEvent::Change(record) = change(3) else {
+            unreachable!()
+        };
+        v.apply(
+            &FollowEvent::Record(record.clone()),
+            &stats,
+            "v",
+            true,
+            false,
+        );
+        v.abandon_reload();
+        assert_eq!((v.check.position(), v.check.reloading()), (1, false));
+        assert_eq!(v.digest, at_one);
+        // Back online: another 410 and a newer checkpoint, loaded whole.
+        v.apply(&reset(7), &stats, "v", true, false);
+        v.apply(&FollowEvent::Record(record), &stats, "v", true, false);
+        v.apply(
+            &FollowEvent::ResetEnd { index: 7 },
+            &stats,
+            "v",
+            true,
+            false,
+        );
+        v.apply(&change(8), &stats, "v", true, false);
+        assert_eq!(stats.violations.total(), 0, "{:?}", stats.violations.kept());
+        assert_eq!(Stats::get(&stats.reloads), 2);
+        // Or served on by an edge that still retains change 2: also fine.
+        let mut w = view();
+        w.apply(&change(1), &stats, "w", true, false);
+        w.apply(&reset(5), &stats, "w", true, false);
+        w.abandon_reload();
+        w.apply(&change(2), &stats, "w", true, false);
+        let mut plain = view();
+        plain.apply(&change(1), &stats, "p", true, false);
+        plain.apply(&change(2), &stats, "p", true, false);
+        assert_eq!(w.digest, plain.digest);
+        assert_eq!(stats.violations.total(), 0, "{:?}", stats.violations.kept());
     }
 
     #[test]

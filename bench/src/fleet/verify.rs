@@ -514,7 +514,10 @@ mod tests {
         let (verified, violations) = verify(&events, &good);
         assert!(violations.is_empty(), "{violations:?}");
         assert_eq!(verified.acked, 8);
-        assert_eq!(verified.unseen, 4, "writes 1 (deleted by 2), 2, 4 (overwritten) and 5");
+        assert_eq!(
+            verified.unseen, 4,
+            "writes 1 (deleted by 2), 2, 4 (overwritten) and 5"
+        );
         assert_eq!(verified.found, 4);
 
         // Checkpoint 10 holds key 1's record 5 (writer 0's write 1), nothing else.
