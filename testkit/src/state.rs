@@ -91,9 +91,9 @@ impl ConsumerState {
 ///   unkeyed part stays 24 bytes however many changes the list holds.
 ///
 /// Hashes are SipHash-1-3 with fixed keys ([`DefaultHasher::new`]), the same in every
-/// digest of one process; compare digests built by the same program only. A JSON object
-/// hashes the same whatever the order of its members, as [`serde_json::Value`]'s equality
-/// ignores it.
+/// digest of one process; compare digests built by the same program only. A JSON object's
+/// members are hashed in the order of their names, so an object hashes the same whatever
+/// the order it keeps them in, as [`serde_json::Value`]'s equality ignores it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateDigest {
     /// Tenant id → hash of its name.
@@ -260,53 +260,57 @@ pub struct ChangeFields<'a> {
 
 impl ChangeFields<'_> {
     /// The hash of the change's wire JSON, as [`StateDigest::apply`] computes it from the
-    /// JSON value: each member hashed apart and the hashes added.
+    /// JSON value.
     fn hash(&self) -> u64 {
-        let mut members = 0usize;
-        let mut sum = 0u64;
-        let mut member = |name: &str, value: &dyn Fn(&mut DefaultHasher)| {
-            let mut one = DefaultHasher::new();
-            name.hash(&mut one);
-            value(&mut one);
-            sum = sum.wrapping_add(one.finish());
-            members += 1;
-        };
-        member("_id", &|h| hash_u64(self.id, h));
-        member("_ts", &|h| hash_i64(self.ts, h));
-        if self.change_type != 0 {
-            member("type", &|h| hash_i64(i64::from(self.change_type), h));
-        }
-        if !self.tags.is_empty() {
-            member("tags", &|h| {
-                4u8.hash(h);
-                self.tags.len().hash(h);
-                for tag in self.tags {
-                    hash_string(tag, h);
-                }
-            });
-        }
-        for (name, text) in [
-            ("tenant", self.tenant),
-            ("collection", self.collection),
-            ("key", self.key),
-        ] {
-            if let Some(text) = text {
-                member(name, &|h| hash_string(text, h));
-            }
-        }
-        if self.deleted {
-            member("deleted", &|h| {
-                1u8.hash(h);
-                true.hash(h);
-            });
-        }
-        if let Some(data) = self.data {
-            member("data", &|h| hash_value(data, h));
-        }
+        let texts = [self.tenant, self.collection, self.key];
+        let members = 2
+            + usize::from(self.change_type != 0)
+            + usize::from(!self.tags.is_empty())
+            + texts.iter().filter(|t| t.is_some()).count()
+            + usize::from(self.deleted)
+            + usize::from(self.data.is_some());
         let mut h = DefaultHasher::new();
         5u8.hash(&mut h);
         members.hash(&mut h);
-        sum.hash(&mut h);
+        // In the order of the members' names, as an object's are hashed.
+        let h = &mut h;
+        "_id".hash(h);
+        hash_u64(self.id, h);
+        "_ts".hash(h);
+        hash_i64(self.ts, h);
+        if let Some(collection) = self.collection {
+            "collection".hash(h);
+            hash_string(collection, h);
+        }
+        if let Some(data) = self.data {
+            "data".hash(h);
+            hash_value(data, h);
+        }
+        if self.deleted {
+            "deleted".hash(h);
+            1u8.hash(h);
+            true.hash(h);
+        }
+        if let Some(key) = self.key {
+            "key".hash(h);
+            hash_string(key, h);
+        }
+        if !self.tags.is_empty() {
+            "tags".hash(h);
+            4u8.hash(h);
+            self.tags.len().hash(h);
+            for tag in self.tags {
+                hash_string(tag, h);
+            }
+        }
+        if let Some(tenant) = self.tenant {
+            "tenant".hash(h);
+            hash_string(tenant, h);
+        }
+        if self.change_type != 0 {
+            "type".hash(h);
+            hash_i64(i64::from(self.change_type), h);
+        }
         h.finish()
     }
 }
@@ -406,15 +410,25 @@ fn hash_value(value: &Value, h: &mut DefaultHasher) {
         Value::Object(members) => {
             5u8.hash(h);
             members.len().hash(h);
-            // Each member hashed apart and the hashes added: the same in any order.
-            let mut sum = 0u64;
-            for (name, member) in members {
-                let mut one = DefaultHasher::new();
-                name.hash(&mut one);
-                hash_value(member, &mut one);
-                sum = sum.wrapping_add(one.finish());
+            // In the order of the names, whatever order the map keeps (serde_json's
+            // `preserve_order` keeps the input's): one order for equal objects.
+            let sorted = members
+                .keys()
+                .zip(members.keys().skip(1))
+                .all(|(a, b)| a < b);
+            if sorted {
+                for (name, member) in members {
+                    name.hash(h);
+                    hash_value(member, h);
+                }
+            } else {
+                let mut in_order: Vec<(&String, &Value)> = members.iter().collect();
+                in_order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (name, member) in in_order {
+                    name.hash(h);
+                    hash_value(member, h);
+                }
             }
-            sum.hash(h);
         }
     }
 }
