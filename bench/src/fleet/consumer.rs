@@ -220,11 +220,12 @@ pub async fn consumer(
     loop {
         // Online: catch up (holding a permit) to the core's index of now,
         // then follow live.
-        let mut permit: Option<OwnedSemaphorePermit> = if counted {
-            Arc::clone(&ctx.catch_up).acquire_owned().await.ok()
-        } else {
-            None
-        };
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        if counted {
+            Stats::add(&stats.waiting, 1);
+            permit = Arc::clone(&ctx.catch_up).acquire_owned().await.ok();
+            Stats::sub(&stats.waiting, 1);
+        }
         let target = Stats::get(&stats.core_last);
         if counted {
             Stats::add(&stats.online, 1);

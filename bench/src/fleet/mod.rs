@@ -349,15 +349,20 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     let hurry = CancellationToken::new();
     let _signals = watch_signals(ending.clone(), hurry.clone())?;
 
-    let writer_client = ClientBuilder::new(&cores)
-        .retry(RetryPolicy {
-            max_attempts: (2 * cores.len() as u32).max(3),
-            deadline: Some(Duration::from_secs(10)),
-            ..RetryPolicy::default()
-        })
-        .cluster_secret(secret)
-        .build()
-        .context("the cores' client")?;
+    // The writers' client; each runtime gets its own, as a client's
+    // connections are driven by the runtime that opened them.
+    let cores_client = || {
+        ClientBuilder::new(&cores)
+            .retry(RetryPolicy {
+                max_attempts: (2 * cores.len() as u32).max(3),
+                deadline: Some(Duration::from_secs(10)),
+                ..RetryPolicy::default()
+            })
+            .cluster_secret(secret.clone())
+            .build()
+            .context("the cores' client")
+    };
+    let setup_client = cores_client()?;
     eprintln!(
         "fleet {run}: {} consumers ({} occasionally connected) via {}, {} writers + {} outbox \
          writers at {}/s over {} keys, seed {seed}, data in {}",
@@ -374,7 +379,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         keys.len(),
         data_dir.display()
     );
-    setup(&writer_client, keys, &stats, &ending).await?;
+    setup(&setup_client, keys, &stats, &ending).await?;
 
     let health_clients = Arc::new(
         cores
@@ -463,7 +468,17 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         )));
     }
 
-    // Writers.
+    // Writers, on a runtime of their own: a thousand viewers keep the main
+    // one busy, and a write's answer should not wait behind their pages.
+    let writer_runtime = WriterRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fleet-writers")
+            .enable_all()
+            .build()
+            .context("starting the writers' runtime")?,
+    ));
+    let writer_client = cores_client()?;
     let writers_total = args.writers + args.outbox_writers;
     let writers_ctx = Arc::new(Writers {
         client: writer_client.clone(),
@@ -477,7 +492,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     });
     let mut writer_tasks: Vec<JoinHandle<WriterLog>> = Vec::new();
     for w in 0..args.writers {
-        writer_tasks.push(tokio::spawn(writer::online_writer(
+        writer_tasks.push(writer_runtime.spawn(writer::online_writer(
             Arc::clone(&writers_ctx),
             w,
             rng.fork(),
@@ -491,7 +506,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
             .await
             .with_context(|| format!("opening the outbox in {}", dir.display()))?;
         outboxes.push(outbox.clone());
-        writer_tasks.push(tokio::spawn(writer::outbox_writer(
+        writer_tasks.push(writer_runtime.spawn(writer::outbox_writer(
             Arc::clone(&writers_ctx),
             w,
             outbox,
@@ -548,6 +563,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         .writers(writer_tasks, &outboxes)
         .await
         .context("a writer task failed")?;
+    drop(writer_runtime);
     let all_seats: Vec<&Arc<Seat>> = seats.iter().chain([&reference_seat]).collect();
     let total_seats = all_seats.len();
     // 3: everyone online and caught up.
@@ -711,6 +727,32 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     }
     eprintln!("{}", summary.message());
     Ok(summary)
+}
+
+/// The writers' runtime, shut down without waiting when dropped (a
+/// runtime may not be dropped, which blocks, inside another).
+struct WriterRuntime(Option<tokio::runtime::Runtime>);
+
+impl WriterRuntime {
+    fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(runtime) => runtime.spawn(task),
+            // Only `drop` empties it.
+            None => tokio::spawn(task),
+        }
+    }
+}
+
+impl Drop for WriterRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// A consumer's ending, or `None` when it had not ended (it is aborted) or

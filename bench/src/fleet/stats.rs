@@ -30,6 +30,8 @@ pub struct Stats {
     pub transient: AtomicU64,
     /// Consumers following right now.
     pub online: AtomicU64,
+    /// Consumers waiting for a catch-up slot (`--catch-up`) to come online.
+    pub waiting: AtomicU64,
     /// Consumers that caught up since they last came online.
     pub live: AtomicU64,
     /// Highest `lastIndex` the cores reported.
@@ -50,6 +52,7 @@ impl Stats {
             reloads: AtomicU64::new(0),
             transient: AtomicU64::new(0),
             online: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
             live: AtomicU64::new(0),
             core_last: AtomicU64::new(0),
             latency: Mutex::new(report::histogram()?),
@@ -83,18 +86,20 @@ impl Stats {
     /// outboxes hold, `consumers` how many there are.
     pub fn line(&self, elapsed: Duration, consumers: u64, pending: u64) -> String {
         let online = Self::get(&self.online);
+        let waiting = Self::get(&self.waiting);
         let p99 = match self.latency() {
             Some(l) if l.count > 0 => report::ms(l.p99),
             _ => "-".to_owned(),
         };
         format!(
-            "{:>4}s: consumers {} online ({} live), {} offline; delivered {}; writes acked {}; \
-             outbox posts {} ({} pending); core index {}; reloads {}; transient errors {}; \
-             latency p99 {p99}; violations {}",
+            "{:>4}s: consumers {} online ({} live), {} waiting to catch up, {} offline; \
+             delivered {}; writes acked {}; outbox posts {} ({} pending); core index {}; \
+             reloads {}; transient errors {}; latency p99 {p99}; violations {}",
             elapsed.as_secs(),
             online,
             Self::get(&self.live),
-            consumers.saturating_sub(online),
+            waiting,
+            consumers.saturating_sub(online + waiting),
             report::count(Self::get(&self.delivered)),
             report::count(Self::get(&self.acked)),
             report::count(Self::get(&self.outbox_posts)),
