@@ -113,8 +113,8 @@ struct View {
 
 impl View {
     /// Applies one event of the follow. `counted`: a viewer's (the
-    /// reference is counted in no figure); `live`: it had caught up, so a
-    /// change's latency counts.
+    /// reference is counted in no figure); `live`: it had caught up and
+    /// the run is not ending, so a change's latency counts.
     fn apply(&mut self, event: &FollowEvent, stats: &Stats, who: &str, counted: bool, live: bool) {
         let verdict = match event {
             FollowEvent::Change(change) => {
@@ -281,7 +281,10 @@ pub async fn consumer(
                 () = sleep_until(offline_at) => break End::Offline,
                 event = stream.next() => match event {
                     Some(Ok(event)) => {
-                        view.apply(&event, stats, &who, counted, live);
+                        // Latency counts while the run runs: the end's
+                        // freeze holds changes back on purpose.
+                        let timed = live && now_phase == Phase::Run;
+                        view.apply(&event, stats, &who, counted, timed);
                         seat.position.store(view.check.position(), Ordering::Relaxed);
                     }
                     ended => {

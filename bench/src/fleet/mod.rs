@@ -58,8 +58,11 @@
 //! it proposed the change, so it includes the commit), for changes that
 //! reached a viewer by its live long-polls: only once the viewer has caught
 //! up with the core's `lastIndex` as of the moment it came online, so the
-//! catch-up after an offline period (or the start) is not counted. Both
-//! clocks must agree: run the fleet on a cluster machine or under NTP.
+//! catch-up after an offline period (or the start) is not counted, and only
+//! until the run ends (the end's freeze holds changes back on purpose).
+//! Both clocks must agree: run the fleet on a cluster machine or under NTP.
+//! On a machine that also runs the cluster, it includes the time the
+//! fleet's own thousand viewers wait for a CPU.
 //!
 //! Transient errors (refused connections, `502`–`504`, timeouts, `408`,
 //! `429`) that writers, outboxes and setup met and retried are counted,
