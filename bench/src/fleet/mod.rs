@@ -104,7 +104,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use changeagent_client::{Client, ClientBuilder, Outbox, RetryPolicy};
+use changeagent_client::{Client, ClientBuilder, Outbox};
 use clap::Args;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -352,15 +352,12 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     let hurry = CancellationToken::new();
     let _signals = watch_signals(ending.clone(), hurry.clone())?;
 
-    // The writers' client; each runtime gets its own, as a client's
+    // The writers' client: each request sent once, the writers retry (and
+    // count) failures themselves. Each runtime gets its own, as a client's
     // connections are driven by the runtime that opened them.
     let cores_client = || {
         ClientBuilder::new(&cores)
-            .retry(RetryPolicy {
-                max_attempts: (2 * cores.len() as u32).max(3),
-                deadline: Some(Duration::from_secs(10)),
-                ..RetryPolicy::default()
-            })
+            .max_attempts(1)
             .cluster_secret(secret.clone())
             .build()
             .context("the cores' client")
@@ -485,6 +482,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     let writers_total = args.writers + args.outbox_writers;
     let writers_ctx = Arc::new(Writers {
         client: writer_client.clone(),
+        cores: cores.len(),
         stats: Arc::clone(&stats),
         keys,
         run: run.clone(),

@@ -87,8 +87,11 @@ pub struct WriterLog {
 
 /// What all writers share.
 pub struct Writers {
-    /// Posts through the cores; also the outboxes' client.
+    /// Posts through the cores, each request sent once (so that every
+    /// failure is counted here); also the outboxes' client.
     pub client: Client,
+    /// How many cores the client has.
+    pub cores: usize,
     pub stats: Arc<Stats>,
     pub keys: KeySpace,
     pub run: String,
@@ -223,17 +226,25 @@ pub async fn online_writer(ctx: Arc<Writers>, w: u32, mut rng: Rng) -> WriterLog
 
 /// Posts a change with its key until it is acknowledged (its `_id`),
 /// refused (the error), or given up (`None`), counting each failure that
-/// may pass.
+/// may pass. The client sends each request once and moves on to the next
+/// core after a failure; this tries each core in turn at once, then pauses
+/// (at least the server's `Retry-After`) before the next round.
 async fn post(ctx: &Writers, key: &str, change: &NewChange) -> Result<u64, Option<Error>> {
     let mut delay = RETRY_MIN;
+    let mut failed = 0usize;
     loop {
         match ctx.client.post_change_idempotent(key, change).await {
             Ok(posted) => return Ok(posted.id),
             Err(error) if retry_later(&error) => {
                 Stats::add(&ctx.stats.transient, 1);
+                failed += 1;
+                if !failed.is_multiple_of(ctx.cores.max(1)) {
+                    continue;
+                }
+                let pause = delay.max(error.retry_after().unwrap_or_default());
                 tokio::select! {
                     () = ctx.give_up.cancelled() => return Err(None),
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep(pause) => {}
                 }
                 delay = (delay * 2).min(RETRY_MAX);
             }
