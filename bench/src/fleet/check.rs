@@ -15,8 +15,8 @@ pub const MAX_VIOLATIONS_KEPT: usize = 50;
 /// error, never a body.
 pub const MAX_VIOLATION_BYTES: usize = 400;
 
-/// Every violation of the run: the first [`MAX_VIOLATIONS_KEPT`] messages
-/// and the count of all.
+/// Every violation of the run (or another kind of event worth a message):
+/// the first [`MAX_VIOLATIONS_KEPT`] messages and the count of all.
 #[derive(Debug, Default)]
 pub struct Violations {
     /// Held only to push a message; never across an await.

@@ -288,14 +288,19 @@ pub async fn consumer(
                         seat.position.store(view.check.position(), Ordering::Relaxed);
                     }
                     ended => {
-                        let why = match ended {
-                            Some(Err(error)) => error.to_string(),
-                            _ => "the stream ended".to_owned(),
+                        let (why, recoverable) = match ended {
+                            Some(Err(error)) => (error.to_string(), restart_heals(&error)),
+                            _ => ("the stream ended".to_owned(), false),
                         };
-                        stats.violations.add(format!(
+                        let what = format!(
                             "{who}: the follow failed at {}: {why}",
                             view.check.position()
-                        ));
+                        );
+                        if recoverable {
+                            stats.follow_failures.add(what);
+                        } else {
+                            stats.violations.add(what);
+                        }
                         view.abandon_reload();
                         tokio::time::sleep(RESTART_PAUSE).await;
                         stream = Box::pin(client.follow(view.check.position(), Query::new()));
@@ -339,6 +344,17 @@ pub async fn consumer(
         }
         online_until = Some(Instant::now() + ctx.online_secs.pick(&mut rng));
     }
+}
+
+/// Whether a follow that ended on `error` is expected to go on when
+/// started again from the same position: a `404` of the checkpoint a `410`
+/// named (pruned meanwhile, or not yet copied to the edge that named it).
+/// The follow is then started again and the failure counted, not a
+/// violation; whatever it cost the consumer's state, the final comparison
+/// sees. Every other permanent failure (a corrupt checkpoint, a `410`
+/// without one, an undecodable answer) is a violation.
+fn restart_heals(error: &changeagent_client::Error) -> bool {
+    error.is_not_found()
 }
 
 /// Sleeps until `at`, or forever.
@@ -393,6 +409,33 @@ mod tests {
             },
             first_index: index + 1,
         }
+    }
+
+    #[test]
+    fn only_a_missing_checkpoint_is_healed_by_a_restart() {
+        use changeagent_client::{Error, ErrorBody};
+        let body = |error: &str| ErrorBody {
+            error: error.into(),
+            message: None,
+            first_index: None,
+            checkpoint: None,
+        };
+        let missing = Error::Api {
+            status: 404,
+            body: body("checkpoint 6653 is kept, but its object is missing"),
+        };
+        assert!(restart_heals(&missing));
+        let corrupt = Error::ChecksumMismatch {
+            index: 5,
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert!(!restart_heals(&corrupt));
+        let refused = Error::Api {
+            status: 400,
+            body: body("bad"),
+        };
+        assert!(!restart_heals(&refused));
     }
 
     #[test]

@@ -67,6 +67,10 @@
 //! Transient errors (refused connections, `502`–`504`, timeouts, `408`,
 //! `429`) that writers, outboxes and setup met and retried are counted,
 //! never violations; the follows retry theirs inside the client library.
+//! A follow that ends on a `404` for the checkpoint its `410` named (pruned
+//! meanwhile, or not yet on the edge that named it) is started again from
+//! the same position and counted (`follows_restarted`); any other end of a
+//! follow is a violation.
 //!
 //! # Bounds
 //!
@@ -705,6 +709,8 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         outbox_posts,
         reloads: Stats::get(&stats.reloads),
         transient_errors: Stats::get(&stats.transient),
+        follows_restarted: stats.follow_failures.total(),
+        follow_failures: stats.follow_failures.kept().into_iter().take(5).collect(),
         latency_ms: LatencyMs::of(stats.latency()),
         final_index,
         violations: violations.kept(),

@@ -40,6 +40,9 @@ pub struct Stats {
     /// `fleet`). Held only to record one value or read percentiles.
     pub latency: Mutex<Histogram<u64>>,
     pub violations: Violations,
+    /// Follows that failed in a way a restart heals (see
+    /// `consumer::restart_heals`): restarted, counted, not violations.
+    pub follow_failures: Violations,
 }
 
 impl Stats {
@@ -57,6 +60,7 @@ impl Stats {
             core_last: AtomicU64::new(0),
             latency: Mutex::new(report::histogram()?),
             violations: Violations::default(),
+            follow_failures: Violations::default(),
         })
     }
 
@@ -94,7 +98,8 @@ impl Stats {
         format!(
             "{:>4}s: consumers {} online ({} live), {} waiting to catch up, {} offline; \
              delivered {}; writes acked {}; outbox posts {} ({} pending); core index {}; \
-             reloads {}; transient errors {}; latency p99 {p99}; violations {}",
+             reloads {}; transient errors {}; follows restarted {}; latency p99 {p99}; \
+             violations {}",
             elapsed.as_secs(),
             online,
             Self::get(&self.live),
@@ -107,6 +112,7 @@ impl Stats {
             report::count(Self::get(&self.core_last)),
             Self::get(&self.reloads),
             Self::get(&self.transient),
+            self.follow_failures.total(),
             self.violations.total(),
         )
     }

@@ -26,6 +26,11 @@ pub struct Summary {
     pub reloads: u64,
     /// Failures that passed when retried: not violations.
     pub transient_errors: u64,
+    /// Follows that failed with a `404` for the checkpoint a `410` named
+    /// and were started again (not violations: the final comparison judges
+    /// the state), and the first of their messages.
+    pub follows_restarted: u64,
+    pub follow_failures: Vec<String>,
     pub latency_ms: LatencyMs,
     /// The index every consumer ended at (0 when the run never got there).
     pub final_index: u64,
@@ -86,10 +91,17 @@ pub fn verdict(violations_total: u64) -> bool {
 impl Summary {
     /// The line for stderr: what failed, or that all held.
     pub fn message(&self) -> String {
+        let restarted = match self.follow_failures.first() {
+            Some(first) => format!(
+                "; {} follows failed with a 404 and were restarted, the first: {first}",
+                self.follows_restarted
+            ),
+            None => String::new(),
+        };
         if self.ok {
             return format!(
                 "fleet: ok: {} consumers equal to the reference at {}, {} writes and {} outbox \
-                 posts found, {} reloads",
+                 posts found, {} reloads{restarted}",
                 self.consumers_equal,
                 self.final_index,
                 self.writes_acked,
@@ -126,6 +138,8 @@ mod tests {
             outbox_posts: 3,
             reloads: 1,
             transient_errors: 0,
+            follows_restarted: 0,
+            follow_failures: Vec::new(),
             latency_ms: LatencyMs::default(),
             final_index: 42,
             violations,
