@@ -107,6 +107,7 @@ async fn a_fleet_of_occasionally_connected_viewers_ends_with_the_cores_state() {
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no JSON summary on stdout:\n{stdout}\n{tail}"));
     let summary: Value = serde_json::from_str(line).expect("the summary is JSON");
+    println!("fleet summary: {summary}");
     let written: Value =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("the report file"))
             .expect("the report is JSON");
