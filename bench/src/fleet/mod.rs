@@ -12,7 +12,7 @@
 //!
 //! - Setup: the tenants `fleet-t{T}` and two collections each, created
 //!   idempotently (a `409` is fine) and retried with backoff while the
-//!   cluster has no leader yet, for up to [`SETUP_DEADLINE`].
+//!   cluster has no leader yet, for up to [`setup::SETUP_DEADLINE`].
 //! - `--writers` always-online writers post through `--cores` (see
 //!   [`writer`]); `--outbox-writers` occasionally connected ones queue into
 //!   an outbox under `--data-dir`, flushing while online. Together they
@@ -82,6 +82,10 @@
 //!
 //! # Layout
 //!
+//! - [`setup`]: the tenants and collections, created while the cluster
+//!   comes up.
+//! - [`launch`]: every task of the fleet, and the handles the end needs.
+//! - [`end`]: the settling (steps 1–6) and the judging (step 7).
 //! - [`schedule`]: second ranges, pacing, the seeded generator, who is
 //!   occasionally connected.
 //! - [`names`]: tenants, collections, keys and write markers.
@@ -94,8 +98,11 @@
 
 pub mod check;
 pub mod consumer;
+pub mod end;
+pub mod launch;
 pub mod names;
 pub mod schedule;
+pub mod setup;
 pub mod stats;
 pub mod summary;
 pub mod verify;
@@ -103,47 +110,21 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use changeagent_client::{Client, ClientBuilder, Outbox};
 use clap::Args;
-use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::check::Violations;
-use crate::fleet::consumer::{Consumers, Ending, Phase, Role, Seat};
+use crate::fleet::launch::{pending, Setting};
 use crate::fleet::names::{KeySpace, COLLECTIONS_PER_TENANT, MAX_KEYS};
-use crate::fleet::schedule::{is_occasional, Rng, SecsRange};
+use crate::fleet::schedule::{Rng, SecsRange};
 use crate::fleet::stats::Stats;
 use crate::fleet::summary::{verdict, LatencyMs, Summary};
-use crate::fleet::verify::{Sightings, Verified};
-use crate::fleet::writer::{Outcome, WriterLog, Writers};
 use crate::open_files;
-use crate::report::{Progress, PROGRESS_INTERVAL};
-
-/// How long setup waits for the cluster to take the tenants and
-/// collections: a cluster started with the fleet (docker compose) elects a
-/// leader well within it, even on a slow machine.
-pub const SETUP_DEADLINE: Duration = Duration::from_secs(300);
-
-/// How often the cores' `lastIndex` is read: often enough for catch-up
-/// targets and the progress line, rarely enough to cost the cores nothing.
-const INDEX_POLL: Duration = Duration::from_secs(1);
-
-/// Timeout of one `/health` read of a core: a core slower than this is
-/// skipped for that round.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How often the end's waits look at the consumers: a polling period of
-/// the driver, not a synchronisation delay.
-const SETTLE_POLL: Duration = Duration::from_millis(100);
-
-/// Longest pause between two tries of a setup request.
-const SETUP_RETRY_MAX: Duration = Duration::from_secs(5);
+use crate::report::Progress;
 
 #[derive(Debug, Clone, Args)]
 pub struct FleetArgs {
@@ -286,16 +267,6 @@ fn non_empty(urls: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// `urls` starting at the `first`-th: a client that prefers that one and
-/// fails over to the others.
-fn rotated(urls: &[String], first: usize) -> Vec<String> {
-    let mut out = urls.to_vec();
-    if !out.is_empty() {
-        out.rotate_left(first % urls.len());
-    }
-    out
-}
-
 /// Runs the fleet; the exit status says whether it found no violation.
 pub async fn main(args: FleetArgs) -> ExitCode {
     if cfg!(debug_assertions) {
@@ -350,23 +321,10 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     };
     let spool = data_dir.join("spool");
     std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
-    let keys = args.key_space();
     let stats = Arc::new(Stats::new()?);
     let ending = CancellationToken::new();
     let hurry = CancellationToken::new();
     let _signals = watch_signals(ending.clone(), hurry.clone())?;
-
-    // The writers' client: each request sent once, the writers retry (and
-    // count) failures themselves. Each runtime gets its own, as a client's
-    // connections are driven by the runtime that opened them.
-    let cores_client = || {
-        ClientBuilder::new(&cores)
-            .max_attempts(1)
-            .cluster_secret(secret.clone())
-            .build()
-            .context("the cores' client")
-    };
-    let setup_client = cores_client()?;
     eprintln!(
         "fleet {run}: {} consumers ({} occasionally connected) via {}, {} writers + {} outbox \
          writers at {}/s over {} keys, seed {seed}, data in {}",
@@ -380,149 +338,26 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         args.writers,
         args.outbox_writers,
         args.rate,
-        keys.len(),
+        args.key_space().len(),
         data_dir.display()
     );
-    setup(&setup_client, keys, &stats, &ending).await?;
-
-    let health_clients = Arc::new(
-        cores
-            .iter()
-            .map(|core| {
-                ClientBuilder::new([core])
-                    .max_attempts(1)
-                    .timeout(HEALTH_TIMEOUT)
-                    .build()
-            })
-            .collect::<changeagent_client::Result<Vec<_>>>()?,
-    );
-    poll_index(&health_clients, &stats).await;
-    let index_watch = {
-        let stats = Arc::clone(&stats);
-        let health_clients = Arc::clone(&health_clients);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(INDEX_POLL).await;
-                poll_index(&health_clients, &stats).await;
-            }
-        })
+    let setup_client = launch::cores_client(&cores, secret.clone())?;
+    setup::setup(&setup_client, args.key_space(), &stats, &ending).await?;
+    let setting = Setting {
+        cores: &cores,
+        edges: &edges,
+        run: &run,
+        data_dir: &data_dir,
+        spool: &spool,
+        secret,
+        stats: &stats,
     };
-
-    // Consumers: the reference first, then the viewers.
-    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
-    let consumers_ctx = Arc::new(Consumers {
-        stats: Arc::clone(&stats),
-        catch_up: Arc::new(Semaphore::new(args.catch_up)),
-        phase: phase_rx,
-        online_secs: args.online_secs,
-        offline_secs: args.offline_secs,
-    });
-    let follow_client = |urls: Vec<String>| {
-        ClientBuilder::new(urls)
-            .checkpoint_dir(&spool)
-            .follow_block_secs(args.block_secs)
-            .build()
-    };
-    let reference_seat = Arc::new(Seat::default());
-    let reference = tokio::spawn(consumer::consumer(
-        Arc::clone(&consumers_ctx),
-        "the reference (following the cores)".to_owned(),
-        follow_client(cores.clone())?,
-        Role::Reference(Box::new(Sightings::new(
-            &run,
-            keys,
-            args.writers + args.outbox_writers,
-        ))),
-        Arc::clone(&reference_seat),
-        rng.fork(),
-    ));
-    let (via, via_word) = if edges.is_empty() {
-        (&cores, "core")
-    } else {
-        (&edges, "edge")
-    };
-    let viewer_clients = (0..via.len())
-        .map(|i| follow_client(rotated(via, i)))
-        .collect::<changeagent_client::Result<Vec<_>>>()?;
-    let occasional = args.occasional();
-    let mut seats = Vec::with_capacity(args.consumers);
-    let mut viewers: Vec<JoinHandle<Ending>> = Vec::with_capacity(args.consumers);
-    for i in 0..args.consumers {
-        let seat = Arc::new(Seat::default());
-        seats.push(Arc::clone(&seat));
-        let offline = is_occasional(i, args.consumers, occasional);
-        let who = format!(
-            "consumer {i} ({via_word} {}{})",
-            i % via.len(),
-            if offline {
-                ", occasionally connected"
-            } else {
-                ""
-            }
-        );
-        viewers.push(tokio::spawn(consumer::consumer(
-            Arc::clone(&consumers_ctx),
-            who,
-            viewer_clients[i % via.len()].clone(),
-            Role::Viewer {
-                occasional: offline,
-            },
-            seat,
-            rng.fork(),
-        )));
-    }
-
-    // Writers, on a runtime of their own: a thousand viewers keep the main
-    // one busy, and a write's answer should not wait behind their pages.
-    let writer_runtime = WriterRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("fleet-writers")
-            .enable_all()
-            .build()
-            .context("starting the writers' runtime")?,
-    ));
-    let writer_client = cores_client()?;
-    let writers_total = args.writers + args.outbox_writers;
-    let writers_ctx = Arc::new(Writers {
-        client: writer_client.clone(),
-        cores: cores.len(),
-        stats: Arc::clone(&stats),
-        keys,
-        run: run.clone(),
-        per_writer_rate: args.rate / f64::from(writers_total.max(1)),
-        online_writers: args.writers,
-        stop: CancellationToken::new(),
-        give_up: CancellationToken::new(),
-    });
-    let mut writer_tasks: Vec<JoinHandle<WriterLog>> = Vec::new();
-    for w in 0..args.writers {
-        writer_tasks.push(writer_runtime.spawn(writer::online_writer(
-            Arc::clone(&writers_ctx),
-            w,
-            rng.fork(),
-        )));
-    }
-    let mut outboxes = Vec::new();
-    for o in 0..args.outbox_writers {
-        let w = args.writers + o;
-        let dir = data_dir.join(format!("outbox-{o}"));
-        let outbox = Outbox::open(&dir, writer_client.clone())
-            .await
-            .with_context(|| format!("opening the outbox in {}", dir.display()))?;
-        outboxes.push(outbox.clone());
-        writer_tasks.push(writer_runtime.spawn(writer::outbox_writer(
-            Arc::clone(&writers_ctx),
-            w,
-            outbox,
-            rng.fork(),
-            args.online_secs,
-            args.offline_secs,
-        )));
-    }
+    let fleet = launch::launch(&args, setting, &mut rng).await?;
+    let occasional = fleet.occasional as u64;
 
     // The run.
     let consumers = args.consumers as u64;
+    let outboxes = fleet.outboxes.clone();
     let progress = {
         let stats = Arc::clone(&stats);
         let outboxes = outboxes.clone();
@@ -541,156 +376,9 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         stats.line(ran, consumers, pending(&outboxes))
     );
 
-    // The end: one deadline for steps 1–6.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.settle_secs);
-    let give_up = writers_ctx.give_up.clone();
-    let settle_timer = {
-        let hurry = hurry.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => {}
-                () = hurry.cancelled() => {}
-            }
-            give_up.cancel();
-        })
-    };
-    let give_up = writers_ctx.give_up.clone();
-    let settle = Settle {
-        stats: &stats,
-        give_up: &give_up,
-        settle_secs: args.settle_secs,
-        started: Instant::now(),
-    };
-
-    // 1 and 2: writers stop; outboxes flush.
-    writers_ctx.stop.cancel();
-    let logs = settle
-        .writers(writer_tasks, &outboxes)
-        .await
-        .context("a writer task failed")?;
-    drop(writer_runtime);
-    let all_seats: Vec<&Arc<Seat>> = seats.iter().chain([&reference_seat]).collect();
-    let total_seats = all_seats.len();
-    // 3: everyone online and caught up.
-    let _ = phase_tx.send(Phase::AllOnline);
-    let mut on_track = settle
-        .until("every consumer online and caught up", || {
-            let live = all_seats
-                .iter()
-                .filter(|s| s.live.load(Ordering::Relaxed))
-                .count();
-            (
-                live == total_seats,
-                format!("{live} of {total_seats} caught up"),
-            )
-        })
-        .await;
-    // 4: frozen.
-    if on_track {
-        let _ = phase_tx.send(Phase::Freeze);
-        on_track = settle
-            .until("every consumer frozen", || {
-                let frozen = all_seats
-                    .iter()
-                    .filter(|s| s.frozen.load(Ordering::Relaxed))
-                    .count();
-                (
-                    frozen == total_seats,
-                    format!("{frozen} of {total_seats} frozen"),
-                )
-            })
-            .await;
-    }
-    // 5 and 6: the final index, and everyone at it.
-    let mut final_index = 0;
-    if on_track {
-        poll_index(&health_clients, &stats).await;
-        let acked = logs
-            .iter()
-            .flat_map(|l| l.writes.iter())
-            .filter(|w| w.outcome == Outcome::Acked)
-            .map(|w| w.id)
-            .max()
-            .unwrap_or(0);
-        let frozen = all_seats
-            .iter()
-            .map(|s| s.position.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
-        final_index = Stats::get(&stats.core_last).max(acked).max(frozen);
-        let _ = phase_tx.send(Phase::StopAt(final_index));
-        let at = |h: &JoinHandle<Ending>| h.is_finished();
-        settle
-            .until(&format!("every consumer at {final_index}"), || {
-                let done = viewers.iter().filter(|h| at(h)).count() + usize::from(at(&reference));
-                (
-                    done == total_seats,
-                    format!("{done} of {total_seats} there"),
-                )
-            })
-            .await;
-    }
-    index_watch.abort();
-    settle_timer.abort();
-
-    // 7: compare and verify.
+    let ended = end::settle(fleet, &stats, args.settle_secs, &hurry).await?;
     let violations = &stats.violations;
-    let mut endings = Vec::with_capacity(viewers.len());
-    for handle in viewers {
-        endings.push(finish(handle, violations).await);
-    }
-    let reference = finish(reference, violations).await;
-    let mut compared = 0;
-    let mut equal = 0;
-    let mut verified = Verified::default();
-    let mut reference_checkpoint = 0;
-    match &reference {
-        Some(Ending {
-            digest: Some(reference_digest),
-            sightings: Some(sightings),
-            ..
-        }) => {
-            for (i, ending) in endings.iter().enumerate() {
-                match ending {
-                    Some(Ending {
-                        digest: Some(digest),
-                        ..
-                    }) => {
-                        compared += 1;
-                        if digest == reference_digest {
-                            equal += 1;
-                        } else {
-                            violations.add(format!(
-                                "consumer {i}: its state at {final_index} differs from the \
-                                 reference's: {} against {}",
-                                digest.summary(),
-                                reference_digest.summary()
-                            ));
-                        }
-                    }
-                    Some(ending) => violations.add(format!(
-                        "consumer {i}: ended at {} without reaching the final index {final_index}",
-                        ending.position
-                    )),
-                    None => violations.add(format!(
-                        "consumer {i}: did not end within --settle-secs (at {})",
-                        seats[i].position.load(Ordering::Relaxed)
-                    )),
-                }
-            }
-            verified = sightings.verify(&logs, violations);
-            reference_checkpoint = sightings.base();
-        }
-        other => violations.add(format!(
-            "the reference consumer did not reach the final index {final_index} (it ended at \
-             {}): no consumer could be compared and no write checked",
-            other
-                .as_ref()
-                .map_or(reference_seat.position.load(Ordering::Relaxed), |e| e
-                    .position)
-        )),
-    }
-    let outbox_posts = Stats::get(&stats.outbox_posts);
+    let judged = end::judge(&ended, violations);
     let writes_acked = Stats::get(&stats.acked);
     if args.writers > 0 && writes_acked == 0 {
         violations.add("no write of the always-online writers was acknowledged");
@@ -703,26 +391,26 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     let summary = Summary {
         ok: verdict(total),
         consumers,
-        offline_consumers: occasional as u64,
+        offline_consumers: occasional,
         changes_delivered: Stats::get(&stats.delivered),
         writes_acked,
-        outbox_posts,
+        outbox_posts: Stats::get(&stats.outbox_posts),
         reloads: Stats::get(&stats.reloads),
         transient_errors: Stats::get(&stats.transient),
         follows_restarted: stats.follow_failures.total(),
         follow_failures: stats.follow_failures.kept().into_iter().take(5).collect(),
         latency_ms: LatencyMs::of(stats.latency()),
-        final_index,
+        final_index: ended.final_index,
         violations: violations.kept(),
         violations_total: total,
-        consumers_compared: compared,
-        consumers_equal: equal,
-        writes_checked: verified.acked,
-        writes_found: verified.found,
-        writes_unseen: verified.unseen,
-        writes_unknown: verified.unknown,
+        consumers_compared: judged.compared,
+        consumers_equal: judged.equal,
+        writes_checked: judged.verified.acked,
+        writes_found: judged.verified.found,
+        writes_unseen: judged.verified.unseen,
+        writes_unknown: judged.verified.unknown,
         outbox_acked: Stats::get(&stats.outbox_acked),
-        reference_checkpoint,
+        reference_checkpoint: judged.reference_checkpoint,
         run,
         seed,
         elapsed_secs: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
@@ -734,67 +422,6 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
     }
     eprintln!("{}", summary.message());
     Ok(summary)
-}
-
-/// The writers' runtime, shut down without waiting when dropped (a
-/// runtime may not be dropped, which blocks, inside another).
-struct WriterRuntime(Option<tokio::runtime::Runtime>);
-
-impl WriterRuntime {
-    fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        match &self.0 {
-            Some(runtime) => runtime.spawn(task),
-            // Only `drop` empties it.
-            None => tokio::spawn(task),
-        }
-    }
-}
-
-impl Drop for WriterRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-/// A consumer's ending, or `None` when it had not ended (it is aborted) or
-/// failed (a violation).
-async fn finish(handle: JoinHandle<Ending>, violations: &Violations) -> Option<Ending> {
-    if !handle.is_finished() {
-        handle.abort();
-        return None;
-    }
-    match handle.await {
-        Ok(ending) => Some(ending),
-        Err(error) => {
-            violations.add(format!("a consumer task failed: {error}"));
-            None
-        }
-    }
-}
-
-/// Outbox entries waiting, over all outboxes.
-fn pending(outboxes: &[Outbox]) -> u64 {
-    outboxes.iter().map(|o| o.pending() as u64).sum()
-}
-
-/// Reads every core's `lastIndex` and keeps the highest in
-/// `stats.core_last`; cores that do not answer are skipped.
-async fn poll_index(cores: &[Client], stats: &Stats) {
-    let answers = futures::future::join_all(cores.iter().map(|c| c.health())).await;
-    if let Some(last) = answers
-        .into_iter()
-        .filter_map(|h| h.ok())
-        .map(|h| h.last_index)
-        .max()
-    {
-        stats.core_last.fetch_max(last, Ordering::Relaxed);
-    }
 }
 
 /// Sleeps for `duration`, or forever.
@@ -833,176 +460,6 @@ fn watch_signals(ending: CancellationToken, hurry: CancellationToken) -> Result<
             token.cancel();
         }
     }))
-}
-
-/// Creates the tenants and collections, each once (a `409` means it exists
-/// already), retrying while the cluster cannot take them yet.
-async fn setup(
-    client: &Client,
-    keys: KeySpace,
-    stats: &Arc<Stats>,
-    ending: &CancellationToken,
-) -> Result<()> {
-    let deadline = Instant::now() + SETUP_DEADLINE;
-    let last = Arc::new(Mutex::new(String::from("no answer yet")));
-    let _progress = {
-        let last = Arc::clone(&last);
-        Progress::start(move |elapsed| {
-            let last = last.lock().map(|l| l.clone()).unwrap_or_default();
-            format!(
-                "{:>4}s: waiting for the cluster to take the fleet's tenants ({last})",
-                elapsed.as_secs()
-            )
-        })
-    };
-    for t in 0..keys.tenants {
-        let tenant = KeySpace::tenant(t);
-        create(
-            &format!("tenant {tenant}"),
-            deadline,
-            stats,
-            &last,
-            ending,
-            || {
-                let tenant = tenant.clone();
-                async move { client.create_tenant(&tenant).await.map(|_| ()) }
-            },
-        )
-        .await?;
-        for c in 0..COLLECTIONS_PER_TENANT {
-            let collection = KeySpace::collection(t, c);
-            create(
-                &format!("collection {collection}"),
-                deadline,
-                stats,
-                &last,
-                ending,
-                || {
-                    let (tenant, collection) = (tenant.clone(), collection.clone());
-                    async move {
-                        client
-                            .create_collection(&tenant, &collection)
-                            .await
-                            .map(|_| ())
-                    }
-                },
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// One create of [`setup`], retried with backoff.
-async fn create<F, Fut>(
-    what: &str,
-    deadline: Instant,
-    stats: &Stats,
-    last: &Mutex<String>,
-    ending: &CancellationToken,
-    op: F,
-) -> Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = changeagent_client::Result<()>>,
-{
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let error = match op().await {
-            Ok(()) => return Ok(()),
-            Err(error) if error.is_conflict() => return Ok(()),
-            Err(error) => error,
-        };
-        // A follower that has not applied the tenant yet answers 404 for
-        // its collection.
-        if !(writer::retry_later(&error) || error.is_not_found()) {
-            bail!("creating {what}: {error}");
-        }
-        if writer::retry_later(&error) {
-            Stats::add(&stats.transient, 1);
-        }
-        if let Ok(mut last) = last.lock() {
-            *last = format!("{what}: {error}");
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the cluster did not take {what} within {} s: {error}",
-                SETUP_DEADLINE.as_secs()
-            );
-        }
-        tokio::select! {
-            () = ending.cancelled() => bail!("interrupted while waiting for the cluster"),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(SETUP_RETRY_MAX);
-    }
-}
-
-/// The waits of the end, which share one deadline (`give_up`, cancelled
-/// then, or at a second signal).
-struct Settle<'a> {
-    stats: &'a Stats,
-    give_up: &'a CancellationToken,
-    settle_secs: u64,
-    started: Instant,
-}
-
-impl Settle<'_> {
-    /// Waits for the writers; the outboxes report what they hold meanwhile.
-    async fn writers(
-        &self,
-        tasks: Vec<JoinHandle<WriterLog>>,
-        outboxes: &[Outbox],
-    ) -> Result<Vec<WriterLog>> {
-        let mut logs = Vec::with_capacity(tasks.len());
-        let _progress = {
-            let outboxes = outboxes.to_vec();
-            Progress::start(move |elapsed| {
-                format!(
-                    "{:>4}s settling: writers finishing, {} outbox entries pending",
-                    elapsed.as_secs(),
-                    pending(&outboxes)
-                )
-            })
-        };
-        for task in tasks {
-            logs.push(task.await?);
-        }
-        Ok(logs)
-    }
-
-    /// Polls `probe` (done?, state) until done or the deadline; a deadline
-    /// passed is a violation naming `what` and the last state.
-    async fn until<F>(&self, what: &str, mut probe: F) -> bool
-    where
-        F: FnMut() -> (bool, String),
-    {
-        let mut next_line = tokio::time::Instant::now() + PROGRESS_INTERVAL;
-        loop {
-            let (done, state) = probe();
-            if done {
-                return true;
-            }
-            if self.give_up.is_cancelled() {
-                self.stats.violations.add(format!(
-                    "settling: not {what} within --settle-secs {} ({state})",
-                    self.settle_secs
-                ));
-                return false;
-            }
-            if tokio::time::Instant::now() >= next_line {
-                eprintln!(
-                    "  … {:>4}s settling: waiting for {what}: {state}",
-                    self.started.elapsed().as_secs()
-                );
-                next_line += PROGRESS_INTERVAL;
-            }
-            tokio::select! {
-                () = self.give_up.cancelled() => {}
-                () = tokio::time::sleep(SETTLE_POLL) => {}
-            }
-        }
-    }
 }
 
 /// Writes the summary to `path`.
@@ -1075,11 +532,7 @@ mod tests {
     }
 
     #[test]
-    fn viewers_prefer_their_own_edge_and_fail_over_to_the_others() {
-        let urls: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        assert_eq!(rotated(&urls, 0), ["a", "b", "c"]);
-        assert_eq!(rotated(&urls, 1), ["b", "c", "a"]);
-        assert_eq!(rotated(&urls, 5), ["c", "a", "b"]);
+    fn empty_urls_are_none() {
         assert_eq!(non_empty(&[" x ".into(), "".into()]), ["x"]);
     }
 }
