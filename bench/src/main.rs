@@ -130,6 +130,28 @@
 //!   line per round, then p50/p90/p99/max of the failover and catch-up times,
 //!   and checks that the log grew by exactly the number of acknowledged
 //!   writes (no retry appended twice, nothing acknowledged was lost).
+//! - `fleet --cores URL,… [--edges URL,…] [--consumers 1000] [--writers 4]
+//!   [--outbox-writers 2] [--tenants 3] [--keys 200] [--rate 50]
+//!   [--duration 0] [--offline-share 0.2] [--offline-secs 5..120]
+//!   [--online-secs 10..60] [--data-dir DIR] [--settle-secs 300]
+//!   [--report PATH] [--seed N]` — a long-running simulation of the
+//!   mission's users against running endpoints (it starts nothing):
+//!   always-online writers posting keyed and unkeyed changes through the
+//!   cores with idempotency keys, occasionally connected writers with an
+//!   on-disk outbox, and `--consumers` viewers following the list from 0
+//!   through the edges, a share of them going offline for periods that
+//!   outlast the core's retention (then the client library reloads a
+//!   checkpoint). Every viewer checks that its view is dense and keeps a
+//!   digest of its state. After `--duration` seconds (0: until SIGTERM or
+//!   SIGINT, as a docker-compose service) it stops the writers, flushes the
+//!   outboxes, brings every viewer to one final index, compares every
+//!   viewer's state with a reference consumer's that followed a core, and
+//!   checks that every acknowledged write and outbox post is in the list
+//!   once. Progress lines every 2 s; one JSON summary on stdout (and in
+//!   `--report`): consumers, reloads, writes, transient errors,
+//!   commit-to-consumer latency p50/p99/max, violations and `ok`; exit
+//!   status 0 when there was no violation, else 1. Its flags read
+//!   `CHANGEAGENT_FLEET_<FLAG>` (e.g. `CHANGEAGENT_FLEET_CORES`).
 //! - `checkpoint [--changes 1000000] [--keys 100000] [--store file|s3|both]
 //!   [--s3] [--dir DIR]` — starts its own core node of the release
 //!   `changeagent-server` and loads it with `--changes` changes (half keyed
@@ -211,7 +233,8 @@
 //! ends, also on Ctrl-C.
 //!
 //! Every flag also reads an environment variable, `CHANGEAGENT_BENCH_<FLAG>`
-//! (e.g. `CHANGEAGENT_BENCH_PID`), except `--server` (`CHANGEAGENT_SERVER`),
+//! (e.g. `CHANGEAGENT_BENCH_PID`), except those of `fleet`
+//! (`CHANGEAGENT_FLEET_<FLAG>`), `--server` (`CHANGEAGENT_SERVER`),
 //! `--server-bin` (`CHANGEAGENT_SERVER_BIN`, as in the system tests),
 //! `--checkpointer-bin` (`CHANGEAGENT_CHECKPOINTER_BIN`, likewise),
 //! `--edge-bin` (`CHANGEAGENT_EDGE_BIN`, likewise), `--server-arg`
@@ -234,6 +257,7 @@
 //! changeagent-bench answers --target http://127.0.0.1:9100 --pollers 1000 --duration 10
 //! changeagent-bench fanout --count 10000 --pollers 1000 --dir /var/tmp
 //! deploy/compose chaos --steps kill-leader,pause-edge
+//! changeagent-bench fleet --cores http://127.0.0.1:9000 --edges http://127.0.0.1:9100 --duration 60
 //! ```
 //!
 //! # Layout
@@ -255,6 +279,8 @@
 //!   binaries are.
 //! - `failover`: leader kills under a retrying writer.
 //! - `checkpoint`: one checkpoint of a loaded node written and restored.
+//! - `fleet`: the fleet simulator (writers, outboxes, viewers, the
+//!   reference consumer and the final check).
 //! - `load`: the batch loader `read` and `checkpoint` fill a node with.
 //! - `memory`: `VmRSS` and `VmHWM` of a process, and a sampled window.
 //! - `logline`: a child's new log lines and the fields of a `tracing` line.
@@ -270,6 +296,7 @@ mod cluster;
 mod cpu;
 mod failover;
 mod fanout;
+mod fleet;
 mod fsync;
 mod http1;
 mod load;
@@ -297,6 +324,7 @@ use crate::checkpoint::CheckpointArgs;
 use crate::cluster::ClusterArgs;
 use crate::failover::FailoverArgs;
 use crate::fanout::FanoutArgs;
+use crate::fleet::FleetArgs;
 use crate::fsync::{FsyncArgs, FsyncSampling};
 use crate::longpoll::{LongpollArgs, Target};
 use crate::read::ReadArgs;
@@ -350,6 +378,8 @@ enum Command {
     Checkpoint(CheckpointArgs),
     /// Faults across the containers of a compose topology, then the fleet's and our checks.
     Chaos(ChaosArgs),
+    /// Simulates writers and a fleet of occasionally connected consumers, then checks them.
+    Fleet(FleetArgs),
     /// fsync, write (1 and 64 clients, batch), read, then longpoll (needs --pid).
     All {
         /// Directory for the fsync phase (the server's data dir; default the
@@ -382,6 +412,10 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    // The fleet ends on SIGTERM or SIGINT by itself, checking what it ran.
+    if let Command::Fleet(args) = cli.command {
+        return fleet::main(args).await;
     }
     // On Ctrl-C the run is dropped, and with it any local cluster, whose
     // drop kills its nodes.
@@ -490,6 +524,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Chaos(_) => {
             bail!("chaos runs from main, outside the Ctrl-C handling of the others")
         }
+        // `main` runs it, outside the Ctrl-C handling above.
+        Command::Fleet(_) => bail!("the fleet is run by main"),
         Command::All {
             fsync_dir,
             sampling,

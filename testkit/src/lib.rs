@@ -36,7 +36,9 @@
 //! - [`workload`]: clients that write and read through a cluster and record
 //!   every attempt and read in a history.
 //! - [`state`]: [`ConsumerState`](state::ConsumerState), what a consumer of the list
-//!   holds (catalog, live keys, unkeyed changes), to compare consumers.
+//!   holds (catalog, live keys, unkeyed changes), to compare consumers; and
+//!   [`StateDigest`](state::StateDigest), the same in a few kilobytes of hashes, for
+//!   fleets of them.
 //! - [`history`]: checks the final lists of every node against what clients
 //!   wrote and read (no lost, duplicated or reordered write).
 //! - [`http`]: [`Api`] and [`Reply`], raw HTTP that keeps the exact body,
