@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use changeagent_client::{Query, RawPage};
+use changeagent_client::{Query, RawChange, RawPage};
 use changeagent_proto::limits::MAX_LIMIT;
 use changeagent_proto::Manifest;
 use changeagent_store::{Applied, Follow};
@@ -136,6 +136,12 @@ impl TailWorker {
         if page.changes.is_empty() {
             return Ok(Vec::new());
         }
+        // Applying a checkpoint-end record lists its checkpoint here (in `/checkpoints` and in
+        // the 410s naming the checkpoint to load), so its bytes must be here first: mirror it
+        // before the page is applied, or a consumer could be sent to a 404.
+        for manifest in page.changes.iter().filter_map(checkpoint_end) {
+            bootstrap::mirror_checkpoint(&self.ctx, &manifest).await;
+        }
         let store = self.ctx.store.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Manifest>> {
             let mut ended = Vec::new();
@@ -190,5 +196,43 @@ impl TailWorker {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot store the kept checkpoints"),
             Err(e) => tracing::warn!(error = %e, "storing the kept checkpoints failed"),
         }
+    }
+}
+
+/// The manifest a checkpoint-end record carries; `None` for every other change. The wire
+/// JSON is the core's compact spelling, so a change without `"type":-2` in its bytes is not
+/// one and is not parsed.
+fn checkpoint_end(change: &RawChange) -> Option<Manifest> {
+    const MARK: &[u8] = b"\"type\":-2";
+    if !change.json.windows(MARK.len()).any(|w| w == MARK) {
+        return None;
+    }
+    let record: serde_json::Value = serde_json::from_slice(&change.json).ok()?;
+    if record["type"] != changeagent_proto::types::internal_type::CHECKPOINT_END {
+        return None;
+    }
+    serde_json::from_value(record["data"].clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: &str) -> RawChange {
+        RawChange {
+            id: 0,
+            json: bytes::Bytes::copy_from_slice(json.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn checkpoint_end_records_give_their_manifest_and_nothing_else_does() {
+        let end = r#"{"_id":9,"_ts":1,"type":-2,"data":{"index":7,"scope":"all","object":"c/all/7.jsonl.zst","size":433,"sha256":"ab","records":7,"createdTs":1,"clusterId":"x"}}"#;
+        let manifest = checkpoint_end(&raw(end)).expect("an end record");
+        assert_eq!((manifest.index, manifest.size), (7, 433));
+        // A start record, a change whose data holds the mark, and a plain change.
+        assert!(checkpoint_end(&raw(r#"{"_id":2,"_ts":1,"type":-1,"data":{"index":1}}"#)).is_none());
+        assert!(checkpoint_end(&raw(r#"{"_id":3,"_ts":1,"data":{"type":-2}}"#)).is_none());
+        assert!(checkpoint_end(&raw(r#"{"_id":4,"_ts":1,"data":{"n":1}}"#)).is_none());
     }
 }
