@@ -231,7 +231,9 @@ mod tests {
         let manifest = checkpoint_end(&raw(end)).expect("an end record");
         assert_eq!((manifest.index, manifest.size), (7, 433));
         // A start record, a change whose data holds the mark, and a plain change.
-        assert!(checkpoint_end(&raw(r#"{"_id":2,"_ts":1,"type":-1,"data":{"index":1}}"#)).is_none());
+        assert!(
+            checkpoint_end(&raw(r#"{"_id":2,"_ts":1,"type":-1,"data":{"index":1}}"#)).is_none()
+        );
         assert!(checkpoint_end(&raw(r#"{"_id":3,"_ts":1,"data":{"type":-2}}"#)).is_none());
         assert!(checkpoint_end(&raw(r#"{"_id":4,"_ts":1,"data":{"n":1}}"#)).is_none());
     }

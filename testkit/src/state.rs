@@ -114,20 +114,8 @@ impl StateDigest {
     /// one entry per `_id`. A dense list never repeats an `_id`; a consumer that got one
     /// twice has seen a violation, and its digest differs too.
     pub fn apply(&mut self, change: &Value) {
-        let data = &change["data"];
-        match change["type"].as_i64().unwrap_or(0) {
-            -4 => {
-                let tid = data["_id"].as_u64().unwrap_or(0);
-                self.tenants.insert(tid, hash_str(str_of(data, "name")));
-                return;
-            }
-            -5 => {
-                let cid = data["_id"].as_u64().unwrap_or(0);
-                let named = hash_pair(str_of(data, "tenant"), str_of(data, "name"));
-                self.collections.insert(cid, named);
-                return;
-            }
-            _ => {}
+        if self.apply_catalog(change["type"].as_i64().unwrap_or(0), &change["data"]) {
+            return;
         }
         if change.get("key").is_some() {
             let key = key_hash(
@@ -150,19 +138,8 @@ impl StateDigest {
     /// same digest, without building a JSON value of the change.
     pub fn apply_fields(&mut self, change: &ChangeFields<'_>) {
         let data = change.data.unwrap_or(&Value::Null);
-        match change.change_type {
-            -4 => {
-                let tid = data["_id"].as_u64().unwrap_or(0);
-                self.tenants.insert(tid, hash_str(str_of(data, "name")));
-                return;
-            }
-            -5 => {
-                let cid = data["_id"].as_u64().unwrap_or(0);
-                let named = hash_pair(str_of(data, "tenant"), str_of(data, "name"));
-                self.collections.insert(cid, named);
-                return;
-            }
-            _ => {}
+        if self.apply_catalog(i64::from(change.change_type), data) {
+            return;
         }
         if let Some(key) = change.key {
             let key = key_hash(
@@ -178,6 +155,25 @@ impl StateDigest {
         } else {
             self.unkeyed += 1;
             self.unkeyed_sum = self.unkeyed_sum.wrapping_add(change.hash());
+        }
+    }
+
+    /// Applies a tenant-created (-4) or collection-created (-5) record; false for any other
+    /// type, which the caller applies.
+    fn apply_catalog(&mut self, change_type: i64, data: &Value) -> bool {
+        match change_type {
+            -4 => {
+                let tid = data["_id"].as_u64().unwrap_or(0);
+                self.tenants.insert(tid, hash_str(str_of(data, "name")));
+                true
+            }
+            -5 => {
+                let cid = data["_id"].as_u64().unwrap_or(0);
+                let named = hash_pair(str_of(data, "tenant"), str_of(data, "name"));
+                self.collections.insert(cid, named);
+                true
+            }
+            _ => false,
         }
     }
 
