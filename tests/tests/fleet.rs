@@ -6,7 +6,7 @@
 //! outbox post in the list once.
 //!
 //! The bench binary is found like the others (`CHANGEAGENT_BENCH_BIN`, else beside this
-//! test's executable: `cargo build --workspace --bins` first).
+//! test's executable: `cargo build --release --workspace --bins` first).
 
 mod common;
 
