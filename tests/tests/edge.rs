@@ -25,20 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use changeagent_testkit::cluster::{Cluster, ClusterOptions};
-use changeagent_testkit::{wait_until, Api, Binary, ServerOptions, ServerProcess};
+use changeagent_testkit::{wait_until, Api, ServerOptions, ServerProcess};
 use common::*;
 use serde_json::Value;
-
-fn edge(upstream: &str, extra: &[&str]) -> ServerOptions {
-    let mut opts = ServerOptions::default()
-        .bin(Binary::named("changeagent-edge"))
-        .arg("--upstream")
-        .arg(upstream);
-    for a in extra {
-        opts = opts.arg(*a);
-    }
-    opts
-}
 
 /// A counter or gauge from `/metrics` (0 when absent).
 async fn metric(api: &Api, name: &str) -> u64 {

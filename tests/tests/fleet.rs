@@ -13,20 +13,13 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use changeagent_testkit::{wait_until, Binary, ServerOptions, ServerProcess};
+use changeagent_testkit::{wait_until, Binary, ServerProcess};
 use common::*;
 use serde_json::Value;
 
-/// How long the whole fleet run may take: 20 s of traffic, the settling (a debug build of
+/// How long the whole fleet run may take: 20 s of traffic, the settling (a build of
 /// 50 consumers reloading checkpoints on a loaded 2-core machine), and the setup.
 const FLEET_DEADLINE: Duration = Duration::from_secs(400);
-
-fn edge(upstream: &str) -> ServerOptions {
-    ServerOptions::default()
-        .bin(Binary::named("changeagent-edge"))
-        .arg("--upstream")
-        .arg(upstream)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fleet_of_occasionally_connected_viewers_ends_with_the_cores_state() {
@@ -40,7 +33,7 @@ async fn a_fleet_of_occasionally_connected_viewers_ends_with_the_cores_state() {
         &["--every-seconds", "2", "--retain", "20"],
     ))
     .await;
-    let e = ServerProcess::start(edge(&core.url())).await;
+    let e = ServerProcess::start(edge(&core.url(), &[])).await;
     // The edge serves once it has caught up with the (empty) core.
     wait_until(DEADLINE, "the edge to answer", || async {
         let h = e

@@ -264,3 +264,15 @@ pub async fn core_with_a_checkpoint(
     let manifest = core.api().get("/checkpoints/latest").await.ok_json();
     (core, manifest, work)
 }
+
+/// A `changeagent-edge` following `upstream`, with `extra` flags.
+pub fn edge(upstream: &str, extra: &[&str]) -> ServerOptions {
+    let mut opts = ServerOptions::default()
+        .bin(Binary::named("changeagent-edge"))
+        .arg("--upstream")
+        .arg(upstream);
+    for a in extra {
+        opts = opts.arg(*a);
+    }
+    opts
+}
