@@ -39,7 +39,7 @@ pub const WAKE_P99_TARGET: Duration = Duration::from_millis(200);
 pub const TARGET_WAITERS: usize = 10_000;
 
 /// How long the server may take to report a batch of long-polls as open.
-const OPEN_DEADLINE: Duration = Duration::from_secs(60);
+pub const OPEN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long every long-poll may take to return after the change is posted.
 const WAKE_DEADLINE: Duration = Duration::from_secs(30);
@@ -50,10 +50,10 @@ const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Gap between two looks at `/metrics` or at the target's last index while
 /// waiting for them.
-const SCRAPE_INTERVAL: Duration = Duration::from_millis(100);
+pub const SCRAPE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Extra time a long-poll request may take beyond its `block`.
-const BLOCK_GRACE: Duration = Duration::from_secs(30);
+pub const BLOCK_GRACE: Duration = Duration::from_secs(30);
 
 /// The gauge counts as settled before a run when it has not changed for
 /// this long (long-polls of a run that just ended close within milliseconds).
@@ -590,8 +590,20 @@ async fn long_poll(
 /// just left) is still being closed: when it reads 0, or the same value for
 /// [`SETTLE_QUIET`]; `None` when the server exports none.
 async fn settled_gauge(server: &Server) -> Result<Option<f64>> {
+    settle(|| server.metric(GAUGE)).await
+}
+
+/// What `read` (a count of open long-polls) says once it has settled: when
+/// it reads 0, or the same value for [`SETTLE_QUIET`], or whatever it reads
+/// after [`SETTLE_DEADLINE`]; `None` when its first read is `None` (the
+/// gauge is not exported).
+pub async fn settle<F, Fut>(mut read: F) -> Result<Option<f64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<f64>>>,
+{
     let deadline = Instant::now() + SETTLE_DEADLINE;
-    let Some(mut last) = server.metric(GAUGE).await? else {
+    let Some(mut last) = read().await? else {
         return Ok(None);
     };
     let mut since = Instant::now();
@@ -604,7 +616,7 @@ async fn settled_gauge(server: &Server) -> Result<Option<f64>> {
             return Ok(Some(last));
         }
         tokio::time::sleep(SCRAPE_INTERVAL).await;
-        let seen = server.metric(GAUGE).await?.unwrap_or(0.0);
+        let seen = read().await?.unwrap_or(0.0);
         if seen != last {
             (last, since) = (seen, Instant::now());
         }

@@ -46,6 +46,14 @@
 //!   unless `--fsync-dir` says otherwise), then runs every client count
 //!   above 1 again with the clients spread round-robin over all nodes
 //!   (followers forward writes to the leader) and prints both side by side.
+//!   After each run (each client count, and the batch run) it prints the
+//!   run's share of the server's write-stage histograms
+//!   (`changeagent_write_stage_seconds` in `/metrics`, scraped before and
+//!   after): per stage the count, mean and estimated p50/p99 in ms, one table
+//!   for the leader and one for the followers (every node of a `--cluster`,
+//!   else `--server` alone; a node without them gets a note). It ends with
+//!   one JSON line of every run, each with `"stages"`:
+//!   `{node_url: {stage: {count, mean_ms, p50_ms, p99_ms}}}`.
 //! - `read [--changes 1000000] [--page 1000] [--readers 1,2]` — if the
 //!   server holds fewer changes than `--changes` (from `firstIndex` and
 //!   `lastIndex` of `GET /changes?limit=1`), first tops it up with atomic
@@ -214,6 +222,26 @@
 //!   and which `deploy/compose logs SERVICE` to read; exits 0 only when every
 //!   step recovered and every check held. Ctrl-C puts every container back
 //!   (unpaused, started, reconnected) before exiting.
+//! - `storm --nodes URL,… [--polls 10000] [--ramp 500] [--block 30]
+//!   [--writers 4] [--rate 20] [--duration 20] [--write-timeout-ms 5000]` —
+//!   against a running cluster (it starts nothing): holds `polls`
+//!   long-polls spread round-robin over every core node in `--nodes` (one
+//!   raw keep-alive connection each, opened `ramp` at a time until the nodes'
+//!   `changeagent_long_polls_open` gauges show them), each asking again at
+//!   once with `since` at the last `_id` it got, so every write wakes them
+//!   all; while `writers` post `rate` changes per second in all, round-robin
+//!   over the nodes, for `duration` seconds, and a watcher reads every node's
+//!   `/health` every 100 ms. Every node must name one leader in one term
+//!   before the writes. Prints a progress line every 5 s, a table, and as the
+//!   last line one JSON object: polls, writes, write errors (no answer),
+//!   writes over the timeout (not 200, or slower than `--write-timeout-ms`,
+//!   the server's write timeout), write p50/p99/max, answers (with changes,
+//!   per second), poll errors, the term before and after, the leader changes
+//!   and each change of term or leader a node reported, and `ok` (no write
+//!   problem, same term, no leader change). Exit status 0 when ok, 1 when
+//!   not, 2 when the run could not be carried out (a node unreachable, no
+//!   agreed leader, the long-polls never showed open). Raises its open-file
+//!   limit like `longpoll`; the nodes need theirs raised too.
 //!
 //! # Local clusters
 //!
@@ -256,6 +284,7 @@
 //! changeagent-bench longpoll --target http://127.0.0.1:9100 --pid "$(pgrep -n changeagent-edge)"
 //! changeagent-bench answers --target http://127.0.0.1:9100 --pollers 1000 --duration 10
 //! changeagent-bench fanout --count 10000 --pollers 1000 --dir /var/tmp
+//! changeagent-bench storm --nodes http://10.0.0.1:9000,http://10.0.0.2:9000,http://10.0.0.3:9000
 //! deploy/compose chaos --steps kill-leader,pause-edge
 //! changeagent-bench fleet --cores http://127.0.0.1:9000 --edges http://127.0.0.1:9100 --duration 60
 //! ```
@@ -285,6 +314,10 @@
 //! - `memory`: `VmRSS` and `VmHWM` of a process, and a sampled window.
 //! - `logline`: a child's new log lines and the fields of a `tracing` line.
 //! - `server`: the shared HTTP client and the node's index range and metrics.
+//! - `storm`: long-polls woken by every write while writers post and a
+//!   watcher looks for new terms and leaders.
+//! - `stages`: the server's write-stage histograms, scraped around each
+//!   write run; their per-stage count, mean and estimated quantiles.
 //! - `report`: histograms, number formats, target verdicts, progress lines.
 //! - `chaos`: faults across the containers of a compose topology, then the
 //!   fleet's verdict and the checks of replicas, checkpoints and writes.
@@ -308,6 +341,8 @@ mod poll_client;
 mod read;
 mod report;
 mod server;
+mod stages;
+mod storm;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -329,6 +364,7 @@ use crate::fsync::{FsyncArgs, FsyncSampling};
 use crate::longpoll::{LongpollArgs, Target};
 use crate::read::ReadArgs;
 use crate::server::Server;
+use crate::storm::StormArgs;
 use crate::write::WriteArgs;
 
 /// Load generator for a running ChangeAgent node or a local cluster.
@@ -380,6 +416,8 @@ enum Command {
     Chaos(ChaosArgs),
     /// Simulates writers and a fleet of occasionally connected consumers, then checks them.
     Fleet(FleetArgs),
+    /// Long-polls woken by every write on a running cluster: does Raft stay healthy?
+    Storm(StormArgs),
     /// fsync, write (1 and 64 clients, batch), read, then longpoll (needs --pid).
     All {
         /// Directory for the fsync phase (the server's data dir; default the
@@ -416,6 +454,10 @@ async fn main() -> ExitCode {
     // The fleet ends on SIGTERM or SIGINT by itself, checking what it ran.
     if let Command::Fleet(args) = cli.command {
         return fleet::main(args).await;
+    }
+    // Its exit status tells a failed run (1) from one that could not run (2).
+    if let Command::Storm(args) = &cli.command {
+        return storm::main(args).await;
     }
     // On Ctrl-C the run is dropped, and with it any local cluster, whose
     // drop kills its nodes.
@@ -480,8 +522,10 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(dir) => Some(fsync::run(dir, &sampling).await?),
                 None => None,
             };
-            let runs = write::run(&server, &write).await?;
-            write::print_targets(&runs, floor.as_ref(), write::Targets::SINGLE_NODE);
+            let runs = write::run(&server, std::slice::from_ref(&server), &write).await?;
+            write::print_targets(&runs.runs, floor.as_ref(), write::Targets::SINGLE_NODE);
+            println!();
+            println!("{}", write::summary_json(&runs, &[]));
         }
         Command::Read(args) => {
             args.validate()?;
@@ -526,6 +570,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         // `main` runs it, outside the Ctrl-C handling above.
         Command::Fleet(_) => bail!("the fleet is run by main"),
+        Command::Storm(_) => bail!("storm is run by main"),
         Command::All {
             fsync_dir,
             sampling,
@@ -554,8 +599,8 @@ async fn run(cli: Cli) -> Result<()> {
             let server = connect(&cli.server).await?;
             let fsync_dir = fsync_dir.unwrap_or_else(|| PathBuf::from("."));
             let floor = fsync::run(&fsync_dir, &sampling).await?;
-            let runs = write::run(&server, &write).await?;
-            write::print_targets(&runs, Some(&floor), write::Targets::SINGLE_NODE);
+            let runs = write::run(&server, std::slice::from_ref(&server), &write).await?;
+            write::print_targets(&runs.runs, Some(&floor), write::Targets::SINGLE_NODE);
             read::run(&server, &read).await?;
             run_longpoll(&server, &longpoll).await?;
         }
@@ -583,20 +628,22 @@ async fn run_cluster(cluster: &Cluster, phases: Phases<'_>) -> Result<()> {
     let server = connect(&cluster.node(leader).url()).await?;
     let fsync_dir = phases.fsync_dir.unwrap_or(cluster.dir());
     let floor = fsync::run(fsync_dir, phases.sampling).await?;
-    let runs = write::run(&server, phases.write).await?;
+    // Every node's write stages are scraped around every run.
+    let nodes = cluster::servers(cluster)?;
+    let runs = write::run(&server, &nodes, phases.write).await?;
     // With one node, spreading would repeat the leader-only runs.
     let spread = if cluster.len() > 1 {
-        write::run_spread(&cluster::servers(cluster)?, phases.write).await?
+        write::run_spread(&nodes, phases.write).await?
     } else {
         Vec::new()
     };
     write::print_targets(
-        &runs,
+        &runs.runs,
         Some(&floor),
         write::Targets::for_nodes(cluster.len()),
     );
     if !spread.is_empty() {
-        write::print_spread(&runs, &spread, cluster.len());
+        write::print_spread(&runs.runs, &spread, cluster.len());
     }
     if let Some((read, longpoll)) = phases.rest {
         read::run(&server, read).await?;
@@ -611,6 +658,11 @@ async fn run_cluster(cluster: &Cluster, phases: Phases<'_>) -> Result<()> {
             cluster.label(leader),
             cluster.label(now)
         );
+    }
+    // `write` ends with its JSON line; `all` goes on to other phases.
+    if phases.rest.is_none() {
+        println!();
+        println!("{}", write::summary_json(&runs, &spread));
     }
     Ok(())
 }
@@ -891,6 +943,26 @@ mod tests {
             panic!("not fanout")
         };
         assert!(args.validate().is_err());
+    }
+
+    #[test]
+    fn storm_needs_the_nodes() {
+        assert!(Cli::try_parse_from(["changeagent-bench", "storm"]).is_err());
+        let cli = Cli::try_parse_from([
+            "changeagent-bench",
+            "storm",
+            "--nodes",
+            "http://127.0.0.11:4000,http://127.0.0.12:4000",
+            "--polls",
+            "100",
+        ])
+        .unwrap();
+        let Command::Storm(args) = cli.command else {
+            panic!("not storm")
+        };
+        assert_eq!(args.nodes.len(), 2);
+        assert_eq!((args.polls, args.block, args.writers), (100, 30, 4));
+        assert!(args.validate().is_ok());
     }
 
     #[test]

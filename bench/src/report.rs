@@ -130,6 +130,27 @@ pub fn verdict(met: bool) -> &'static str {
     }
 }
 
+/// `x` rounded to `digits` significant digits (0 stays 0), for figures
+/// whose magnitude varies from microseconds to seconds.
+pub fn round_sig(x: f64, digits: u32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let scale = 10f64.powi(digits as i32 - 1 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+/// `x` with three significant digits and no exponent: `0.0123`, `1.23`,
+/// `123`, `1230`.
+pub fn sig3(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let x = round_sig(x, 3);
+    let decimals = (2 - x.abs().log10().floor() as i32).max(0) as usize;
+    format!("{x:.decimals$}")
+}
+
 /// Prints a section header.
 pub fn header(title: &str) {
     println!();
@@ -145,14 +166,23 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts printing `line(elapsed)` to stderr every interval.
+    /// Starts printing `line(elapsed)` to stderr every [`PROGRESS_INTERVAL`].
     pub fn start<F>(line: F) -> Self
+    where
+        F: Fn(Duration) -> String + Send + 'static,
+    {
+        Self::every(PROGRESS_INTERVAL, line)
+    }
+
+    /// Starts printing `line(elapsed)` to stderr every `interval`, for
+    /// phases long enough that every two seconds would drown the results.
+    pub fn every<F>(interval: Duration, line: F) -> Self
     where
         F: Fn(Duration) -> String + Send + 'static,
     {
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+            let mut ticks = tokio::time::interval(interval);
             // The first tick fires at once; nothing has happened yet.
             ticks.tick().await;
             loop {
@@ -204,5 +234,18 @@ mod tests {
         assert_eq!(rate(5, Duration::ZERO), "0");
         assert_eq!(ms(Duration::from_micros(1_234)), "1.234 ms");
         assert_eq!(mb(45_600_000.0), "45.6 MB");
+    }
+
+    #[test]
+    fn three_significant_digits() {
+        assert_eq!(sig3(0.0), "0");
+        assert_eq!(sig3(0.012345), "0.0123");
+        assert_eq!(sig3(1.2345), "1.23");
+        assert_eq!(sig3(12.0), "12.0");
+        assert_eq!(sig3(123.45), "123");
+        assert_eq!(sig3(1234.5), "1230");
+        assert_eq!(sig3(0.99951), "1.00");
+        assert_eq!(round_sig(0.00012345, 3), 0.000123);
+        assert_eq!(round_sig(98765.0, 3), 98800.0);
     }
 }

@@ -3,6 +3,12 @@
 //! nodes), then a few posters post large atomic batches; reports throughput,
 //! latency and errors, and compares them with the targets (single client
 //! near one fsync, 64 clients ≥ 20,000/s).
+//!
+//! Around each run the write-stage histograms of every node it can see (the
+//! one node, or every node of a cluster) are scraped, and a table of the
+//! run's share per stage and node role follows the run's figures (see
+//! `stages`). At the end one JSON line holds every run: its figures and its
+//! `"stages"`, `{node_url: {stage: {count, mean_ms, p50_ms, p99_ms}}}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,10 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use crate::report::{self, Latency, Progress};
 use crate::server::{self, Server};
+use crate::stages::{self, PhaseStages};
 
 /// The write targets, which depend on whether the writes are replicated.
 #[derive(Debug, Clone, Copy)]
@@ -95,10 +103,81 @@ impl WriteArgs {
 #[derive(Debug)]
 pub struct WriteRun {
     pub clients: usize,
+    /// The base URLs the clients posted to, round-robin.
+    pub targets: Vec<String>,
     pub changes: u64,
     pub errors: u64,
     pub elapsed: Duration,
     pub latency: Latency,
+    /// The run's share of every watched node's write stages.
+    pub stages: PhaseStages,
+}
+
+impl WriteRun {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "clients": self.clients,
+            "targets": self.targets,
+            "changes": self.changes,
+            "errors": self.errors,
+            "elapsed_secs": (self.elapsed.as_secs_f64() * 1e3).round() / 1e3,
+            "changes_per_sec": report::per_sec(self.changes, self.elapsed).round(),
+            "latency": self.latency.to_json(),
+            "stages": self.stages.to_json(),
+        })
+    }
+}
+
+/// The outcome of the batch run.
+#[derive(Debug)]
+pub struct BatchRun {
+    pub posters: usize,
+    /// Changes per post.
+    pub size: usize,
+    pub posts: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub latency: Latency,
+    pub stages: PhaseStages,
+}
+
+impl BatchRun {
+    pub fn changes(&self) -> u64 {
+        self.posts * self.size as u64
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "posters": self.posters,
+            "batch_size": self.size,
+            "posts": self.posts,
+            "changes": self.changes(),
+            "errors": self.errors,
+            "elapsed_secs": (self.elapsed.as_secs_f64() * 1e3).round() / 1e3,
+            "changes_per_sec": report::per_sec(self.changes(), self.elapsed).round(),
+            "post_latency": self.latency.to_json(),
+            "stages": self.stages.to_json(),
+        })
+    }
+}
+
+/// Every run of [`run`]: one per client count, then the batch run (unless
+/// skipped).
+#[derive(Debug)]
+pub struct WriteRuns {
+    pub runs: Vec<WriteRun>,
+    pub batch: Option<BatchRun>,
+}
+
+/// The JSON summary line of `write`: the runs against one node, the batch
+/// run, and the runs spread over a cluster's nodes (empty without one).
+pub fn summary_json(runs: &WriteRuns, spread: &[WriteRun]) -> Value {
+    json!({
+        "bench": "write",
+        "runs": runs.runs.iter().map(WriteRun::to_json).collect::<Vec<_>>(),
+        "batch": runs.batch.as_ref().map(BatchRun::to_json),
+        "spread": spread.iter().map(WriteRun::to_json).collect::<Vec<_>>(),
+    })
 }
 
 /// Counters shared by the clients of one run and its progress line.
@@ -134,26 +213,31 @@ struct ClientOutcome {
 }
 
 /// Runs once per client count against `server`, then the batch run,
-/// printing each run's figures; returns the client runs.
-pub async fn run(server: &Server, args: &WriteArgs) -> Result<Vec<WriteRun>> {
+/// printing each run's figures and the write stages of every node in
+/// `watched` (`server` itself, or every node of its cluster).
+pub async fn run(server: &Server, watched: &[Server], args: &WriteArgs) -> Result<WriteRuns> {
     let duration = Duration::from_secs(args.duration);
     let mut runs = Vec::with_capacity(args.clients.len());
     for &clients in &args.clients {
-        runs.push(run_one(std::slice::from_ref(server), clients, duration).await?);
+        runs.push(run_one(std::slice::from_ref(server), watched, clients, duration).await?);
     }
-    if args.batch_posters > 0 {
-        run_batch(server, args.batch_posters, args.batch_size, duration).await?;
-    }
-    Ok(runs)
+    let batch = if args.batch_posters > 0 {
+        let shape = (args.batch_posters, args.batch_size);
+        Some(run_batch(server, watched, shape, duration).await?)
+    } else {
+        None
+    };
+    Ok(WriteRuns { runs, batch })
 }
 
 /// Runs once per client count above 1, client i posting to node
-/// `i % nodes.len()` (followers forward to the leader).
+/// `i % nodes.len()` (followers forward to the leader); the stages of every
+/// node are printed after each run.
 pub async fn run_spread(nodes: &[Server], args: &WriteArgs) -> Result<Vec<WriteRun>> {
     let duration = Duration::from_secs(args.duration);
     let mut runs = Vec::new();
     for &clients in args.clients.iter().filter(|&&c| c > 1) {
-        runs.push(run_one(nodes, clients, duration).await?);
+        runs.push(run_one(nodes, nodes, clients, duration).await?);
     }
     Ok(runs)
 }
@@ -172,14 +256,21 @@ fn describe_targets(targets: &[Server]) -> String {
 }
 
 /// `clients` closed-loop posters; client i posts to `targets[i % len]`.
-async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Result<WriteRun> {
+/// The write stages of `watched` are scraped around the run.
+async fn run_one(
+    targets: &[Server],
+    watched: &[Server],
+    clients: usize,
+    duration: Duration,
+) -> Result<WriteRun> {
     report::header(&format!(
         "write: {clients} client(s) posting single changes for {} s to {}",
         duration.as_secs(),
         describe_targets(targets)
     ));
+    let stages_before = stages::before(watched).await;
     let counters = Arc::new(Counters::default());
-    let _progress = counters.progress("write", 1);
+    let progress = counters.progress("write", 1);
 
     let started = Instant::now();
     let deadline = started + duration;
@@ -197,13 +288,17 @@ async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Resu
         first_error = first_error.or(outcome.first_error);
     }
     let elapsed = started.elapsed();
+    drop(progress);
+    let stages = stages::after(watched, stages_before).await;
 
     let run = WriteRun {
         clients,
+        targets: targets.iter().map(|t| t.base().to_string()).collect(),
         changes: counters.ok.load(Ordering::Relaxed),
         errors: counters.errors.load(Ordering::Relaxed),
         elapsed,
         latency: Latency::of(&hist),
+        stages,
     };
     println!(
         "{} client(s): {} changes in {:.1} s = {} changes/s, {} errors",
@@ -217,6 +312,7 @@ async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Resu
     if let Some(err) = first_error {
         println!("first error: {err}");
     }
+    run.stages.print();
     if run.changes == 0 {
         bail!(
             "no post to {} succeeded in {} s",
@@ -227,16 +323,23 @@ async fn run_one(targets: &[Server], clients: usize, duration: Duration) -> Resu
     Ok(run)
 }
 
-/// `posters` closed-loop posters of `size`-change arrays for `duration`.
-async fn run_batch(server: &Server, posters: usize, size: usize, duration: Duration) -> Result<()> {
+/// `posters` closed-loop posters of `size`-change arrays (`shape`) for
+/// `duration`; the write stages of `watched` are scraped around the run.
+async fn run_batch(
+    server: &Server,
+    watched: &[Server],
+    (posters, size): (usize, usize),
+    duration: Duration,
+) -> Result<BatchRun> {
     report::header(&format!(
         "batch: {posters} poster(s) posting {} changes per array for {} s to {}",
         report::count(size as u64),
         duration.as_secs(),
         server.url("/changes")
     ));
+    let stages_before = stages::before(watched).await;
     let counters = Arc::new(Counters::default());
-    let _progress = counters.progress("batch", size as u64);
+    let progress = counters.progress("batch", size as u64);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = JoinSet::new();
@@ -257,28 +360,38 @@ async fn run_batch(server: &Server, posters: usize, size: usize, duration: Durat
         first_error = first_error.or(outcome.first_error);
     }
     let elapsed = started.elapsed();
-    let posts = counters.ok.load(Ordering::Relaxed);
-    let changes = posts * size as u64;
+    drop(progress);
+    let stages = stages::after(watched, stages_before).await;
+    let run = BatchRun {
+        posters,
+        size,
+        posts: counters.ok.load(Ordering::Relaxed),
+        errors: counters.errors.load(Ordering::Relaxed),
+        elapsed,
+        latency: Latency::of(&hist),
+        stages,
+    };
     println!(
         "{posters} batch poster(s): {} changes ({} posts) in {:.1} s = {} changes/s, {} errors",
-        report::count(changes),
-        report::count(posts),
+        report::count(run.changes()),
+        report::count(run.posts),
         elapsed.as_secs_f64(),
-        report::rate(changes, elapsed),
-        report::count(counters.errors.load(Ordering::Relaxed))
+        report::rate(run.changes(), elapsed),
+        report::count(run.errors)
     );
-    println!("post latency {}", Latency::of(&hist).summary());
+    println!("post latency {}", run.latency.summary());
     if let Some(err) = first_error {
         println!("first error: {err}");
     }
-    if posts == 0 {
+    run.stages.print();
+    if run.posts == 0 {
         bail!(
             "no batch post to {} succeeded in {} s",
             server.url("/changes"),
             duration.as_secs()
         );
     }
-    Ok(())
+    Ok(run)
 }
 
 /// Posts one `size`-change array after another until `deadline`, timing each.
