@@ -9,6 +9,7 @@ use axum::extract::{OriginalUri, Path, RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use changeagent_proto::limits::DEFAULT_LIMIT;
@@ -19,17 +20,41 @@ use crate::error::ApiError;
 use crate::metrics::PageSource;
 use crate::ReadApi;
 
-/// Runs a blocking store call off the async workers.
+/// Store reads running at once in this process. Thousands of long-polls woken together
+/// queue here, in order, rather than fill the blocking pool: a few reads keep both cores
+/// busy, and other blocking work (a write's check, a snapshot) still finds a thread.
+pub const MAX_CONCURRENT_READS: usize = 16;
+
+static READ_SLOTS: Semaphore = Semaphore::const_new(MAX_CONCURRENT_READS);
+
+/// Woken long-polls building their answers at once in this process. One applied batch wakes
+/// every waiting long-poll; without turns, thousands of them would be ready to run at once
+/// and a Raft heartbeat arriving then would wait behind all of them. With turns, they queue
+/// on this semaphore in order and the ready queue stays short.
+pub const MAX_CONCURRENT_WAKEUPS: usize = 32;
+
+static WAKE_SLOTS: Semaphore = Semaphore::const_new(MAX_CONCURRENT_WAKEUPS);
+
+/// Runs a blocking store call off the async workers, at most [`MAX_CONCURRENT_READS`] at
+/// once.
 pub async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, ApiError>
 where
     F: FnOnce(&Store) -> changeagent_store::Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(&store))
+    let slot = READ_SLOTS
+        .acquire()
         .await
-        .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))?
-        .map_err(ApiError::from)
+        .map_err(|e| ApiError::Internal(format!("read slots closed: {e}")))?;
+    let store = store.clone();
+    // The slot is held by the read itself, which runs on even when its request is dropped.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f(&store)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("read task failed: {e}")))?
+    .map_err(ApiError::from)
 }
 
 /// A 200 answer with a JSON body already serialized.
@@ -102,6 +127,15 @@ pub async fn serve_changes(
     let mut applied = store.subscribe();
     let mut waiting = None;
     loop {
+        let turn = match waiting {
+            Some(_) => Some(
+                WAKE_SLOTS
+                    .acquire()
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("wake-up turns closed: {e}")))?,
+            ),
+            None => None,
+        };
         applied.borrow_and_update();
         let mut body = Vec::new();
         let page = match store.read_page_cached(since, q.limit, &filter, &mut body) {
@@ -128,9 +162,9 @@ pub async fn serve_changes(
         if stop || applied.has_changed().is_err() {
             return Ok(render_page(path, &q, since, body, info));
         }
-        // Nothing to answer yet: wait holding no page buffer, so an idle long-poll costs only
-        // its connection and this small future.
-        drop(body);
+        // Nothing to answer yet: wait holding no page buffer and no turn, so an idle
+        // long-poll costs only its connection and this small future.
+        drop((body, turn));
         waiting.get_or_insert_with(|| api.metrics.long_poll());
         tokio::select! {
             _ = applied.changed() => {}

@@ -108,6 +108,10 @@ pub struct Config {
     pub restore_from: Option<String>,
 }
 
+/// Largest `--max-body-bytes`: one request is at most one Raft entry, which must fit in one
+/// AppendEntries request (see the router's limit on `/raft/append`).
+pub const MAX_BODY_LIMIT: usize = 64 << 20;
+
 /// Parses a duration: seconds (`600`) or a number with `ms`, `s`, `m` or `h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -178,8 +182,11 @@ impl Config {
                 self.election_timeout_ms, self.heartbeat_ms
             ));
         }
-        if self.max_body_bytes < 1024 {
-            return Err("--max-body-bytes must be at least 1024".into());
+        if !(1024..=MAX_BODY_LIMIT).contains(&self.max_body_bytes) {
+            return Err(format!(
+                "--max-body-bytes must be between 1024 and {MAX_BODY_LIMIT} (a body larger \
+                 than what a peer takes in one Raft request could never be replicated)"
+            ));
         }
         if self.write_timeout_ms == 0 || self.snapshot_logs == 0 {
             return Err("--write-timeout-ms and --snapshot-logs must be > 0".into());

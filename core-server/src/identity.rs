@@ -9,7 +9,7 @@
 //!    added) adopts the id of the first Raft RPC or join answer it sees, and persists it.
 //! 3. With a secret configured, every peer request must carry it (401 otherwise).
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::HeaderMap;
 use changeagent_api::ApiError;
@@ -43,6 +43,9 @@ impl From<PeerError> for ApiError {
 pub struct Identity {
     pub node_id: NodeId,
     cluster_id: RwLock<Option<Arc<str>>>,
+    /// Held while adopting an id, so the synced write happens once and no lock that peer
+    /// requests read is held across it.
+    adopting: Mutex<()>,
     secret: Option<String>,
     log: LogStore,
 }
@@ -57,6 +60,7 @@ impl Identity {
         Identity {
             node_id,
             cluster_id: RwLock::new(cluster_id.map(Arc::from)),
+            adopting: Mutex::new(()),
             secret,
             log,
         }
@@ -70,23 +74,44 @@ impl Identity {
             .clone()
     }
 
-    /// Sets the cluster id if none is known yet and persists it; refuses a different one.
-    pub fn adopt(&self, id: &str) -> Result<(), PeerError> {
-        let mut current = self.cluster_id.write().unwrap_or_else(|p| p.into_inner());
-        match current.as_deref() {
-            Some(mine) if mine == id => Ok(()),
-            Some(mine) => Err(PeerError::Cluster(format!(
+    /// `id` against the known cluster id; `None` while none is known.
+    fn compare(&self, id: &str) -> Option<Result<(), PeerError>> {
+        match self.cluster_id().as_deref() {
+            Some(mine) if mine == id => Some(Ok(())),
+            Some(mine) => Some(Err(PeerError::Cluster(format!(
                 "this node belongs to cluster {mine}, not {id}"
-            ))),
-            None => {
-                write_cluster_id(&self.log, id).map_err(|e| {
-                    PeerError::Cluster(format!("cannot persist the cluster id: {e}"))
-                })?;
-                tracing::info!(cluster_id = id, "joined cluster");
-                *current = Some(Arc::from(id));
-                Ok(())
-            }
+            )))),
+            None => None,
         }
+    }
+
+    /// Sets the cluster id if none is known yet and persists it (a synced write, the first
+    /// time only: async code calls [`Identity::adopt_async`]); refuses a different one.
+    pub fn adopt(&self, id: &str) -> Result<(), PeerError> {
+        if let Some(known) = self.compare(id) {
+            return known;
+        }
+        let _one = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = self.compare(id) {
+            return known;
+        }
+        write_cluster_id(&self.log, id)
+            .map_err(|e| PeerError::Cluster(format!("cannot persist the cluster id: {e}")))?;
+        tracing::info!(cluster_id = id, "joined cluster");
+        *self.cluster_id.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(id));
+        Ok(())
+    }
+
+    /// [`Identity::adopt`] with the first-time write on the blocking pool.
+    pub async fn adopt_async(self: &Arc<Self>, id: &str) -> Result<(), PeerError> {
+        if let Some(known) = self.compare(id) {
+            return known;
+        }
+        let me = self.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || me.adopt(&id))
+            .await
+            .map_err(|e| PeerError::Cluster(format!("cannot adopt the cluster id: {e}")))?
     }
 
     /// Checks the secret of a peer request.
@@ -107,14 +132,30 @@ impl Identity {
 
     /// Checks a Raft RPC: secret, then cluster id (adopting it when this node has none).
     pub fn check_rpc(&self, headers: &HeaderMap) -> Result<(), PeerError> {
+        match self.rpc_cluster_id(headers)? {
+            Some(id) => self.adopt(id),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Identity::check_rpc`] for async code: adopting an id writes on the blocking pool.
+    pub async fn check_rpc_async(self: &Arc<Self>, headers: &HeaderMap) -> Result<(), PeerError> {
+        match self.rpc_cluster_id(headers)? {
+            Some(id) => self.adopt_async(id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The secret check of a Raft RPC, then the cluster id it carries (to compare or adopt).
+    fn rpc_cluster_id<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h str>, PeerError> {
         self.check_secret(headers)?;
         let theirs = headers.get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
         match (self.cluster_id(), theirs) {
-            (_, Some(id)) => self.adopt(id),
+            (_, Some(id)) => Ok(Some(id)),
             (Some(mine), None) => Err(PeerError::Cluster(format!(
                 "the request carries no X-Cluster-Id; this node belongs to cluster {mine}"
             ))),
-            (None, None) => Ok(()),
+            (None, None) => Ok(None),
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`proposer`]: groups concurrent writes into one Raft entry.
 //! - [`http`]: routes and handlers.
 //! - [`restore`]: a new cluster from a checkpoint (`--restore-from`).
+//! - [`stages`]: where a write's time goes (histograms in `/metrics`).
 
 pub mod config;
 pub mod http;
@@ -17,6 +18,7 @@ pub mod node;
 pub mod proposer;
 pub mod raft;
 pub mod restore;
+pub mod stages;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,17 +47,12 @@ pub async fn run(
         .local_addr()
         .context("listener has no local address")?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let mut client = reqwest::Client::builder()
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true);
-    // Peers see connections come from the address this node listens on (multi-homed hosts,
-    // firewalls keyed on source address).
-    if !addr.ip().is_unspecified() {
-        client = client.local_address(addr.ip());
-    }
-    let client = client.build().context("cannot build the HTTP client")?;
-    let node = node::start(&config, &advertise, client.clone()).await?;
-    let proposer = proposer::Proposer::start(node.raft.clone());
+    let client = peer_client(addr)?;
+    let raft_runtime = RaftRuntime::start()?;
+    // Raft RPCs get a client of their own: its connections are driven on Raft's runtime.
+    let raft_client = peer_client(addr)?;
+    let node = node::start(&config, &advertise, raft_client, raft_runtime.handle()).await?;
+    let proposer = proposer::Proposer::start(node.raft.clone(), raft_runtime.handle());
     let metrics = Arc::new(HttpMetrics::default());
     let config = Arc::new(config);
     let barrier = http::consistent::LeaderBarrier {
@@ -175,6 +172,59 @@ pub async fn run(
         None => {
             tracing::info!("stopped");
             Ok(())
+        }
+    }
+}
+
+/// The HTTP client for peers: keep-alive, no Nagle, and connections from the address this
+/// node listens on (multi-homed hosts, firewalls keyed on source address).
+fn peer_client(addr: std::net::SocketAddr) -> anyhow::Result<reqwest::Client> {
+    let mut client = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true);
+    if !addr.ip().is_unspecified() {
+        client = client.local_address(addr.ip());
+    }
+    client.build().context("cannot build the HTTP client")
+}
+
+/// Threads of Raft's runtime: the core, the replication streams and the proposer are
+/// mostly waiting; two keep a slow peer from delaying the others.
+const RAFT_RUNTIME_THREADS: usize = 2;
+
+/// Raft's own Tokio runtime. Client requests (thousands of long-polls woken at once) run on
+/// the main runtime and never queue ahead of Raft's timers, heartbeats and replication.
+struct RaftRuntime {
+    handle: tokio::runtime::Handle,
+    /// Taken when dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl RaftRuntime {
+    fn start() -> anyhow::Result<RaftRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RAFT_RUNTIME_THREADS)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .context("cannot start Raft's runtime")?;
+        Ok(RaftRuntime {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for RaftRuntime {
+    /// A runtime cannot be dropped from async code; its tasks are already stopped (Raft was
+    /// shut down), so it is let go in the background.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }

@@ -59,6 +59,7 @@ pub async fn start(
     config: &Config,
     advertise: &str,
     client: reqwest::Client,
+    raft_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Node> {
     let peers = config.peer_list()?;
     if let Some(peers) = &peers {
@@ -92,7 +93,7 @@ pub async fn start(
         .or_else(|| store.cluster_id());
     let identity = Arc::new(Identity::new(id, None, secret, log_store.clone()));
     if let Some(cid) = cluster_id {
-        identity.adopt(&cid)?;
+        identity.adopt_async(&cid).await?;
     }
     let raft_config = openraft::Config {
         cluster_name: "changeagent".into(),
@@ -108,15 +109,14 @@ pub async fn start(
     let snapshot_dir = dir.join("snapshots");
     let sm = StateMachine::new(store.clone(), snapshot_dir.clone())
         .with_context(|| format!("cannot create the snapshot dir in {}", dir.display()))?;
-    let raft = Raft::new(
-        id,
-        Arc::new(raft_config),
-        Network::new(client, identity.clone()),
-        log_store,
-        sm,
-    )
-    .await
-    .context("cannot start Raft")?;
+    // Raft's tasks (core, replication, state machine worker) live on Raft's own runtime, so
+    // a flood of client work on the main runtime never delays a heartbeat or an election.
+    let network = Network::new(client, identity.clone());
+    let raft = raft_runtime
+        .spawn(Raft::new(id, Arc::new(raft_config), network, log_store, sm))
+        .await
+        .context("Raft's start-up task failed")?
+        .context("cannot start Raft")?;
     let standalone = peers.is_none() && config.join.is_none();
     let initialized = raft.is_initialized().await?;
     // A restore only ever fills a node with an empty log: its log then replays nothing over
@@ -160,13 +160,13 @@ pub async fn start(
 /// none yet, persisted first); returns the id.
 async fn initialize(
     raft: &Raft,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     members: BTreeMap<NodeId, BasicNode>,
 ) -> anyhow::Result<String> {
     let cid = identity
         .cluster_id()
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), |c| c.to_string());
-    identity.adopt(&cid)?;
+    identity.adopt_async(&cid).await?;
     raft.initialize(members)
         .await
         .context("cannot initialize the cluster")?;
@@ -212,7 +212,7 @@ async fn ask_identity(
 /// of them answered and none belongs to a cluster yet.
 async fn form_from_peers(
     raft: &Raft,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     peers: &[String],
     advertise: &str,
     client: &reqwest::Client,
@@ -299,7 +299,7 @@ fn is_voter(raft: &Raft, id: NodeId) -> bool {
 /// wrong secret, address taken) are errors; unavailability is retried.
 async fn join(
     raft: &Raft,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     url: &str,
     advertise: &str,
     client: &reqwest::Client,
@@ -314,7 +314,8 @@ async fn join(
         if let Ok(them) = ask_identity(identity, client, target).await {
             if let Some(cid) = them.cluster_id {
                 identity
-                    .adopt(&cid)
+                    .adopt_async(&cid)
+                    .await
                     .map_err(|e| anyhow::anyhow!("--join {url} names another cluster: {e}"))?;
             }
         }
@@ -349,7 +350,7 @@ enum JoinError {
 }
 
 async fn try_join(
-    identity: &Identity,
+    identity: &Arc<Identity>,
     client: &reqwest::Client,
     url: &str,
     target: &str,
@@ -360,7 +361,8 @@ async fn try_join(
         .map_err(|e| JoinError::Retry(e.to_string()))?;
     if let Some(cid) = &them.cluster_id {
         identity
-            .adopt(cid)
+            .adopt_async(cid)
+            .await
             .map_err(|e| JoinError::Refused(e.to_string()))?;
     }
     let body = JoinRequest {

@@ -4,29 +4,41 @@
 //! Ordering rules:
 //! 1. A request waits in the channel while earlier entries are being committed.
 //! 2. Up to [`MAX_IN_FLIGHT`] entries are in Raft at once; when one is done, everything
-//!    waiting (up to [`MAX_REQUESTS_PER_ENTRY`]) becomes the next entry. Entries enter the
+//!    waiting becomes the next entry, up to [`MAX_REQUESTS_PER_ENTRY`] requests and
+//!    [`MAX_ENTRY_BYTES`] (a larger single request is an entry alone). Entries enter the
 //!    log in the order they are proposed, so requests keep their arrival order.
 //! 3. Each request gets its own answer from the state machine, in order; a rejected request
 //!    (bad reference, duplicate name) never affects the others in its entry.
+//!
+//! Limits: the requests waiting for the proposer hold at most [`MAX_QUEUE_BYTES`] (a poster
+//! waits for room first, within its write timeout) and [`QUEUE_DEPTH`] requests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use changeagent_store::now_nanos;
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
+use crate::stages::{Stage, STAGES};
 
-/// Most requests in one entry: bounds entry size and the state machine's batch.
+/// Most requests in one entry: bounds the state machine's batch.
 pub const MAX_REQUESTS_PER_ENTRY: usize = 4096;
+/// Most bytes of requests in one entry (see [`Request::encoded_len`]). An entry must reach
+/// the followers within one AppendEntries timeout (the heartbeat), so entries stay small;
+/// a single larger request (up to `--max-body-bytes`) is an entry alone.
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
 /// Entries proposed but not yet answered. openraft 0.9 appends, syncs and replicates one
 /// step at a time, so a second entry in flight only splits the waiting requests into two
 /// syncs: measured on a 3-node cluster, 64 clients reached 13.8k changes/s with one entry in
 /// flight, 12.9k with two and 11.2k with four.
 pub const MAX_IN_FLIGHT: usize = 1;
 /// Requests waiting for the proposer before posters feel back-pressure.
-const QUEUE_DEPTH: usize = 16_384;
+pub const QUEUE_DEPTH: usize = 16_384;
+/// Bytes of requests waiting for the proposer before posters feel back-pressure.
+pub const MAX_QUEUE_BYTES: usize = 64 << 20;
 
 /// Why a proposal did not get an answer from the state machine.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,6 +52,11 @@ pub enum ProposeError {
 
 struct Pending {
     request: Request,
+    /// The request's [`Request::encoded_len`].
+    bytes: usize,
+    /// Its room in the queue, given back when it is proposed.
+    _room: OwnedSemaphorePermit,
+    queued: Instant,
     reply: oneshot::Sender<Result<Outcome, ProposeError>>,
 }
 
@@ -55,15 +72,17 @@ pub struct ProposerStats {
 pub struct Proposer {
     /// Requests for the [`ProposeWorker`]; the worker ends when every handle is dropped.
     tx: mpsc::Sender<Pending>,
+    /// One permit per byte waiting (at most [`MAX_QUEUE_BYTES`]).
+    room: Arc<Semaphore>,
     stats: Arc<ProposerStats>,
 }
 
 impl Proposer {
-    /// Starts the worker on the current runtime.
-    pub fn start(raft: Raft) -> Proposer {
+    /// Starts the worker on `runtime` (Raft's own).
+    pub fn start(raft: Raft, runtime: &tokio::runtime::Handle) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(ProposerStats::default());
-        tokio::spawn(
+        runtime.spawn(
             ProposeWorker {
                 raft,
                 rx,
@@ -71,16 +90,34 @@ impl Proposer {
             }
             .run(),
         );
-        Proposer { tx, stats }
+        Proposer {
+            tx,
+            room: Arc::new(Semaphore::new(MAX_QUEUE_BYTES)),
+            stats,
+        }
     }
 
     /// Proposes one request and waits for the state machine's answer.
     pub async fn propose(&self, request: Request) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { request, reply })
+        let bytes = request.encoded_len();
+        // A request larger than the whole queue waits until the queue is empty.
+        let permits = bytes.min(MAX_QUEUE_BYTES) as u32;
+        let stopped = || ProposeError::Stopped("proposer stopped".into());
+        let room = self
+            .room
+            .clone()
+            .acquire_many_owned(permits)
             .await
-            .map_err(|_| ProposeError::Stopped("proposer stopped".into()))?;
+            .map_err(|_| stopped())?;
+        let pending = Pending {
+            request,
+            bytes,
+            _room: room,
+            queued: Instant::now(),
+            reply,
+        };
+        self.tx.send(pending).await.map_err(|_| stopped())?;
         rx.await
             .map_err(|_| ProposeError::Stopped("proposer stopped".into()))?
     }
@@ -105,14 +142,31 @@ impl ProposeWorker {
     async fn run(mut self) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut batch = Vec::with_capacity(256);
-        while let Some(first) = self.rx.recv().await {
+        // A request that did not fit the previous entry; it starts the next one.
+        let mut carried: Option<Pending> = None;
+        loop {
+            let first = match carried.take() {
+                Some(p) => p,
+                None => match self.rx.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
+            let mut bytes = first.bytes;
             batch.push(first);
             while batch.len() < MAX_REQUESTS_PER_ENTRY {
                 match self.rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) if bytes + p.bytes > MAX_ENTRY_BYTES => {
+                        carried = Some(p);
+                        break;
+                    }
+                    Ok(p) => {
+                        bytes += p.bytes;
+                        batch.push(p);
+                    }
                     Err(_) => break,
                 }
             }
@@ -121,8 +175,14 @@ impl ProposeWorker {
             if batch.is_empty() {
                 continue;
             }
-            let (requests, replies): (Vec<_>, Vec<Reply>) =
-                batch.drain(..).map(|p| (p.request, p.reply)).unzip();
+            let proposed = Instant::now();
+            let (requests, replies): (Vec<_>, Vec<Reply>) = batch
+                .drain(..)
+                .map(|p| {
+                    STAGES.record(Stage::Queue, proposed - p.queued);
+                    (p.request, p.reply)
+                })
+                .unzip();
             self.stats.entries.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .requests
@@ -136,7 +196,9 @@ impl ProposeWorker {
                 Ok(answer) => {
                     tokio::spawn(async move {
                         let _slot = slot;
-                        match answer.await {
+                        let answer = answer.await;
+                        STAGES.since(Stage::Commit, proposed);
+                        match answer {
                             Ok(Ok(resp)) => {
                                 let mut outcomes = resp.data.into_iter();
                                 for reply in replies {

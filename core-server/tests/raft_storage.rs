@@ -13,8 +13,8 @@ struct RocksBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
-        let log =
-            LogStore::open(&dir.path().join("raft")).map_err(|e| StorageIOError::write(&e))?;
+        let log = LogStore::open(&dir.path().join("raft"))
+            .map_err(|e| StorageIOError::write(&std::io::Error::other(format!("{e:#}"))))?;
         let store =
             Store::open(dir.path().join("changes")).map_err(|e| StorageIOError::write(&e))?;
         let sm = StateMachine::new(store, dir.path().join("snapshots"))

@@ -1,8 +1,9 @@
 //! Node failures in a 3-node cluster: `kill -9` of the leader under
 //! concurrent writers (a new leader takes over, no acknowledged write is
 //! lost or doubled), SIGTERM of the leader (it hands over and exits cleanly),
-//! an `Idempotency-Key` retry across the failover, and two of three nodes
-//! down (writes answer 503 in time, reads still served).
+//! `Idempotency-Key` retries across the failover (of a post, and of creates and a
+//! delete whose checks would now refuse them), and two of three nodes down (writes
+//! answer 503 in time, reads still served).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +12,8 @@ use changeagent_testkit::cluster::{
     read_all, Cluster, ClusterOptions, CLUSTER_DEADLINE, WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
 };
 use changeagent_testkit::history::{write_body, AttemptResult, History};
-use changeagent_testkit::wait_until;
 use changeagent_testkit::workload::{write_once, write_retrying, Writers};
+use changeagent_testkit::{wait_until, Api, Reply};
 
 /// Writers in the kill test.
 const WRITERS: usize = 8;
@@ -329,4 +330,99 @@ async fn two_of_three_down_writes_answer_503_reads_still_served() {
     }
     let finals = cluster.wait_converged(&[0, 1, 2]).await;
     history.assert_consistent(&finals);
+}
+
+/// Sends `method path` with an `Idempotency-Key` until it gets an answer other than 503
+/// (a leader change in progress), as a client following `Retry-After` does.
+async fn keyed(api: &Api, method: &str, path: &str, body: Option<&str>, key: &str) -> Reply {
+    let headers: Vec<(&str, &str)> = match key {
+        "" => Vec::new(),
+        k => vec![("Idempotency-Key", k)],
+    };
+    wait_until(CLUSTER_DEADLINE, "an answer other than 503", || {
+        let body = body.map(|b| b.as_bytes().to_vec());
+        let headers = headers.clone();
+        async move {
+            let r = api
+                .try_request(method, path, Some("application/json"), body, &headers)
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status == 503 {
+                Err(r.text())
+            } else {
+                Ok(r)
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// A retry whose first attempt succeeded answers that first outcome, even where the checks
+/// before a write would now refuse it: the tenant exists (409), the key is deleted (404).
+/// The retries go to the new leader and through a follower after the old leader is killed;
+/// the same requests without their key, or with a new one, are refused as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keyed_deletes_and_creates_retried_after_failover_answer_their_first_outcome() {
+    let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    let old = cluster.wait_leader().await;
+    let api = cluster.node(old).fault_api();
+    let tenant = keyed(&api, "POST", "/tenants", Some(r#"{"name":"acme"}"#), "t-1").await;
+    let tenant = tenant.expect_status(200).text();
+    let coll_path = "/tenants/acme/collections";
+    let coll = keyed(&api, "POST", coll_path, Some(r#"{"name":"flags"}"#), "c-1").await;
+    let coll = coll.expect_status(200).text();
+    let key_path = "/collections/flags/keys/dark-mode";
+    keyed(&api, "PUT", key_path, Some(r#"{"on":true}"#), "")
+        .await
+        .expect_status(200);
+    let deleted = keyed(&api, "DELETE", key_path, None, "d-1").await;
+    let deleted = deleted.expect_status(200).text();
+    let last = api.last_index().await;
+
+    cluster.kill9(old);
+    let survivors = cluster.others(&[old]);
+    let new = cluster.wait_new_leader(&survivors, old).await;
+    for &i in &survivors {
+        let api = cluster.node(i).fault_api();
+        let who = cluster.label(i);
+        let r = keyed(&api, "POST", "/tenants", Some(r#"{"name":"acme"}"#), "t-1").await;
+        assert_eq!(
+            (r.status, r.text()),
+            (200, tenant.clone()),
+            "tenant retry via {who}"
+        );
+        let r = keyed(&api, "POST", coll_path, Some(r#"{"name":"flags"}"#), "c-1").await;
+        assert_eq!(
+            (r.status, r.text()),
+            (200, coll.clone()),
+            "collection retry via {who}"
+        );
+        let r = keyed(&api, "DELETE", key_path, None, "d-1").await;
+        assert_eq!(
+            (r.status, r.text()),
+            (200, deleted.clone()),
+            "delete retry via {who}"
+        );
+    }
+
+    let api = cluster.node(new).fault_api();
+    let r = keyed(&api, "POST", "/tenants", Some(r#"{"name":"acme"}"#), "t-2").await;
+    assert_eq!(
+        r.status,
+        409,
+        "a new create of an existing tenant: {}",
+        r.text()
+    );
+    let r = keyed(&api, "POST", coll_path, Some(r#"{"name":"flags"}"#), "").await;
+    assert_eq!(r.status, 409, "a create without key: {}", r.text());
+    let r = keyed(&api, "DELETE", key_path, None, "d-2").await;
+    assert_eq!(r.status, 404, "a new delete of a deleted key: {}", r.text());
+    let r = keyed(&api, "DELETE", key_path, None, "").await;
+    assert_eq!(r.status, 404, "a delete without key: {}", r.text());
+    assert_eq!(
+        api.last_index().await,
+        last,
+        "a retry or a refusal appended"
+    );
 }

@@ -1,11 +1,13 @@
 //! Write, ops and admin handlers of the core. A write is checked against the local state
-//! first (a clear 4xx without touching the log), then proposed through the [`Proposer`] and
-//! answered with the state machine's outcome.
+//! first (its idempotency key's answer, or a clear 4xx without touching the log; see
+//! [`write`]), then proposed through the [`Proposer`] and answered with the state machine's
+//! outcome.
 //!
 //! [`Proposer`]: crate::proposer::Proposer
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -18,7 +20,7 @@ use changeagent_api::metrics::gauge;
 use changeagent_api::ApiError;
 use changeagent_proto::types::{Health, NameRequest};
 use changeagent_store::record::{compact_raw, validate_name};
-use changeagent_store::{parse_post_body, ChangeInput, PostBody};
+use changeagent_store::{parse_post_body, ChangeInput, Error as StoreError, PostBody, Store};
 use openraft::ServerState;
 use serde_json::value::RawValue;
 
@@ -26,6 +28,7 @@ use super::forward::LostLeadership;
 use super::AppState;
 use crate::proposer::ProposeError;
 use crate::raft::types::{Op, Outcome, Request};
+use crate::stages::{Stage, STAGES};
 
 use changeagent_proto::limits::MAX_IDEMPOTENCY_KEY;
 
@@ -56,16 +59,40 @@ pub(crate) fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Re
     parse_json(bytes)
 }
 
-/// Proposes one request and turns the outcome into an answer.
+/// Checks one request before proposing it, proposes it and turns the outcome into an answer.
+///
+/// Rules:
+/// 1. A request whose `Idempotency-Key` was answered already gets that first answer, before
+///    any other check: a retry after a 503 ("may still be applied") of a DELETE or a create
+///    must not turn into a 404 or 409 because its first attempt succeeded.
+/// 2. Otherwise the checks the state machine will make run against the local state on a
+///    throwaway transaction, so a bad request is a 4xx without a log entry; both answer the
+///    store's one typed [`changeagent_store::Rejection`], which the api crate maps.
+/// 3. When those checks refuse a request with a key, the key's first attempt may be committed
+///    but not applied here yet (a new leader): this node catches up with the cluster (a read
+///    barrier) and checks once more before it answers the refusal.
+/// 4. The state machine answers from the key again, so a retry racing its first attempt is
+///    never applied twice.
 pub(crate) async fn write(
     app: &AppState,
     idempotency_key: Option<String>,
     op: Op,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let request = Request {
         idempotency_key,
         op,
     };
+    let request = match precheck(app, request).await? {
+        Checked::Answered(body) => return Ok(json_response(body)),
+        Checked::Propose(request) => request,
+    };
+    let answer = propose(app, request).await;
+    STAGES.since(Stage::Write, started);
+    answer
+}
+
+async fn propose(app: &AppState, request: Request) -> Result<Response, ApiError> {
     let timeout = app.config.write_timeout();
     match tokio::time::timeout(timeout, app.proposer.propose(request)).await {
         Err(_) => Err(ApiError::Unavailable {
@@ -99,18 +126,92 @@ pub(crate) async fn write(
     }
 }
 
-/// Dry-runs changes that reference tenants, collections or keys against the local state, so
-/// a bad reference is a 4xx before anything reaches the log. The state machine checks again.
-fn precheck(app: &AppState, changes: &[ChangeInput]) -> Result<(), ApiError> {
-    if changes
-        .iter()
-        .all(|c| c.tenant.is_none() && c.collection.is_none())
-    {
-        return Ok(());
+/// What the check before proposing found.
+enum Checked {
+    /// The idempotency key's first answer.
+    Answered(Vec<u8>),
+    /// Nothing against it: propose it.
+    Propose(Request),
+}
+
+/// Rules 1-3 of [`write`]; store reads run on the blocking pool, never on the workers. A
+/// request without a key and without references has nothing to check and takes no hop.
+async fn precheck(app: &AppState, request: Request) -> Result<Checked, ApiError> {
+    if request.idempotency_key.is_none() && !references_state(&request.op) {
+        return Ok(Checked::Propose(request));
     }
-    let mut txn = app.store.begin();
-    txn.append(0, changes)?;
-    Ok(())
+    let started = Instant::now();
+    let (request, verdict) = dry_run_blocking(app, request).await?;
+    let (request, verdict) = match verdict {
+        Err(StoreError::Rejected(_)) if request.idempotency_key.is_some() => {
+            let timeout = app.config.write_timeout();
+            match tokio::time::timeout(timeout, app.raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => dry_run_blocking(app, request).await?,
+                // Not the leader any more, or no quorum: the refusal may be stale.
+                _ => {
+                    return Err(ApiError::Unavailable {
+                        message: "cannot confirm the state this request was checked against \
+                                  (leader change?); retry with the same Idempotency-Key"
+                            .into(),
+                        retry_after_secs: 1,
+                    })
+                }
+            }
+        }
+        other => (request, other),
+    };
+    STAGES.since(Stage::Precheck, started);
+    match verdict {
+        Ok(Some(answer)) => Ok(Checked::Answered(answer)),
+        Ok(None) => Ok(Checked::Propose(request)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the state machine may refuse `op` for what the state holds.
+fn references_state(op: &Op) -> bool {
+    match op {
+        Op::Append { changes, .. } => changes
+            .iter()
+            .any(|c| c.tenant.is_some() || c.collection.is_some()),
+        Op::CreateTenant { .. } | Op::CreateCollection { .. } => true,
+        _ => false,
+    }
+}
+
+type Verdict = (Request, Result<Option<Vec<u8>>, StoreError>);
+
+async fn dry_run_blocking(app: &AppState, request: Request) -> Result<Verdict, ApiError> {
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let verdict = dry_run(&store, &request);
+        (request, verdict)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("check task failed: {e}")))
+}
+
+/// The key's first answer, or the state machine's checks on a transaction never committed.
+fn dry_run(store: &Store, request: &Request) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut txn = store.begin();
+    if let Some(key) = &request.idempotency_key {
+        if let Some(answer) = txn.idempotent_answer(key)? {
+            return Ok(Some(answer));
+        }
+    }
+    match &request.op {
+        Op::Append { changes, .. } if references_state(&request.op) => {
+            txn.append(0, changes)?;
+        }
+        Op::CreateTenant { name } => {
+            txn.create_tenant(0, name)?;
+        }
+        Op::CreateCollection { tenant, name } => {
+            txn.create_collection(0, tenant, name)?;
+        }
+        _ => {}
+    }
+    Ok(None)
 }
 
 async fn append(
@@ -136,8 +237,21 @@ async fn append(
             }
         }
     }
-    precheck(app, &changes)?;
     write(app, key, Op::Append { changes, batch }).await
+}
+
+/// Bodies up to this size are parsed on the async worker; larger ones on the blocking pool.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+/// Parses a posted change or batch, off the async workers when it is large.
+async fn parse_changes(bytes: axum::body::Bytes) -> Result<PostBody, ApiError> {
+    if bytes.len() <= PARSE_INLINE_BYTES {
+        return Ok(parse_post_body(&bytes)?);
+    }
+    tokio::task::spawn_blocking(move || parse_post_body(&bytes))
+        .await
+        .map_err(|e| ApiError::Internal(format!("parsing task failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
 /// `POST /changes`.
@@ -147,7 +261,7 @@ pub async fn post_changes(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
-    let parsed = parse_post_body(&bytes)?;
+    let parsed = parse_changes(bytes).await?;
     append(&app, &headers, parsed, None).await
 }
 
@@ -159,7 +273,7 @@ pub async fn post_tenant_changes(
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
-    let parsed = parse_post_body(&bytes)?;
+    let parsed = parse_changes(bytes).await?;
     append(&app, &headers, parsed, Some(tenant)).await
 }
 
@@ -172,12 +286,6 @@ pub async fn create_tenant(
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
     let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
-    if app.store.tenant(&req.name).is_some() {
-        return Err(ApiError::Conflict(format!(
-            "tenant {:?} already exists",
-            req.name
-        )));
-    }
     let key = idempotency_key(&headers)?;
     write(&app, key, Op::CreateTenant { name: req.name }).await
 }
@@ -193,17 +301,6 @@ pub async fn create_collection(
     let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
     let t = tenant_or_404(&app.store, &tenant)?;
-    if app
-        .store
-        .collections(t.id)
-        .iter()
-        .any(|c| c.name == req.name)
-    {
-        return Err(ApiError::Conflict(format!(
-            "collection {:?} already exists in tenant {:?}",
-            req.name, t.name
-        )));
-    }
     let key = idempotency_key(&headers)?;
     write(
         &app,
@@ -337,8 +434,9 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Json<Health> {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    let mut out = String::with_capacity(4096);
+    let mut out = String::with_capacity(16 * 1024);
     app.metrics.render(&mut out);
+    STAGES.render(&mut out);
     let m = app.raft.metrics().borrow().clone();
     let s = app.store.state();
     gauge(

@@ -3,8 +3,9 @@
 //! request first passes [`peer_guard`] (cluster id and secret).
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
@@ -23,6 +24,7 @@ use super::AppState;
 use crate::raft::network::{SNAPSHOT_META_HEADER, SNAPSHOT_VOTE_HEADER};
 use crate::raft::snapshot_file;
 use crate::raft::types::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::stages::{Stage, STAGES};
 
 /// Middleware on `/raft/*`: refuses RPCs without the secret or from another cluster.
 pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -31,7 +33,7 @@ pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Ne
     let checked = if path == "/raft/identity" {
         app.identity.check_secret(req.headers())
     } else {
-        app.identity.check_rpc(req.headers())
+        app.identity.check_rpc_async(req.headers()).await
     };
     if let Err(e) = checked {
         tracing::warn!(path, error = %e, "refused a peer request");
@@ -40,12 +42,38 @@ pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// `POST /raft/append`.
+/// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
+const DECODE_INLINE_BYTES: usize = 64 * 1024;
+
+/// `POST /raft/append`. The body is decoded off the async workers when large, and the
+/// append runs in a task of its own: when the leader's timeout drops this request, the
+/// follower still finishes the append, so the leader's retry finds the entries present.
 pub async fn append(
     State(app): State<Arc<AppState>>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(app.raft.append_entries(req).await)
+    body: Bytes,
+) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    let started = Instant::now();
+    let req: AppendEntriesRequest<TypeConfig> = if body.len() <= DECODE_INLINE_BYTES {
+        decode_append(&body)?
+    } else {
+        tokio::task::spawn_blocking(move || decode_append(&body))
+            .await
+            .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
+    };
+    let carries_entries = !req.entries.is_empty();
+    let raft = app.raft.clone();
+    let answer = tokio::spawn(async move { raft.append_entries(req).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("append task failed: {e}")))?;
+    if carries_entries {
+        STAGES.since(Stage::FollowerAppend, started);
+    }
+    Ok(Json(answer))
+}
+
+fn decode_append(body: &[u8]) -> Result<AppendEntriesRequest<TypeConfig>, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid AppendEntries request: {e}")))
 }
 
 /// `POST /raft/vote`.

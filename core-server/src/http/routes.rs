@@ -9,9 +9,12 @@ use changeagent_api::{finish_router, read_router, ReadApi};
 
 use super::{admin, cluster, forward, handlers, raft, AppState};
 
-/// Largest Raft RPC body: AppendEntries batches are bounded by openraft's
-/// `max_payload_entries` times the largest entry. Snapshots are streamed to a file, unbounded.
-const MAX_RAFT_BODY: usize = 512 * 1024 * 1024;
+/// Largest Raft RPC body. An AppendEntries request carries at most `MAX_APPEND_BYTES` of
+/// entries, or one entry, which holds at most one request of `--max-body-bytes` (at most
+/// `MAX_BODY_LIMIT`) when larger; this leaves room for the encoding. A larger request is
+/// answered 413, which the sender turns into openraft's `PayloadTooLarge` and sends fewer
+/// entries. Snapshots are streamed to a file, unbounded.
+const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
 
 /// Builds the node's whole router.
 pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {

@@ -7,12 +7,21 @@
 //! 2. `save_vote` writes with the WAL synced before it returns.
 //! 3. `truncate` and `purge` are synced too: a truncated suffix must never reappear.
 //!
-//! All RocksDB calls run on the blocking pool, never on the async workers.
+//! RocksDB calls run on threads of the log's own ([`IoThread`]), never on the async workers
+//! or in the blocking pool client reads use: writes and state reads on `raft-log`, entry
+//! reads that miss the cache on `raft-log-read`.
+//!
+//! The newest entries are also kept in memory ([`EntryCache`], bounded in entries and
+//! bytes), so replication reads what was just appended without a disk read or a thread hop.
+//! Replication reads are bounded in bytes ([`MAX_APPEND_BYTES`]): openraft sends what a read
+//! returns as one AppendEntries request, and that must arrive within its timeout.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, RaftLogReader, StorageIOError};
@@ -20,7 +29,16 @@ use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
+use super::io::IoThread;
 use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
+use crate::stages::{Stage, STAGES};
+
+/// Most bytes of entries one replication read returns (at least one entry): what one
+/// AppendEntries request carries.
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
+/// Newest entries kept in memory, in entries and in bytes (as stored).
+const CACHE_ENTRIES: usize = 16_384;
+const CACHE_BYTES: usize = 64 << 20;
 
 const CF_LOGS: &str = "logs";
 const CF_STATE: &str = "state";
@@ -28,10 +46,101 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
-/// The Raft log store. Cheap to clone; clones share the database.
+/// The Raft log store. Cheap to clone; clones share the database, threads and cache.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    writer: Arc<IoThread>,
+    reader: Arc<IoThread>,
+    cache: Arc<Mutex<EntryCache>>,
+}
+
+/// The newest contiguous entries with their stored sizes, oldest first.
+#[derive(Default)]
+struct EntryCache {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl EntryCache {
+    fn index_of(e: &(Entry, usize)) -> u64 {
+        e.0.log_id.index
+    }
+
+    /// Adds entries just written; a gap before them (a restart, a snapshot) starts afresh.
+    fn push(&mut self, written: Vec<(Entry, usize)>) {
+        let Some(first) = written.first().map(Self::index_of) else {
+            return;
+        };
+        if self.entries.back().map(Self::index_of) != first.checked_sub(1) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        for e in written {
+            self.bytes += e.1;
+            self.entries.push_back(e);
+        }
+        while self.entries.len() > CACHE_ENTRIES || self.bytes > CACHE_BYTES {
+            let Some((_, n)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= n;
+        }
+    }
+
+    /// Drops entries from `index` on (a truncated suffix).
+    fn truncate(&mut self, index: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|e| Self::index_of(e) >= index)
+        {
+            if let Some((_, n)) = self.entries.pop_back() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Drops entries up to and including `index` (purged).
+    fn purge(&mut self, index: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| Self::index_of(e) <= index)
+        {
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Entries `start..end` from memory, stopping after `budget` bytes (at least one entry);
+    /// `None` unless the cache holds `start` and, when `whole`, everything up to `end`.
+    fn get(&self, start: u64, end: Bound<u64>, budget: usize, whole: bool) -> Option<Vec<Entry>> {
+        let first = self.entries.front().map(Self::index_of)?;
+        let last = self.entries.back().map(Self::index_of)?;
+        if start < first || start > last {
+            return None;
+        }
+        let wanted_last = match end {
+            Bound::Included(e) => e,
+            Bound::Excluded(e) => e.checked_sub(1)?,
+            Bound::Unbounded => last,
+        };
+        if whole && wanted_last > last {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (entry, n) in self.entries.range((start - first) as usize..) {
+            if entry.log_id.index > wanted_last || (!out.is_empty() && bytes + n > budget) {
+                break;
+            }
+            bytes += n;
+            out.push(entry.clone());
+        }
+        Some(out)
+    }
 }
 
 fn io_err(e: impl std::fmt::Display) -> AnyError {
@@ -46,25 +155,60 @@ fn synced() -> WriteOptions {
 
 impl LogStore {
     /// Opens (creating if needed) the log database in `path`.
-    pub fn open(path: &Path) -> Result<LogStore, rocksdb::Error> {
+    pub fn open(path: &Path) -> anyhow::Result<LogStore> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         let cfs = [CF_LOGS, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(LogStore { db: Arc::new(db) })
+        let thread = |name| {
+            IoThread::spawn(name)
+                .map(Arc::new)
+                .map_err(|e| anyhow::anyhow!("cannot start thread {name}: {e}"))
+        };
+        Ok(LogStore {
+            db: Arc::new(db),
+            writer: thread("raft-log")?,
+            reader: thread("raft-log-read")?,
+            cache: Arc::default(),
+        })
     }
 
+    /// Runs `f` on the log's writer thread.
     async fn run<T, F>(&self, f: F) -> Result<T, AnyError>
     where
         T: Send + 'static,
         F: FnOnce(&DB) -> Result<T, AnyError> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        self.writer.run(move || f(&db)).await.map_err(io_err)?
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Entries from `start` within `end`: from the cache when it holds them, else from
+    /// RocksDB on the reader thread; at most `budget` bytes (at least one entry) unless
+    /// `whole`, which returns the whole range.
+    async fn read_entries(
+        &self,
+        start: u64,
+        end: Bound<u64>,
+        budget: usize,
+        whole: bool,
+    ) -> Result<Vec<Entry>, StorageError> {
+        if let Some(hit) = self.cache().get(start, end, budget, whole) {
+            return Ok(hit);
+        }
+        let db = self.db.clone();
+        self.reader
+            .run(move || read_range(&db, start, end, budget, whole))
             .await
-            .map_err(io_err)?
+            .map_err(io_err)
+            .and_then(|r| r)
+            .map_err(|e| StorageIOError::read_logs(e).into())
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(
@@ -110,12 +254,38 @@ fn bound_start(b: Bound<&u64>) -> u64 {
     }
 }
 
-fn in_end(b: Bound<&u64>, i: u64) -> bool {
+fn in_end(b: Bound<u64>, i: u64) -> bool {
     match b {
-        Bound::Included(&e) => i <= e,
-        Bound::Excluded(&e) => i < e,
+        Bound::Included(e) => i <= e,
+        Bound::Excluded(e) => i < e,
         Bound::Unbounded => true,
     }
+}
+
+/// Reads entries from RocksDB: see [`LogStore::read_entries`].
+fn read_range(
+    db: &DB,
+    start: u64,
+    end: Bound<u64>,
+    budget: usize,
+    whole: bool,
+) -> Result<Vec<Entry>, AnyError> {
+    let cf = db
+        .cf_handle(CF_LOGS)
+        .ok_or_else(|| io_err("missing logs cf"))?;
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let key = start.to_be_bytes();
+    for item in db.iterator_cf(&cf, IteratorMode::From(&key, Direction::Forward)) {
+        let (k, v) = item.map_err(io_err)?;
+        let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+        if !in_end(end, idx) || (!whole && !out.is_empty() && bytes + v.len() > budget) {
+            break;
+        }
+        bytes += v.len();
+        out.push(serde_json::from_slice::<Entry>(&v).map_err(io_err)?);
+    }
+    Ok(out)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -125,24 +295,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry>, StorageError> {
         let start = bound_start(range.start_bound());
         let end = range.end_bound().cloned();
-        self.run(move |db| {
-            let cf = db
-                .cf_handle(CF_LOGS)
-                .ok_or_else(|| io_err("missing logs cf"))?;
-            let mut out = Vec::new();
-            let key = start.to_be_bytes();
-            for item in db.iterator_cf(&cf, IteratorMode::From(&key, Direction::Forward)) {
-                let (k, v) = item.map_err(io_err)?;
-                let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
-                if !in_end(end.as_ref(), idx) {
-                    break;
-                }
-                out.push(serde_json::from_slice::<Entry>(&v).map_err(io_err)?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| StorageIOError::read_logs(e).into())
+        self.read_entries(start, end, usize::MAX, true).await
+    }
+
+    /// What replication sends in one AppendEntries: at most [`MAX_APPEND_BYTES`].
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_entries(start, Bound::Excluded(end), MAX_APPEND_BYTES, false)
+            .await
     }
 }
 
@@ -210,21 +373,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = WriteBatch::default();
-        let cf = self
-            .db
-            .cf_handle(CF_LOGS)
-            .ok_or_else(|| StorageIOError::write_logs(io_err("missing logs cf")))?;
-        for e in entries {
-            let v =
-                serde_json::to_vec(&e).map_err(|err| StorageIOError::write_logs(io_err(err)))?;
-            batch.put_cf(&cf, e.log_id.index.to_be_bytes(), v);
-        }
-        // 1. Write with the WAL synced; 2. only then report the entries flushed.
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let db = self.db.clone();
-        let result = tokio::task::spawn_blocking(move || db.write_opt(batch, &synced()))
-            .await
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        let cache = self.cache.clone();
+        // Encoding, the synced write, the cache and the callback all run on the log thread.
+        let write = move || -> Result<(), AnyError> {
+            let started = Instant::now();
+            let cf = db
+                .cf_handle(CF_LOGS)
+                .ok_or_else(|| io_err("missing logs cf"))?;
+            let mut batch = WriteBatch::default();
+            let mut written = Vec::with_capacity(entries.len());
+            for e in entries {
+                let v = serde_json::to_vec(&e).map_err(io_err)?;
+                batch.put_cf(&cf, e.log_id.index.to_be_bytes(), &v);
+                written.push((e, v.len()));
+            }
+            // 1. Write with the WAL synced; 2. only then report the entries flushed.
+            db.write_opt(batch, &synced()).map_err(io_err)?;
+            STAGES.since(Stage::LogAppend, started);
+            cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(written);
+            Ok(())
+        };
+        let result = self.writer.run(write).await.map_err(io_err).and_then(|r| r);
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -232,13 +406,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             Err(e) => {
                 callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(io_err(e)).into())
+                Err(StorageIOError::write_logs(e).into())
             }
         }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let cache = self.cache.clone();
         self.run(move |db| {
+            cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .truncate(log_id.index);
             let cf = db
                 .cf_handle(CF_LOGS)
                 .ok_or_else(|| io_err("missing logs cf"))?;
@@ -252,6 +431,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.cache().purge(log_id.index);
         self.run(move |db| {
             // 1. Record the purge point; 2. then delete, so a crash in between only leaves
             //    entries that are already covered by the snapshot.

@@ -1,6 +1,7 @@
 //! Raft: types, the RocksDB log store, the state machine over the change store, and the HTTP
-//! transport, split as in openraft's examples.
+//! transport, split as in openraft's examples; [`io`] gives storage its own threads.
 
+pub mod io;
 pub mod log_store;
 pub mod network;
 pub mod snapshot_file;

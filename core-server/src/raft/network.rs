@@ -10,25 +10,26 @@
 use std::future::Future;
 use std::io::SeekFrom;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
-    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, EntryPayload};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::snapshot_file;
-use super::types::{NodeId, Snapshot, TypeConfig, Vote};
+use super::types::{Entry, NodeId, Request, Snapshot, TypeConfig, Vote};
 use crate::identity::{base_url, Identity};
+use crate::stages::{Stage, STAGES};
 
 /// Header carrying the sender's vote on a streamed snapshot.
 pub const SNAPSHOT_VOTE_HEADER: &str = "x-raft-vote";
@@ -97,11 +98,29 @@ impl Connection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.call_raw(path, body, option).await
+    }
+
+    /// Posts an encoded request. A peer answering 413 for a request of several entries asks
+    /// openraft to send fewer (`PayloadTooLarge`), so replication never resends the same
+    /// too-large range forever.
+    async fn call_raw<Resp, E>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let builder = self
             .client
             .post(format!("{}{path}", self.base))
             .timeout(option.hard_ttl())
-            .json(req);
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         let resp = self
             .identity
             .sign(builder)
@@ -111,15 +130,33 @@ impl Connection {
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(1),
+                ));
+            }
             return Err(RPCError::Network(NetworkError::new(
                 &std::io::Error::other(format!("raft RPC {path} answered {status}: {text}")),
             )));
         }
-        let result: Result<Resp, RaftError<NodeId, E>> = resp
-            .json()
+        let bytes = resp
+            .bytes()
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Bytes of entries encoded on the async worker; larger payloads on the blocking pool.
+const ENCODE_INLINE_BYTES: usize = 64 * 1024;
+
+/// An entry's size for the encoding decision (see [`Request::encoded_len`]).
+fn entry_len(e: &Entry) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(cmd) => cmd.requests.iter().map(Request::encoded_len).sum(),
+        EntryPayload::Blank | EntryPayload::Membership(_) => 256,
     }
 }
 
@@ -129,7 +166,45 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("/raft/append", &rpc, &option).await
+        let entries = rpc.entries.len();
+        if entries == 0 {
+            return self.call("/raft/append", &rpc, &option).await;
+        }
+        let started = Instant::now();
+        // Large payloads are encoded off the async workers.
+        let bytes: usize = rpc.entries.iter().map(entry_len).sum();
+        let body = if bytes <= ENCODE_INLINE_BYTES {
+            serde_json::to_vec(&rpc)
+        } else {
+            tokio::task::spawn_blocking(move || serde_json::to_vec(&rpc))
+                .await
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+        }
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result = self.call_raw("/raft/append", body, &option).await;
+        match result {
+            // One entry cannot be split: report it, and openraft retries on its next round.
+            Err(RPCError::PayloadTooLarge(_)) if entries == 1 => Err(RPCError::Network(
+                NetworkError::new(&std::io::Error::other(format!(
+                    "node {} refused one Raft entry of about {bytes} bytes as too large; give \
+                     every node the same --max-body-bytes",
+                    self.target
+                ))),
+            )),
+            Err(RPCError::PayloadTooLarge(hint)) => {
+                tracing::warn!(
+                    target_node = self.target,
+                    entries,
+                    bytes,
+                    "the peer refused an AppendEntries request as too large; sending fewer entries"
+                );
+                Err(RPCError::PayloadTooLarge(hint))
+            }
+            other => {
+                STAGES.since(Stage::Replicate, started);
+                other
+            }
+        }
     }
 
     async fn install_snapshot(

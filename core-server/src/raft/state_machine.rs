@@ -16,6 +16,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::io::IoThread;
 use super::snapshot_file;
 use super::types::{
     Command, Entry, LogId, Op, Outcome, Response, Snapshot, SnapshotMeta, StorageError,
@@ -26,6 +27,8 @@ use changeagent_store::{Error as StoreError, Store, Txn};
 use changeagent_store::{ExportOptions, ImportMode};
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
+
+use crate::stages::{Stage, STAGES};
 
 const APPLIED: &str = "raft_applied";
 const MEMBERSHIP: &str = "raft_membership";
@@ -41,6 +44,8 @@ pub struct StateMachine {
     store: Arc<Store>,
     /// Where the newest snapshot is kept (see [`snapshot_file`]).
     snapshot_dir: PathBuf,
+    /// Applies run here, never in the blocking pool client reads use.
+    applier: IoThread,
 }
 
 /// Builds snapshots concurrently with `apply`, from a RocksDB snapshot.
@@ -57,6 +62,7 @@ impl StateMachine {
         Ok(StateMachine {
             store,
             snapshot_dir,
+            applier: IoThread::spawn("raft-apply")?,
         })
     }
 
@@ -165,47 +171,50 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(Vec::new());
         };
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut txn = store.begin();
-            let mut membership = None;
-            let mut responses = Vec::with_capacity(entries.len());
-            for e in &entries {
-                match &e.payload {
-                    EntryPayload::Blank => responses.push(Vec::new()),
-                    EntryPayload::Normal(cmd) => responses.push(
-                        apply_command(&mut txn, cmd)
-                            .map_err(|err| StorageIOError::apply(e.log_id, any(err)))?,
-                    ),
-                    EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
-                        responses.push(Vec::new());
+        self.applier
+            .run(move || {
+                let started = std::time::Instant::now();
+                let mut txn = store.begin();
+                let mut membership = None;
+                let mut responses = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    match &e.payload {
+                        EntryPayload::Blank => responses.push(Vec::new()),
+                        EntryPayload::Normal(cmd) => responses.push(
+                            apply_command(&mut txn, cmd)
+                                .map_err(|err| StorageIOError::apply(e.log_id, any(err)))?,
+                        ),
+                        EntryPayload::Membership(m) => {
+                            membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
+                            responses.push(Vec::new());
+                        }
                     }
                 }
-            }
-            let put = |txn: &mut Txn<'_>, name: &str, v: &[u8]| {
-                txn.put_owner_meta(name, v)
-                    .map_err(|err| StorageIOError::apply(last, any(err)))
-            };
-            put(
-                &mut txn,
-                APPLIED,
-                &serde_json::to_vec(&Some(last))
-                    .map_err(|e| StorageIOError::apply(last, any(e)))?,
-            )?;
-            if let Some(m) = membership {
+                let put = |txn: &mut Txn<'_>, name: &str, v: &[u8]| {
+                    txn.put_owner_meta(name, v)
+                        .map_err(|err| StorageIOError::apply(last, any(err)))
+                };
                 put(
                     &mut txn,
-                    MEMBERSHIP,
-                    &serde_json::to_vec(&m).map_err(|e| StorageIOError::apply(last, any(e)))?,
+                    APPLIED,
+                    &serde_json::to_vec(&Some(last))
+                        .map_err(|e| StorageIOError::apply(last, any(e)))?,
                 )?;
-            }
-            store
-                .commit(txn)
-                .map_err(|err| StorageIOError::apply(last, any(err)))?;
-            Ok(responses)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_state_machine(any(e)))?
+                if let Some(m) = membership {
+                    put(
+                        &mut txn,
+                        MEMBERSHIP,
+                        &serde_json::to_vec(&m).map_err(|e| StorageIOError::apply(last, any(e)))?,
+                    )?;
+                }
+                store
+                    .commit(txn)
+                    .map_err(|err| StorageIOError::apply(last, any(err)))?;
+                STAGES.since(Stage::Apply, started);
+                Ok(responses)
+            })
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(any(e)))?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -231,7 +240,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let meta = meta.clone();
         let sig = Some(meta.signature());
         let file = snapshot.into_std().await;
-        tokio::task::spawn_blocking(move || install(&store, &dir, &meta, file))
+        self.applier
+            .run(move || install(&store, &dir, &meta, file))
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), any(e)))?
             .map_err(|e| StorageIOError::write_snapshot(sig, e).into())

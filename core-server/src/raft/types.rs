@@ -45,6 +45,40 @@ pub struct Request {
     pub op: Op,
 }
 
+/// Fixed allowance per request and per change for what is not counted byte by byte (field
+/// names, quotes, numbers) in [`Request::encoded_len`].
+const REQUEST_OVERHEAD: usize = 64;
+/// Admin requests carry at most a manifest; counted at this size.
+const ADMIN_REQUEST_BYTES: usize = 4096;
+
+impl Request {
+    /// The request's size in a log entry, within a small allowance: what bounds entries,
+    /// AppendEntries payloads and the proposer's queue in bytes.
+    pub fn encoded_len(&self) -> usize {
+        let key = self.idempotency_key.as_ref().map_or(0, String::len);
+        let op = match &self.op {
+            Op::Append { changes, .. } => changes.iter().map(change_len).sum(),
+            Op::CreateTenant { name } => name.len(),
+            Op::CreateCollection { tenant, name } => tenant.len() + name.len(),
+            Op::SetClusterId { id } => id.len(),
+            Op::CheckpointStart { .. } | Op::CheckpointEnd { .. } | Op::Truncate { .. } => {
+                ADMIN_REQUEST_BYTES
+            }
+        };
+        REQUEST_OVERHEAD + key + op
+    }
+}
+
+fn change_len(c: &ChangeInput) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    REQUEST_OVERHEAD
+        + c.data.as_ref().map_or(0, |d| d.get().len())
+        + c.tags.iter().map(|t| t.len() + 3).sum::<usize>()
+        + text(&c.tenant)
+        + text(&c.collection)
+        + text(&c.key)
+}
+
 /// What a request does to the state.
 ///
 /// Externally tagged on purpose: change data is kept as raw JSON, which serde cannot read
