@@ -20,6 +20,13 @@
 //!   body that is no change list) is counted, and the poller asks again
 //!   after a short pause, on a fresh connection when the old one broke; it
 //!   never ends the run.
+//! - With `--preload N`, N small changes are posted first (arrays of 1,000), and
+//!   `--readers` readers (round-robin over the nodes, a connection each) page
+//!   through that history with `GET /changes?since=S&limit=100`, from the
+//!   start again whenever they reach its end: reads behind the nodes' tail
+//!   caches, which go to RocksDB on the nodes' blocking threads, the way a
+//!   fleet catching up after an outage reads. Pages are counted while the
+//!   writers run, failures over the whole run (a failed read starts over).
 //! - Once the long-polls are open, every node's `/health` must name one
 //!   leader in one term within 10 s: the term and leader before. While the
 //!   writers run, a watcher reads every node's `/health` every 100 ms and
@@ -146,6 +153,13 @@ pub struct StormArgs {
         default_value_t = 5000
     )]
     pub write_timeout_ms: u64,
+    /// Small changes posted before the storm, so the readers have history to read behind
+    /// the nodes' tail caches (which hold the newest 65,536 changes).
+    #[arg(long, env = "CHANGEAGENT_BENCH_PRELOAD", default_value_t = 0)]
+    pub preload: u64,
+    /// Readers paging through the preloaded history again and again during the storm.
+    #[arg(long, env = "CHANGEAGENT_BENCH_READERS", default_value_t = 0)]
+    pub readers: usize,
 }
 
 impl StormArgs {
@@ -169,6 +183,9 @@ impl StormArgs {
         }
         if !(self.rate.is_finite() && self.rate > 0.0) {
             bail!("--rate must be a positive number of posts per second");
+        }
+        if self.readers > 0 && self.preload == 0 {
+            bail!("--readers page through preloaded history: give --preload too");
         }
         if self.duration == 0 || self.write_timeout_ms == 0 {
             bail!("--duration and --write-timeout-ms must be at least 1");
@@ -235,13 +252,24 @@ async fn run(args: &StormArgs) -> Result<StormRun> {
         args.rate,
         args.duration
     ));
-    open_files::ensure(args.polls as u64, None)?;
+    open_files::ensure((args.polls + args.readers) as u64, None)?;
+    let history = preload(&nodes, args.preload).await?;
+    let nodes = connect(args).await?;
     let setup = wait_agreed(&nodes).await?;
     let baseline = baseline_open(&nodes).await?;
 
     let polls = Arc::new(PollStats::default());
     let mut pollers = JoinSet::new();
     let polls_open = open_polls(&nodes, args, baseline, &polls, &mut pollers).await?;
+    let reads = Arc::new(PollStats::default());
+    for i in 0..args.readers {
+        let node = &nodes[i % nodes.len()];
+        pollers.spawn(read_loop(
+            node.polls.connection(),
+            history,
+            Arc::clone(&reads),
+        ));
+    }
     let before = wait_agreed(&nodes).await?;
     if before.term != setup.term || before.leader != setup.leader {
         println!(
@@ -261,9 +289,11 @@ async fn run(args: &StormArgs) -> Result<StormRun> {
     let watch = Arc::new(WatchState::new(started, &before.seen));
     let watcher = Watcher::start(&nodes, &watch);
     let answers_before = polls.counts();
+    let reads_before = reads.counts().0;
     let writes = write_storm(&nodes, args, started, &polls, &watch).await?;
     let window = started.elapsed();
     let answers_after = polls.counts();
+    let reads_after = reads.counts().0;
     watcher.stop().await;
     pollers.shutdown().await;
 
@@ -276,6 +306,9 @@ async fn run(args: &StormArgs) -> Result<StormRun> {
         answers_with_changes: answers_after.1 - answers_before.1,
         window,
         poll_errors: polls.errors.load(Ordering::Relaxed),
+        readers: args.readers,
+        reads: reads_after - reads_before,
+        read_errors: reads.errors.load(Ordering::Relaxed),
         first_poll_error: polls.first_error(),
         term_before: before.term,
         leader_before: before.leader,
@@ -284,6 +317,48 @@ async fn run(args: &StormArgs) -> Result<StormRun> {
     storm.print();
     println!("{}", storm.to_json());
     Ok(storm)
+}
+
+/// Changes posted per request by [`preload`].
+const PRELOAD_BATCH: u64 = 1000;
+
+/// Posts `n` small changes to the first node in arrays of [`PRELOAD_BATCH`]; returns the
+/// last `_id` of the history the readers page through.
+async fn preload(nodes: &[Node], n: u64) -> Result<u64> {
+    let Some(first) = nodes.first() else {
+        bail!("--nodes lists no node");
+    };
+    let mut posted = 0;
+    let started = Instant::now();
+    while posted < n {
+        let batch = PRELOAD_BATCH.min(n - posted);
+        let body: Vec<Value> = (posted..posted + batch)
+            .map(|k| json!({"data": {"preload": k}}))
+            .collect();
+        let resp = first
+            .server
+            .client()
+            .post(first.server.url("/changes"))
+            .timeout(REACH_TIMEOUT * 6)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("preloading {}", first.server.base()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            bail!("preloading {}: {status}: {text}", first.server.base());
+        }
+        posted += batch;
+    }
+    if n > 0 {
+        println!(
+            "preloaded {} changes in {:.1} s",
+            report::count(n),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(first_page(&first.server).await?.last_index)
 }
 
 /// A client for every node, checked to answer, with its `lastIndex`.
@@ -769,6 +844,32 @@ async fn poll_loop(mut conn: PollConn, mut since: u64, block: u64, stats: Arc<Po
     }
 }
 
+/// One reader: pages from the start of the history to `end`, then again, until dropped.
+async fn read_loop(mut conn: PollConn, end: u64, stats: Arc<PollStats>) {
+    let timeout = Duration::from_secs(30);
+    let mut since = 0;
+    loop {
+        let path = format!("/changes?since={since}&limit={POLL_LIMIT}");
+        match poll_once(&mut conn, &path, timeout).await {
+            Ok(last) => {
+                stats.answers.fetch_add(1, Ordering::Relaxed);
+                since = match last {
+                    Some(id) if id < end => id,
+                    _ => 0,
+                };
+            }
+            Err(err) => {
+                stats.fail(
+                    format!("GET {path}: {err:#}"),
+                    poll_client::is_out_of_files(&err),
+                );
+                since = 0;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
 /// `/changes?since=S&block=B&limit=100`.
 fn poll_path(since: u64, block: u64) -> String {
     format!("/changes?since={since}&block={block}&limit={POLL_LIMIT}")
@@ -1036,6 +1137,11 @@ struct StormRun {
     /// Failed polls over the whole run.
     poll_errors: u64,
     first_poll_error: Option<String>,
+    /// Readers of the preloaded history, their pages while the writers ran, and failed
+    /// reads over the whole run.
+    readers: usize,
+    reads: u64,
+    read_errors: u64,
     term_before: u64,
     leader_before: u64,
     watch: WatchOutcome,
@@ -1196,6 +1302,10 @@ impl StormRun {
             "answers_with_changes": self.answers_with_changes,
             "answers_per_s": (self.answers_per_s() * 10.0).round() / 10.0,
             "poll_errors": self.poll_errors,
+            "readers": self.readers,
+            "reads": self.reads,
+            "reads_per_s": ((self.reads as f64 / self.window.as_secs_f64().max(1e-9)) * 10.0).round() / 10.0,
+            "read_errors": self.read_errors,
             "term_before": self.term_before,
             "term_after": self.watch.term_after,
             "leader_before": self.leader_before,
@@ -1355,6 +1465,9 @@ mod tests {
             window: Duration::from_secs(10),
             poll_errors: 0,
             first_poll_error: None,
+            readers: 0,
+            reads: 0,
+            read_errors: 0,
             term_before: 4,
             leader_before: 1,
             watch: WatchOutcome {

@@ -18,6 +18,11 @@ use serde_json::Value;
 
 /// Long-polls, spread over the three nodes.
 const POLLS: &str = "10000";
+/// History posted first, more than a node's tail cache holds (65,536 changes).
+const PRELOAD: &str = "150000";
+/// Readers paging through that history during the storm: reads behind the tail cache go to
+/// RocksDB on the nodes' blocking threads, where Raft's log writes used to queue too.
+const READERS: &str = "3000";
 /// Seconds of writing.
 const DURATION: &str = "20";
 /// The nodes' write timeout, and what the bench counts a write as too slow against.
@@ -43,6 +48,7 @@ async fn ten_thousand_woken_long_polls_cause_no_election_and_no_slow_write() {
         .args(["--nodes", &nodes.join(",")])
         .args(["--polls", POLLS, "--ramp", "1000", "--block", "60"])
         .args(["--writers", "8", "--rate", "20", "--duration", DURATION])
+        .args(["--preload", PRELOAD, "--readers", READERS])
         .args(["--write-timeout-ms", &WRITE_TIMEOUT_MS.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
