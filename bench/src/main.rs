@@ -223,7 +223,8 @@
 //!   step recovered and every check held. Ctrl-C puts every container back
 //!   (unpaused, started, reconnected) before exiting.
 //! - `storm --nodes URL,… [--polls 10000] [--ramp 500] [--block 30]
-//!   [--writers 4] [--rate 20] [--duration 20] [--write-timeout-ms 5000]` —
+//!   [--writers 4] [--rate 20] [--duration 20] [--write-timeout-ms 5000]
+//!   [--preload 0] [--readers 0]` —
 //!   against a running cluster (it starts nothing): holds `polls`
 //!   long-polls spread round-robin over every core node in `--nodes` (one
 //!   raw keep-alive connection each, opened `ramp` at a time until the nodes'
@@ -241,7 +242,11 @@
 //!   problem, same term, no leader change). Exit status 0 when ok, 1 when
 //!   not, 2 when the run could not be carried out (a node unreachable, no
 //!   agreed leader, the long-polls never showed open). Raises its open-file
-//!   limit like `longpoll`; the nodes need theirs raised too.
+//!   limit like `longpoll`; the nodes need theirs raised too. With
+//!   `--preload N` it first posts N small changes, and `--readers R` page
+//!   through them from the start again and again during the run: reads
+//!   behind the nodes' tail caches, which go to RocksDB (reads and read
+//!   errors are in the summary).
 //!
 //! # Local clusters
 //!

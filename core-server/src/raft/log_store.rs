@@ -466,3 +466,53 @@ pub fn read_cluster_id(store: &LogStore) -> Result<Option<String>, AnyError> {
 pub fn write_cluster_id(store: &LogStore, id: &str) -> Result<(), AnyError> {
     LogStore::put_json(&store.db, b"cluster_id", &id, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> (Entry, usize) {
+        let e = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        (e, 100)
+    }
+
+    fn indexes(got: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        got.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn the_cache_follows_appends_truncations_and_purges_within_its_budget() {
+        let mut c = EntryCache::default();
+        c.push((1..=5).map(entry).collect());
+        let all = |c: &EntryCache, start| indexes(c.get(start, Bound::Unbounded, usize::MAX, true));
+        assert_eq!(all(&c, 2), Some(vec![2, 3, 4, 5]));
+        // A byte budget stops early but always returns one entry.
+        let limited = c.get(2, Bound::Excluded(6), 250, false);
+        assert_eq!(indexes(limited), Some(vec![2, 3]));
+        assert_eq!(
+            indexes(c.get(2, Bound::Excluded(6), 10, false)),
+            Some(vec![2])
+        );
+        // A whole range reaching past the cache is read from disk.
+        assert_eq!(
+            indexes(c.get(2, Bound::Included(9), usize::MAX, true)),
+            None
+        );
+        c.truncate(4);
+        assert_eq!(all(&c, 1), Some(vec![1, 2, 3]));
+        c.push(vec![entry(4)]);
+        c.purge(2);
+        assert_eq!(all(&c, 3), Some(vec![3, 4]));
+        assert_eq!(all(&c, 2), None, "purged entries are not served");
+        assert_eq!(c.bytes, 200);
+        // A gap (a snapshot installed, entries from elsewhere) starts the cache afresh.
+        c.push(vec![entry(10)]);
+        assert_eq!(all(&c, 3), None);
+        assert_eq!(all(&c, 10), Some(vec![10]));
+        assert_eq!(c.bytes, 100);
+    }
+}
