@@ -10,10 +10,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use changeagent_testkit::{wait_until, Binary, ServerProcess};
+use changeagent_testkit::{wait_until, ServerProcess};
 use common::*;
 use serde_json::Value;
 
@@ -52,54 +51,61 @@ async fn a_fleet_of_occasionally_connected_viewers_ends_with_the_cores_state() {
 
     let work = tempfile::tempdir().unwrap();
     let report = work.path().join("fleet.json");
-    let bench = Binary::named("changeagent-bench")
-        .locate()
-        .unwrap_or_else(|err| panic!("{err}"));
-    let run = tokio::process::Command::new(bench)
-        .arg("fleet")
-        .args(["--cores", &core.url()])
-        .args(["--edges", &e.url()])
-        .args(["--consumers", "50"])
-        .args(["--writers", "2", "--outbox-writers", "2"])
-        .args(["--tenants", "2", "--keys", "40", "--rate", "40"])
+    let args: Vec<std::ffi::OsString> = [
+        "fleet",
+        "--cores",
+        &core.url(),
+        "--edges",
+        &e.url(),
+        "--consumers",
+        "50",
+        "--writers",
+        "2",
+        "--outbox-writers",
+        "2",
+        "--tenants",
+        "2",
+        "--keys",
+        "40",
+        "--rate",
+        "40",
         // 30 of the 50 go offline for 6 to 10 s: far longer than the core keeps 20
         // changes at 40 changes a second, so they come back to a 410.
-        .args(["--offline-share", "0.6", "--offline-secs", "6..10"])
-        .args(["--online-secs", "2..4"])
-        .args(["--duration", "20", "--settle-secs", "180"])
-        .args(["--block-secs", "10", "--seed", "7"])
-        .arg("--data-dir")
-        .arg(work.path().join("data"))
-        .arg("--report")
-        .arg(&report)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(FLEET_DEADLINE, run)
-        .await
-        .expect("the fleet did not end in time")
-        .expect("run changeagent-bench fleet");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: String = {
-        let lines: Vec<&str> = stderr.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
+        "--offline-share",
+        "0.6",
+        "--offline-secs",
+        "6..10",
+        "--online-secs",
+        "2..4",
+        "--duration",
+        "20",
+        "--settle-secs",
+        "180",
+        "--block-secs",
+        "10",
+        "--seed",
+        "7",
+    ]
+    .into_iter()
+    .map(Into::into)
+    .chain([
+        "--data-dir".into(),
+        work.path().join("data").into(),
+        "--report".into(),
+        report.clone().into(),
+    ])
+    .collect();
+    let run = run_bench(&args, FLEET_DEADLINE).await;
     assert!(
-        output.status.success(),
-        "the fleet failed ({}):\n{stdout}\n{tail}\ncore: {}\nedge: {}",
-        output.status,
+        run.status.success(),
+        "the fleet failed ({}):\n{}\n{}\ncore: {}\nedge: {}",
+        run.status,
+        run.stdout,
+        run.stderr_tail,
         core.log_tail(10),
         e.log_tail(10)
     );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON summary on stdout:\n{stdout}\n{tail}"));
-    let summary: Value = serde_json::from_str(line).expect("the summary is JSON");
+    let summary = run.summary().clone();
     println!("fleet summary: {summary}");
     let written: Value =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("the report file"))

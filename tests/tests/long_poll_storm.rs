@@ -9,12 +9,12 @@
 //! others (`CHANGEAGENT_BENCH_BIN`, else beside this test's executable). nextest runs this
 //! test alone: it needs the whole machine, and another test's load would be measured too.
 
-use std::process::Stdio;
+mod common;
+
 use std::time::Duration;
 
 use changeagent_testkit::cluster::{Cluster, ClusterOptions};
-use changeagent_testkit::Binary;
-use serde_json::Value;
+use common::run_bench;
 
 /// Long-polls, spread over the three nodes.
 const POLLS: &str = "10000";
@@ -40,37 +40,37 @@ async fn ten_thousand_woken_long_polls_cause_no_election_and_no_slow_write() {
     .await;
     cluster.wait_leader().await;
     let nodes: Vec<String> = (0..cluster.len()).map(|i| cluster.node(i).url()).collect();
-    let bench = Binary::named("changeagent-bench")
-        .locate()
-        .unwrap_or_else(|err| panic!("{err}"));
-    let run = tokio::process::Command::new(bench)
-        .arg("storm")
-        .args(["--nodes", &nodes.join(",")])
-        .args(["--polls", POLLS, "--ramp", "1000", "--block", "60"])
-        .args(["--writers", "8", "--rate", "20", "--duration", DURATION])
-        .args(["--preload", PRELOAD, "--readers", READERS])
-        .args(["--write-timeout-ms", &WRITE_TIMEOUT_MS.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(STORM_DEADLINE, run)
-        .await
-        .expect("the storm did not end in time")
-        .expect("run changeagent-bench storm");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: String = {
-        let lines: Vec<&str> = stderr.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON summary ({}):\n{stdout}\n{tail}", output.status));
-    let summary: Value = serde_json::from_str(line).expect("the summary is JSON");
+    let nodes = nodes.join(",");
+    let timeout = WRITE_TIMEOUT_MS.to_string();
+    let args: Vec<std::ffi::OsString> = [
+        "storm",
+        "--nodes",
+        &nodes,
+        "--polls",
+        POLLS,
+        "--ramp",
+        "1000",
+        "--block",
+        "60",
+        "--writers",
+        "8",
+        "--rate",
+        "20",
+        "--duration",
+        DURATION,
+        "--preload",
+        PRELOAD,
+        "--readers",
+        READERS,
+        "--write-timeout-ms",
+        &timeout,
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect();
+    let run = run_bench(&args, STORM_DEADLINE).await;
+    let summary = run.summary();
+    let tail = &run.stderr_tail;
     println!("storm summary: {summary}");
     let n = |field: &str| {
         summary[field]
@@ -84,6 +84,10 @@ async fn ten_thousand_woken_long_polls_cause_no_election_and_no_slow_write() {
     );
     // Proof the storm happened: every write woke the long-polls again and again.
     assert!(n("writes") >= 100, "too few writes: {summary}");
+    assert!(
+        n("reads") >= 10_000,
+        "the readers behind the tail caches hardly read: {summary}"
+    );
     assert!(
         n("answers_with_changes") >= 10 * n("polls"),
         "the long-polls were not woken repeatedly: {summary}"
@@ -104,9 +108,5 @@ async fn ten_thousand_woken_long_polls_cause_no_election_and_no_slow_write() {
         0,
         "writes over the {WRITE_TIMEOUT_MS} ms write timeout: {summary}"
     );
-    assert!(
-        output.status.success(),
-        "{}: {summary}\n{tail}",
-        output.status
-    );
+    assert!(run.status.success(), "{}: {summary}\n{tail}", run.status);
 }

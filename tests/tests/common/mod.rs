@@ -276,3 +276,58 @@ pub fn edge(upstream: &str, extra: &[&str]) -> ServerOptions {
     }
     opts
 }
+
+/// What a `changeagent-bench` run left: its exit status, stdout, the last lines of its
+/// stderr, and its JSON summary (the last stdout line that is a JSON object), if any.
+pub struct BenchRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr_tail: String,
+    pub summary: Option<Value>,
+}
+
+impl BenchRun {
+    /// The JSON summary; panics with the run's output when there is none.
+    pub fn summary(&self) -> &Value {
+        self.summary.as_ref().unwrap_or_else(|| {
+            panic!(
+                "no JSON summary ({}):\n{}\n{}",
+                self.status, self.stdout, self.stderr_tail
+            )
+        })
+    }
+}
+
+/// Runs `changeagent-bench` with `args` (found like the servers: `CHANGEAGENT_BENCH_BIN`,
+/// else beside the test executable) within `deadline`; panics when it does not end in time.
+pub async fn run_bench(args: &[std::ffi::OsString], deadline: Duration) -> BenchRun {
+    let bench = Binary::named("changeagent-bench")
+        .locate()
+        .unwrap_or_else(|err| panic!("{err}"));
+    let run = tokio::process::Command::new(bench)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(deadline, run)
+        .await
+        .unwrap_or_else(|_| panic!("changeagent-bench {args:?} did not end within {deadline:?}"))
+        .expect("run changeagent-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let stderr_tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .map(|line| serde_json::from_str(line).expect("the summary is JSON"));
+    BenchRun {
+        status: output.status,
+        stdout,
+        stderr_tail,
+        summary,
+    }
+}
