@@ -1,15 +1,34 @@
 //! Serving a router on a listener until shutdown, then draining: the listener stops
 //! accepting, waiting long-polls answer at once (they watch the same shutdown token), and
 //! requests still running after the drain timeout are cut. Either with hyper (`axum::serve`,
-//! HTTP/1 and HTTP/2) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets.
+//! HTTP/1 and HTTP/2; or [`Serving::start_on`], which serves each connection on the runtime
+//! picked for its peer's address) or with the [`lean`](crate::lean) HTTP/1.1 server for
+//! fleets.
 
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::serve::ListenerExt;
 use axum::Router;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Picks the runtime that serves a connection from a peer address; `None` is the runtime
+/// the server runs on.
+pub type RuntimeFor = Arc<dyn Fn(SocketAddr) -> Option<tokio::runtime::Handle> + Send + Sync>;
+
+/// Pause after a failed accept (out of file descriptors, say) before the next one.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// A server task started by [`Serving::start`].
 pub struct Serving {
@@ -31,6 +50,21 @@ impl Serving {
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         Serving {
             task: tokio::spawn(async move { server.await }),
+            shutdown,
+        }
+    }
+
+    /// [`Serving::start`], but each connection is served on the runtime `runtime_for` picks
+    /// for its peer's address: a core serves its peers' Raft RPCs on Raft's own runtime, so
+    /// a flood of client requests never delays reading a heartbeat.
+    pub fn start_on(
+        listener: TcpListener,
+        router: Router,
+        shutdown: CancellationToken,
+        runtime_for: RuntimeFor,
+    ) -> Serving {
+        Serving {
+            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), runtime_for)),
             shutdown,
         }
     }
@@ -83,4 +117,73 @@ pub enum ServeError {
     Serve(std::io::Error),
     #[error("the HTTP server task failed: {0}")]
     Task(String),
+}
+
+/// Accepts connections until `shutdown`, each served on its picked runtime; then asks every
+/// connection to finish (hyper's graceful shutdown) and waits until all have.
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    runtime_for: RuntimeFor,
+) -> std::io::Result<()> {
+    // Dropping `signal_rx` tells the connections to finish; each holds a `close_rx` until
+    // it has, so `close_tx.closed()` waits for the last one.
+    let (signal_tx, signal_rx) = watch::channel(());
+    let (close_tx, close_rx) = watch::channel(());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a connection; retrying");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let conn = serve_connection(tcp, router.clone(), signal_tx.clone(), close_rx.clone());
+        match runtime_for(peer) {
+            Some(runtime) => drop(runtime.spawn(conn)),
+            None => drop(tokio::spawn(conn)),
+        }
+    }
+    drop((signal_rx, close_rx));
+    close_tx.closed().await;
+    Ok(())
+}
+
+/// Serves one connection (HTTP/1 or HTTP/2) until it ends; when told to finish, lets its
+/// running requests answer and closes it.
+async fn serve_connection(
+    tcp: TcpStream,
+    router: Router,
+    signal_tx: watch::Sender<()>,
+    close_rx: watch::Receiver<()>,
+) {
+    let service = TowerToHyperService::new(
+        router.map_request(|req: hyper::Request<Incoming>| req.map(Body::new)),
+    );
+    let builder = Builder::new(TokioExecutor::new());
+    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tcp), service));
+    let finishing = tokio::select! {
+        result = conn.as_mut() => Some(result),
+        _ = signal_tx.closed() => None,
+    };
+    let result = match finishing {
+        Some(result) => result,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::trace!(error = %e, "connection ended with an error");
+    }
+    drop(close_rx);
 }

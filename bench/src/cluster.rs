@@ -51,7 +51,7 @@ pub struct NodeArgs {
     #[arg(
         long,
         env = "CHANGEAGENT_BENCH_ELECTION_TIMEOUT_MS",
-        default_value_t = 250
+        default_value_t = 150
     )]
     pub election_timeout_ms: u64,
     /// Directory in which the cluster's temporary directory (peers file,

@@ -255,7 +255,7 @@
 //! `changeagent-server` next to this executable, i.e.
 //! `target/release/changeagent-server`) on 127.0.0.11, 127.0.0.12, … with a
 //! free port each, all started with one `--peers` file, `--heartbeat-ms`
-//! (50) and `--election-timeout-ms` (250), plus any `--server-arg "…"`
+//! (50) and `--election-timeout-ms` (150), plus any `--server-arg "…"`
 //! (split at spaces), through the same harness the system tests use
 //! (`changeagent-testkit`). The peers file and one directory per node
 //! (`nK/data` and the log `nK/changeagent-server.log`, K from 0) live in a
@@ -794,7 +794,7 @@ mod tests {
                 cluster.nodes.heartbeat_ms,
                 cluster.nodes.election_timeout_ms
             ),
-            (80, 250)
+            (80, 150)
         );
         assert_eq!(cluster.nodes.server_args, ["--write-timeout-ms", "2000"]);
         assert_eq!((write.batch_posters, write.batch_size), (8, 1000));
@@ -836,7 +836,7 @@ mod tests {
         assert_eq!((args.cluster, args.rounds), (3, 20));
         assert_eq!(
             (args.nodes.heartbeat_ms, args.nodes.election_timeout_ms),
-            (50, 250)
+            (50, 150)
         );
         assert!(args.validate().is_ok());
         let cli = Cli::try_parse_from(["changeagent-bench", "failover", "--cluster", "2"]).unwrap();

@@ -39,8 +39,9 @@ pub struct Config {
 
     /// Minimum Raft election timeout; the maximum is 1.5 times this. Followers also refuse
     /// votes for that maximum after the last heartbeat (the leader lease), so a failover takes
-    /// one to two maximums.
-    #[arg(long, env = "CHANGEAGENT_ELECTION_TIMEOUT_MS", default_value_t = 250)]
+    /// one to two maximums. Raise it where a disk can stall for longer than the lease plus
+    /// this (a follower that misses heartbeats that long starts an election).
+    #[arg(long, env = "CHANGEAGENT_ELECTION_TIMEOUT_MS", default_value_t = 150)]
     pub election_timeout_ms: u64,
 
     /// Raft log entries between snapshots (each entry may carry many changes).

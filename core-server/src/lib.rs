@@ -20,11 +20,13 @@ pub mod raft;
 pub mod restore;
 pub mod stages;
 
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use changeagent_api::serve::Serving;
+use changeagent_api::serve::{RuntimeFor, Serving};
 use changeagent_api::{HttpMetrics, ReadApi, ReadLimits};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -84,7 +86,19 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let router = http::routes::router(app, read);
-    let server = Serving::start(listener, router, shutdown.clone());
+    // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime.
+    let member_ips = Arc::new(MemberIps::default());
+    tokio::spawn(watch_member_ips(
+        node.raft.clone(),
+        member_ips.clone(),
+        shutdown.clone(),
+    ));
+    let server = Serving::start_on(
+        listener,
+        router,
+        shutdown.clone(),
+        member_ips.runtime_for(raft_runtime.handle().clone()),
+    );
 
     let forming = node::form(
         config.clone(),
@@ -186,6 +200,78 @@ fn peer_client(addr: std::net::SocketAddr) -> anyhow::Result<reqwest::Client> {
         client = client.local_address(addr.ip());
     }
     client.build().context("cannot build the HTTP client")
+}
+
+/// The IP addresses of the cluster's members.
+#[derive(Default)]
+struct MemberIps(std::sync::RwLock<HashSet<IpAddr>>);
+
+impl MemberIps {
+    /// Picks `raft` for connections from a member, the main runtime for everyone else.
+    fn runtime_for(self: &Arc<Self>, raft: tokio::runtime::Handle) -> RuntimeFor {
+        let ips = self.clone();
+        Arc::new(move |peer: SocketAddr| {
+            let member = ips
+                .0
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&peer.ip());
+            member.then(|| raft.clone())
+        })
+    }
+}
+
+/// How often member addresses are resolved again when the membership stays the same (a
+/// name in it may point elsewhere after a restart).
+const MEMBER_ADDRESS_REFRESH: Duration = Duration::from_secs(30);
+
+/// Keeps `ips` at the addresses the membership's names resolve to: at each membership change
+/// and every [`MEMBER_ADDRESS_REFRESH`].
+async fn watch_member_ips(
+    raft: raft::types::Raft,
+    ips: Arc<MemberIps>,
+    shutdown: CancellationToken,
+) {
+    let mut metrics = raft.metrics();
+    let mut resolved_for = None;
+    let mut refresh = tokio::time::interval(MEMBER_ADDRESS_REFRESH);
+    loop {
+        let (membership, addrs) = {
+            let m = metrics.borrow_and_update();
+            let config = &m.membership_config;
+            let addrs: Vec<String> = config
+                .membership()
+                .nodes()
+                .map(|(_, n)| n.addr.clone())
+                .collect();
+            (*config.log_id(), addrs)
+        };
+        tokio::select! {
+            changed = metrics.changed(), if resolved_for == Some(membership) => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = refresh.tick() => {}
+            _ = shutdown.cancelled() => return,
+            // A new membership is resolved at once.
+            _ = std::future::ready(()), if resolved_for != Some(membership) => {}
+        }
+        let mut found = HashSet::new();
+        for addr in &addrs {
+            let host_port = addr
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/');
+            match tokio::net::lookup_host(host_port).await {
+                Ok(resolved) => found.extend(resolved.map(|a| a.ip())),
+                Err(e) => tracing::debug!(%addr, error = %e, "cannot resolve a member's address"),
+            }
+        }
+        *ips.0.write().unwrap_or_else(|p| p.into_inner()) = found;
+        resolved_for = Some(membership);
+    }
 }
 
 /// Threads of Raft's runtime: the core, the replication streams and the proposer are

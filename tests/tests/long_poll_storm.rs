@@ -4,7 +4,7 @@
 //! turns, so the load causes no leader change (the term stays) and no write takes longer
 //! than the write timeout.
 //!
-//! The cluster runs with the server's default timing (heartbeat 50 ms, election 250 ms), the
+//! The cluster runs with the server's default timing (heartbeat 50 ms, election 150 ms), the
 //! setting under which missed heartbeats show first. The bench binary is found like the
 //! others (`CHANGEAGENT_BENCH_BIN`, else beside this test's executable). nextest runs this
 //! test alone: it needs the whole machine, and another test's load would be measured too.
@@ -34,7 +34,7 @@ const STORM_DEADLINE: Duration = Duration::from_secs(240);
 async fn ten_thousand_woken_long_polls_cause_no_election_and_no_slow_write() {
     let cluster = Cluster::start_with_peers(
         ClusterOptions::new(3)
-            .timing(50, 250)
+            .timing(50, 150)
             .write_timeout_ms(Some(WRITE_TIMEOUT_MS)),
     )
     .await;

@@ -186,8 +186,8 @@ impl RaftNetwork<TypeConfig> for Connection {
             // One entry cannot be split: report it, and openraft retries on its next round.
             Err(RPCError::PayloadTooLarge(_)) if entries == 1 => Err(RPCError::Network(
                 NetworkError::new(&std::io::Error::other(format!(
-                    "node {} refused one Raft entry of about {bytes} bytes as too large; give \
-                     every node the same --max-body-bytes",
+                    "node {} refused one Raft entry of about {bytes} bytes as larger than its \
+                     Raft request limit; every node must run the same version",
                     self.target
                 ))),
             )),
