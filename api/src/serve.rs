@@ -147,10 +147,22 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let conn = serve_connection(tcp, router.clone(), signal_tx.clone(), close_rx.clone());
+        let (router, signal_tx, close_rx) = (router.clone(), signal_tx.clone(), close_rx.clone());
         match runtime_for(peer) {
-            Some(runtime) => drop(runtime.spawn(conn)),
-            None => drop(tokio::spawn(conn)),
+            None => drop(tokio::spawn(serve_connection(
+                tcp, router, signal_tx, close_rx,
+            ))),
+            // The socket moves to the other runtime's I/O driver too, so its readiness is
+            // delivered there, not by this (possibly busy) runtime.
+            Some(runtime) => match tcp.into_std() {
+                Ok(std) => drop(runtime.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => serve_connection(tcp, router, signal_tx, close_rx).await,
+                        Err(e) => tracing::warn!(error = %e, "cannot move a connection"),
+                    }
+                })),
+                Err(e) => tracing::warn!(error = %e, "cannot move a connection"),
+            },
         }
     }
     drop((signal_rx, close_rx));
