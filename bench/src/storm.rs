@@ -242,7 +242,7 @@ struct Node {
 /// means the run could not be carried out.
 async fn run(args: &StormArgs) -> Result<StormRun> {
     args.validate()?;
-    let nodes = connect(args).await?;
+    let mut nodes = connect(args).await?;
     report::header(&format!(
         "storm: {} long-polls (block={} s) on {} nodes, {} writers posting {}/s for {} s",
         report::count(args.polls as u64),
@@ -254,7 +254,12 @@ async fn run(args: &StormArgs) -> Result<StormRun> {
     ));
     open_files::ensure((args.polls + args.readers) as u64, None)?;
     let history = preload(&nodes, args.preload).await?;
-    let nodes = connect(args).await?;
+    if args.preload > 0 {
+        // The long-polls start after the history.
+        for node in &mut nodes {
+            node.since = first_page(&node.server).await?.last_index;
+        }
+    }
     let setup = wait_agreed(&nodes).await?;
     let baseline = baseline_open(&nodes).await?;
 

@@ -236,16 +236,8 @@ async fn watch_member_ips(
     let mut resolved_for = None;
     let mut refresh = tokio::time::interval(MEMBER_ADDRESS_REFRESH);
     loop {
-        let (membership, addrs) = {
-            let m = metrics.borrow_and_update();
-            let config = &m.membership_config;
-            let addrs: Vec<String> = config
-                .membership()
-                .nodes()
-                .map(|(_, n)| n.addr.clone())
-                .collect();
-            (*config.log_id(), addrs)
-        };
+        // Metrics change at every commit: only the membership's log id is read then.
+        let membership = *metrics.borrow_and_update().membership_config.log_id();
         tokio::select! {
             changed = metrics.changed(), if resolved_for == Some(membership) => {
                 if changed.is_err() {
@@ -258,6 +250,13 @@ async fn watch_member_ips(
             // A new membership is resolved at once.
             _ = std::future::ready(()), if resolved_for != Some(membership) => {}
         }
+        let addrs: Vec<String> = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
         let mut found = HashSet::new();
         for addr in &addrs {
             let host_port = addr
@@ -271,6 +270,7 @@ async fn watch_member_ips(
         }
         *ips.0.write().unwrap_or_else(|p| p.into_inner()) = found;
         resolved_for = Some(membership);
+        // The addresses were read after `membership`: a change in between is seen next.
     }
 }
 

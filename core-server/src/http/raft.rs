@@ -60,14 +60,15 @@ pub async fn append(
             .await
             .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
     };
-    let carries_entries = !req.entries.is_empty();
+    // A heartbeat carries nothing to finish: it is answered in place.
+    if req.entries.is_empty() {
+        return Ok(Json(app.raft.append_entries(req).await));
+    }
     let raft = app.raft.clone();
     let answer = tokio::spawn(async move { raft.append_entries(req).await })
         .await
         .map_err(|e| ApiError::Internal(format!("append task failed: {e}")))?;
-    if carries_entries {
-        STAGES.since(Stage::FollowerAppend, started);
-    }
+    STAGES.since(Stage::FollowerAppend, started);
     Ok(Json(answer))
 }
 
