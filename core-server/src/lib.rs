@@ -20,6 +20,7 @@ pub mod raft;
 pub mod restore;
 pub mod stages;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -38,8 +39,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs a core node on `listener` until `shutdown` is cancelled, then drains and stops.
 ///
-/// Shutdown order: 1. stop accepting and let requests finish (long-polls answer at once),
-/// up to the drain timeout; 2. shut Raft down; 3. sync the change store.
+/// Shutdown order: 1. a leader hands leadership over while it still serves (long-polls
+/// answer at once); 2. stop accepting and let requests finish, up to the drain timeout;
+/// 3. shut Raft down; 4. sync the change store.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -93,12 +95,27 @@ pub async fn run(
         member_ips.clone(),
         shutdown.clone(),
     ));
+    // Serving stops after a stopping leader has handed over (see `hand_over`).
+    let serving = CancellationToken::new();
     let server = Serving::start_on(
         listener,
         router,
-        shutdown.clone(),
+        serving.clone(),
         member_ips.runtime_for(raft_runtime.handle().clone()),
     );
+    let stopping = tokio::spawn({
+        let raft = node.raft.clone();
+        let proposer = proposer.clone();
+        let shutdown = shutdown.clone();
+        let probe = Duration::from_millis(config.election_timeout_max_ms());
+        async move {
+            shutdown.cancelled().await;
+            if raft.metrics().borrow_watched().running_state.is_ok() {
+                hand_over(&raft, &proposer, probe, HAND_OVER_TIMEOUT).await;
+            }
+            serving.cancel();
+        }
+    });
 
     let forming = node::form(
         config.clone(),
@@ -134,6 +151,7 @@ pub async fn run(
                 };
                 if let Some(why) = failure {
                     tracing::error!("{why}");
+                    stopping.abort();
                     shutdown.cancel();
                     server.abort();
                     node.raft.shutdown().await.ok();
@@ -175,10 +193,7 @@ pub async fn run(
         (None, Some(why)) => Some(why),
         (None, None) => None,
     };
-    if failure.is_none() {
-        let probe = Duration::from_millis(config.election_timeout_max_ms());
-        hand_over(&node.raft, probe, HAND_OVER_TIMEOUT).await;
-    }
+    stopping.abort();
     node.raft.shutdown().await.ok();
     node.store.sync().context("cannot sync the change store")?;
     match failure {
@@ -251,7 +266,7 @@ async fn watch_member_ips(
             _ = std::future::ready(()), if resolved_for != Some(membership) => {}
         }
         let addrs: Vec<String> = metrics
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .nodes()
@@ -318,13 +333,20 @@ impl Drop for RaftRuntime {
 /// Longest a stopping leader waits for its followers to catch up.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A stopping leader first makes sure everything in its log is held by a quorum (so it is
-/// committed and the next leader has it: no write waiting on this node is lost), then stops.
-/// When the rest cannot form a quorum it stops at once. (openraft 0.9 has no leadership
-/// transfer: the followers elect once heartbeats stop.)
-async fn hand_over(raft: &raft::types::Raft, probe: Duration, timeout: Duration) {
+/// A stopping leader, while it still serves, holds new entries back and waits until a
+/// quorum holds its whole log (so it is committed and the next leader has it: no write
+/// waiting on this node is lost), then hands leadership to a follower that holds it all, so
+/// the cluster need not wait an election timeout for a new leader. The new leader's vote
+/// request reaches it (it still serves) and ends its term; what waited in the proposer is
+/// then forwarded to the new leader. When the rest cannot form a quorum it stops at once.
+async fn hand_over(
+    raft: &raft::types::Raft,
+    proposer: &proposer::Proposer,
+    probe: Duration,
+    timeout: Duration,
+) {
     let (voters, quorum) = {
-        let m = raft.metrics().borrow().clone();
+        let m = raft.metrics().borrow_watched().clone();
         if m.state != openraft::ServerState::Leader {
             return;
         }
@@ -336,44 +358,82 @@ async fn hand_over(raft: &raft::types::Raft, probe: Duration, timeout: Duration)
     }
     // A leadership check is one heartbeat round that needs a quorum to answer.
     if !matches!(
-        tokio::time::timeout(probe, raft.get_read_log_id()).await,
+        tokio::time::timeout(probe, raft.get_read_log_id(openraft::ReadPolicy::ReadIndex)).await,
         Ok(Ok(_))
     ) {
         tracing::info!("no quorum of followers answers; stopping without hand-over");
         return;
     }
+    /// Lets held requests go again, however the hand-over ends.
+    struct Release<'a>(&'a proposer::Proposer);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.hold(false);
+        }
+    }
+    proposer.hold(true);
+    let _release = Release(proposer);
     let mut metrics = raft.metrics();
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut transferred_to = None;
     loop {
-        let caught_up = {
+        let next = {
             let m = metrics.borrow_and_update();
             if m.state != openraft::ServerState::Leader {
+                let new = m.current_leader.filter(|l| *l != m.id);
+                drop(m);
+                match (new, transferred_to) {
+                    (Some(new), _) => {
+                        tracing::info!(new_leader = new, "handed leadership over; stopping");
+                        return;
+                    }
+                    (None, None) => {
+                        tracing::info!("no longer the leader; stopping");
+                        return;
+                    }
+                    // Handed over; waiting to hear from the new leader.
+                    (None, Some(_)) => None,
+                }
+            } else {
+                let last = m.last_log_index;
+                let caught_up: Vec<raft::types::NodeId> = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|v| *v != m.id)
+                    .filter(|v| {
+                        m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(v).cloned().flatten())
+                            .map(|l| l.index)
+                            >= last
+                    })
+                    .collect();
+                (caught_up.len() + 1 >= quorum).then(|| caught_up.first().copied())
+            }
+        };
+        match (next, transferred_to) {
+            (Some(Some(to)), None) => {
+                tracing::info!(to, "followers caught up; handing leadership over");
+                if raft.trigger().transfer_leader(to).await.is_err() {
+                    return;
+                }
+                transferred_to = Some(to);
+            }
+            (Some(None), _) => {
+                tracing::info!("followers caught up; leader stepping down");
                 return;
             }
-            let last = m.last_log_index;
-            let followers = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|v| *v != m.id)
-                .filter(|v| {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(v).cloned().flatten())
-                        .map(|l| l.index)
-                        >= last
-                })
-                .count();
-            followers + 1 >= quorum
-        };
-        if caught_up {
-            tracing::info!("followers caught up; leader stepping down");
-            return;
+            _ => {}
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!("followers did not catch up within {timeout:?}; stopping anyway");
+                if transferred_to.is_some() {
+                    tracing::warn!("leadership not taken over within {timeout:?}; stopping anyway");
+                } else {
+                    tracing::warn!("followers did not catch up within {timeout:?}; stopping anyway");
+                }
                 return;
             }
         }

@@ -7,6 +7,7 @@
 //!
 //! A node whose log already holds a membership never initializes again.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,6 +103,8 @@ pub async fn start(
         election_timeout_max: config.election_timeout_max_ms(),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.snapshot_keep_logs,
+        // Replicate an entry as soon as it is in the log, while the leader syncs it.
+        broadcast_submitted_on_append: Some(true),
         ..Default::default()
     }
     .validate()
@@ -288,7 +291,7 @@ async fn form_from_peers(
 
 fn is_voter(raft: &Raft, id: NodeId) -> bool {
     raft.metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .voter_ids()

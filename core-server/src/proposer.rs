@@ -15,11 +15,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use changeagent_store::now_nanos;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use openraft::impls::ProgressResponder;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
 use crate::stages::{Stage, STAGES};
@@ -75,6 +77,8 @@ pub struct Proposer {
     /// One permit per byte waiting (at most [`MAX_QUEUE_BYTES`]).
     room: Arc<Semaphore>,
     stats: Arc<ProposerStats>,
+    /// While true, requests wait in the queue instead of being proposed.
+    held: Arc<watch::Sender<bool>>,
 }
 
 impl Proposer {
@@ -82,11 +86,13 @@ impl Proposer {
     pub fn start(raft: Raft, runtime: &tokio::runtime::Handle) -> Proposer {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(ProposerStats::default());
+        let (held, held_rx) = watch::channel(false);
         runtime.spawn(
             ProposeWorker {
                 raft,
                 rx,
                 stats: stats.clone(),
+                held: held_rx,
             }
             .run(),
         );
@@ -94,7 +100,15 @@ impl Proposer {
             tx,
             room: Arc::new(Semaphore::new(MAX_QUEUE_BYTES)),
             stats,
+            held: Arc::new(held),
         }
+    }
+
+    /// Holds new entries back (`true`) or lets them go again (`false`): a stopping leader
+    /// holds them while its followers catch up, then hands leadership over, and what waited
+    /// is answered "not the leader" and forwarded to the new one.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     /// Proposes one request and waits for the state machine's answer.
@@ -134,11 +148,29 @@ struct ProposeWorker {
     /// Fed by [`Proposer`] handles; closes when the last handle drops.
     rx: mpsc::Receiver<Pending>,
     stats: Arc<ProposerStats>,
+    held: watch::Receiver<bool>,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
 
 impl ProposeWorker {
+    /// A leader refuses entries until a quorum has answered it once in its term (openraft's
+    /// leader lease), as if it did not lead. Right after an election that is a round trip
+    /// away: wait for it (at most one election timeout) rather than answer "not the leader"
+    /// to writes that reach the new leader first.
+    async fn wait_for_first_quorum(&self) {
+        let unconfirmed = |m: &openraft::RaftMetrics<crate::raft::types::TypeConfig>| {
+            m.state == openraft::ServerState::Leader && m.last_quorum_acked.is_none()
+        };
+        let mut metrics = self.raft.metrics();
+        if !unconfirmed(&metrics.borrow_watched()) {
+            return;
+        }
+        let bound = Duration::from_millis(self.raft.config().election_timeout_max);
+        let confirmed = metrics.wait_until(|m| !unconfirmed(m));
+        let _ = tokio::time::timeout(bound, confirmed).await;
+    }
+
     async fn run(mut self) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut batch = Vec::with_capacity(256);
@@ -152,6 +184,10 @@ impl ProposeWorker {
                     None => return,
                 },
             };
+            if self.held.wait_for(|held| !held).await.is_err() {
+                return;
+            }
+            self.wait_for_first_quorum().await;
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
@@ -191,9 +227,10 @@ impl ProposeWorker {
                 ts: now_nanos(),
                 requests,
             };
-            match self.raft.client_write_ff(cmd).await {
+            let (responder, answer) = ProgressResponder::complete_only();
+            match self.raft.client_write_ff(cmd, Some(responder)).await {
                 Err(fatal) => answer_all(replies, ProposeError::Stopped(fatal.to_string())),
-                Ok(answer) => {
+                Ok(()) => {
                     tokio::spawn(async move {
                         let _slot = slot;
                         let answer = answer.await;

@@ -124,13 +124,22 @@ async fn sigterm_of_the_leader_hands_over_and_exits_cleanly() {
         status.success(),
         "the leader exited with {status}; log:\n{log}"
     );
-    // It stopped as leader only once both followers held its whole log.
+    // It handed leadership over only once a quorum held its whole log, and a follower took
+    // it over while the old leader still ran (no election timeout waited out).
     assert!(
-        log.contains("followers caught up; leader stepping down"),
+        log.contains("followers caught up; handing leadership over"),
         "no hand-over in the leader's log:\n{log}"
     );
+    assert!(
+        log.contains("handed leadership over; stopping"),
+        "leadership was not taken over before the leader stopped:\n{log}"
+    );
     let survivors = cluster.others(&[old]);
-    cluster.wait_new_leader(&survivors, old).await;
+    let new = cluster.wait_new_leader(&survivors, old).await;
+    assert!(
+        log.contains(&format!("new_leader={}", cluster.node(new).id)),
+        "the node the leader handed over to is not the one leading now (n{new}):\n{log}"
+    );
     wait_acks(
         &history,
         Some(stopped_at),

@@ -5,6 +5,7 @@
 //! (from the log or a snapshot), then change the membership to make it a voter. Changes run
 //! on the leader; the forwarding middleware sends them there from a follower.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ const ASK_LEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// This node's view of the cluster; `matched` is known only on the leader.
 pub fn local_info(raft: &Raft, cluster_id: Option<String>) -> ClusterInfo {
-    let m = raft.metrics().borrow().clone();
+    let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let leading = m.state == ServerState::Leader;
@@ -121,7 +122,7 @@ pub async fn join(
         )));
     }
     let (voters, nodes) = {
-        let m = app.raft.metrics().borrow().clone();
+        let m = app.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let nodes: Vec<(NodeId, String)> = membership
@@ -146,7 +147,7 @@ pub async fn join(
     let known = nodes.iter().any(|(id, _)| *id == req.node_id);
     if known {
         // Added by an earlier, interrupted join: wait until it has caught up again.
-        let target = app.raft.metrics().borrow().last_log_index;
+        let target = app.raft.metrics().borrow_watched().last_log_index;
         wait_caught_up(&app.raft, req.node_id, target).await;
     } else {
         app.raft
@@ -191,7 +192,7 @@ async fn wait_caught_up(raft: &Raft, node: NodeId, target: Option<u64>) {
 /// Removes `id` from the membership (on the leader).
 async fn remove(app: &AppState, id: NodeId) -> Result<Removed, ApiError> {
     let (voters, known) = {
-        let m = app.raft.metrics().borrow().clone();
+        let m = app.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let known = membership.get_node(&id).is_some();

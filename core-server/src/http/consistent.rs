@@ -44,7 +44,13 @@ impl LeaderBarrier {
                 }
                 Some(LeaderIs::Me) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    return match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+                    return match tokio::time::timeout(
+                        left,
+                        self.raft
+                            .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+                    )
+                    .await
+                    {
                         Ok(Ok(_)) => Ok(()),
                         Ok(Err(e)) => Err(unavailable(format!(
                             "cannot confirm leadership for a consistent read: {e}"

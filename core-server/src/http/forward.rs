@@ -11,6 +11,7 @@
 //! 3. A failure after the request reached the leader is a 503 saying the write may have
 //!    been applied, so the client retries with the same `Idempotency-Key`.
 
+use openraft::async_runtime::WatchReceiver;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};

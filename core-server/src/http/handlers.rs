@@ -5,6 +5,7 @@
 //!
 //! [`Proposer`]: crate::proposer::Proposer
 
+use openraft::async_runtime::WatchReceiver;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
@@ -145,7 +146,13 @@ async fn precheck(app: &AppState, request: Request) -> Result<Checked, ApiError>
     let (request, verdict) = match verdict {
         Err(StoreError::Rejected(_)) if request.idempotency_key.is_some() => {
             let timeout = app.config.write_timeout();
-            match tokio::time::timeout(timeout, app.raft.ensure_linearizable()).await {
+            match tokio::time::timeout(
+                timeout,
+                app.raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+            )
+            .await
+            {
                 Ok(Ok(_)) => dry_run_blocking(app, request).await?,
                 // Not the leader any more, or no quorum: the refusal may be stale.
                 _ => {
@@ -410,7 +417,7 @@ fn role(state: ServerState) -> &'static str {
 
 /// `GET /health`.
 pub async fn health(State(app): State<Arc<AppState>>) -> Json<Health> {
-    let m = app.raft.metrics().borrow().clone();
+    let m = app.raft.metrics().borrow_watched().clone();
     let state = app.store.state();
     let applied = m.last_applied.map(|l| l.index);
     let membership = m.membership_config.membership();
@@ -437,7 +444,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let mut out = String::with_capacity(16 * 1024);
     app.metrics.render(&mut out);
     STAGES.render(&mut out);
-    let m = app.raft.metrics().borrow().clone();
+    let m = app.raft.metrics().borrow_watched().clone();
     let s = app.store.state();
     gauge(
         &mut out,

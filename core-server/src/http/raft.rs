@@ -13,10 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use changeagent_api::ApiError;
 use futures::StreamExt;
-use openraft::error::{Fatal, RaftError};
+use openraft::error::RaftError;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
@@ -51,7 +53,7 @@ const DECODE_INLINE_BYTES: usize = 64 * 1024;
 pub async fn append(
     State(app): State<Arc<AppState>>,
     body: Bytes,
-) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+) -> Result<Json<Result<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>>, ApiError> {
     let started = Instant::now();
     let req: AppendEntriesRequest<TypeConfig> = if body.len() <= DECODE_INLINE_BYTES {
         decode_append(&body)?
@@ -80,9 +82,23 @@ fn decode_append(body: &[u8]) -> Result<AppendEntriesRequest<TypeConfig>, ApiErr
 /// `POST /raft/vote`.
 pub async fn vote(
     State(app): State<Arc<AppState>>,
-    Json(req): Json<VoteRequest<NodeId>>,
-) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    Json(req): Json<VoteRequest<TypeConfig>>,
+) -> Json<Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>> {
     Json(app.raft.vote(req).await)
+}
+
+/// `POST /raft/transfer-leader`: the leader hands over to this node (it stops leading and
+/// asks this node to campaign at once).
+pub async fn transfer_leader(
+    State(app): State<Arc<AppState>>,
+    Json(req): Json<TransferLeaderRequest<TypeConfig>>,
+) -> Json<Result<TransferLeaderResponse<TypeConfig>, RaftError<TypeConfig>>> {
+    Json(
+        app.raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(RaftError::Fatal),
+    )
 }
 
 fn json_header<T: serde::de::DeserializeOwned>(
@@ -102,7 +118,7 @@ pub async fn snapshot(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, ApiError> {
+) -> Result<Json<Result<SnapshotResponse<TypeConfig>, RaftError<TypeConfig>>>, ApiError> {
     let vote: Vote = json_header(&headers, SNAPSHOT_VOTE_HEADER)?;
     let meta: SnapshotMeta = json_header(&headers, SNAPSHOT_META_HEADER)?;
     let io = |what: &str, e: std::io::Error| ApiError::Internal(format!("{what}: {e}"));
@@ -134,12 +150,17 @@ pub async fn snapshot(
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(|e| io("cannot write the incoming snapshot", e))?;
-    tracing::info!(snapshot = %meta.snapshot_id, bytes = received, "received a snapshot; installing");
+    tracing::info!(snapshot = %meta, bytes = received, "received a snapshot; installing");
     let snapshot = Snapshot {
         meta,
-        snapshot: Box::new(tokio::fs::File::from_std(std_file)),
+        snapshot: tokio::fs::File::from_std(std_file),
     };
-    Ok(Json(app.raft.install_full_snapshot(vote, snapshot).await))
+    Ok(Json(
+        app.raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(RaftError::Fatal),
+    ))
 }
 
 /// Answer of `POST /raft/read-index`.
@@ -154,9 +175,9 @@ pub struct ReadIndex {
 /// quorum) and answers the log index a consistent read must wait for.
 pub async fn read_index(State(app): State<Arc<AppState>>) -> Result<Json<ReadIndex>, ApiError> {
     let timeout = app.config.write_timeout();
-    match tokio::time::timeout(timeout, app.raft.get_read_log_id()).await {
+    match tokio::time::timeout(timeout, app.raft.get_read_log_id(ReadPolicy::ReadIndex)).await {
         Ok(Ok((read, _applied))) => Ok(Json(ReadIndex {
-            index: read.map_or(0, |l| l.index),
+            index: read.index(),
         })),
         Ok(Err(e)) => Err(ApiError::Unavailable {
             message: format!("cannot confirm leadership for a consistent read: {e}"),

@@ -54,6 +54,7 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
     let raft_routes = Router::new()
         .route("/raft/append", post(raft::append))
         .route("/raft/vote", post(raft::vote))
+        .route("/raft/transfer-leader", post(raft::transfer_leader))
         .route("/raft/read-index", post(raft::read_index))
         .route("/raft/identity", get(raft::identity))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))

@@ -31,6 +31,16 @@ impl IoThread {
         Ok(IoThread { name, jobs })
     }
 
+    /// Queues `f` on the thread without waiting for it.
+    pub fn send<F>(&self, f: F) -> Result<(), IoStopped>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.jobs
+            .send(Box::new(f))
+            .map_err(|_| IoStopped(self.name))
+    }
+
     /// Runs `f` on the thread and waits for its result without blocking the caller's worker.
     pub async fn run<T, F>(&self, f: F) -> Result<T, IoStopped>
     where

@@ -1,42 +1,50 @@
 //! The Raft log and vote in their own RocksDB database.
 //!
 //! Ordering rules:
-//! 1. `append` writes the entries in one batch with the WAL synced; only after that write
-//!    returns does it call the flush callback, so openraft never counts an entry as persisted
-//!    before it is on disk.
-//! 2. `save_vote` writes with the WAL synced before it returns.
-//! 3. `truncate` and `purge` are synced too: a truncated suffix must never reappear.
+//! 1. `append` makes the entries readable at once (the in-memory [`EntryCache`]) and returns,
+//!    so replication starts while they are written. The `raft-log` thread writes them in one
+//!    batch to RocksDB (WAL written, not yet synced); then the `raft-log-sync` thread syncs
+//!    the WAL ([`DB::flush_wal`]) and only after that reports them flushed. openraft counts
+//!    an entry as this node's (toward a quorum, in its answer to the leader) only once
+//!    reported, so nothing counts before it is on disk. One sync covers every write before
+//!    it: appends that queue while a sync runs share the next one.
+//! 2. `save_vote` writes with the WAL synced before it returns; the vote is then also kept in
+//!    memory, where `read_vote` answers from.
+//! 3. `truncate_after` and `purge` are synced too: a truncated suffix must never reappear.
+//! 4. Writes keep their order: all of them run on `raft-log`, in the order openraft asks.
 //!
 //! RocksDB calls run on threads of the log's own ([`IoThread`]), never on the async workers
-//! or in the blocking pool client reads use: writes and state reads on `raft-log`, entry
-//! reads that miss the cache on `raft-log-read`.
+//! or in the blocking pool client reads use: writes and state reads on `raft-log`, syncs on
+//! `raft-log-sync`, entry reads that miss the cache on `raft-log-read`.
 //!
-//! The newest entries are also kept in memory ([`EntryCache`], bounded in entries and
-//! bytes), so replication reads what was just appended without a disk read or a thread hop.
-//! Replication reads are bounded in bytes ([`MAX_APPEND_BYTES`]): openraft sends what a read
-//! returns as one AppendEntries request, and that must arrive within its timeout.
+//! The newest entries are kept in memory ([`EntryCache`], bounded in entries and bytes; an
+//! entry leaves it only once written to RocksDB), so replication and the state machine read
+//! what was just appended without a disk read or a thread hop. Replication reads are bounded
+//! in bytes ([`MAX_APPEND_BYTES`]): openraft sends what a read returns as one AppendEntries
+//! request, and that must arrive within its timeout.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, RaftLogReader, StorageIOError};
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::RaftLogReader;
 use rocksdb::{
     ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 
 use super::io::IoThread;
-use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
+use super::types::{entry_len, Entry, LogId, NodeId, TypeConfig, Vote};
 use crate::stages::{Stage, STAGES};
 
 /// Most bytes of entries one replication read returns (at least one entry): what one
 /// AppendEntries request carries.
 pub const MAX_APPEND_BYTES: usize = 1 << 20;
-/// Newest entries kept in memory, in entries and in bytes (as stored).
+/// Newest entries kept in memory, in entries and in bytes (see [`entry_len`]).
 const CACHE_ENTRIES: usize = 16_384;
 const CACHE_BYTES: usize = 64 << 20;
 
@@ -52,39 +60,70 @@ pub struct LogStore {
     db: Arc<DB>,
     writer: Arc<IoThread>,
     reader: Arc<IoThread>,
+    syncs: mpsc::Sender<Flush>,
     cache: Arc<Mutex<EntryCache>>,
+    /// The vote as last synced (rule 2).
+    vote: Arc<Mutex<Option<Vote>>>,
 }
 
-/// The newest contiguous entries with their stored sizes, oldest first.
+/// An append written to RocksDB, waiting for the WAL sync that makes it durable.
+struct Flush {
+    db: Arc<DB>,
+    callback: IOFlushed<TypeConfig>,
+    started: Instant,
+}
+
+/// The newest contiguous entries with their sizes, oldest first.
 #[derive(Default)]
 struct EntryCache {
-    entries: VecDeque<(Entry, usize)>,
+    entries: VecDeque<(Arc<Entry>, usize)>,
     bytes: usize,
+    /// The last index written to RocksDB: entries after it stay here, whatever the budget.
+    written: Option<u64>,
 }
 
 impl EntryCache {
-    fn index_of(e: &(Entry, usize)) -> u64 {
+    fn index_of(e: &(Arc<Entry>, usize)) -> u64 {
         e.0.log_id.index
     }
 
-    /// Adds entries just written; a gap before them (a restart, a snapshot) starts afresh.
-    fn push(&mut self, written: Vec<(Entry, usize)>) {
-        let Some(first) = written.first().map(Self::index_of) else {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(Self::index_of)
+    }
+
+    /// Adds appended entries; a gap before them (a restart, a snapshot) starts afresh.
+    fn push(&mut self, appended: Vec<(Arc<Entry>, usize)>) {
+        let Some(first) = appended.first().map(Self::index_of) else {
             return;
         };
         if self.entries.back().map(Self::index_of) != first.checked_sub(1) {
             self.entries.clear();
             self.bytes = 0;
         }
-        for e in written {
+        for e in appended {
             self.bytes += e.1;
             self.entries.push_back(e);
         }
+        self.evict();
+    }
+
+    /// Entries up to `index` are in RocksDB now and may leave.
+    fn written(&mut self, index: u64) {
+        self.written = Some(self.written.map_or(index, |w| w.max(index)));
+        self.evict();
+    }
+
+    fn evict(&mut self) {
         while self.entries.len() > CACHE_ENTRIES || self.bytes > CACHE_BYTES {
-            let Some((_, n)) = self.entries.pop_front() else {
+            let Some(first) = self.first() else {
                 break;
             };
-            self.bytes -= n;
+            if self.written.is_none_or(|w| first > w) {
+                break;
+            }
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
         }
     }
 
@@ -98,6 +137,9 @@ impl EntryCache {
             if let Some((_, n)) = self.entries.pop_back() {
                 self.bytes -= n;
             }
+        }
+        if self.written.is_some_and(|w| w >= index) {
+            self.written = index.checked_sub(1);
         }
     }
 
@@ -117,7 +159,7 @@ impl EntryCache {
     /// Entries `start..end` from memory, stopping after `budget` bytes (at least one entry);
     /// `None` unless the cache holds `start` and, when `whole`, everything up to `end`.
     fn get(&self, start: u64, end: Bound<u64>, budget: usize, whole: bool) -> Option<Vec<Entry>> {
-        let first = self.entries.front().map(Self::index_of)?;
+        let first = self.first()?;
         let last = self.entries.back().map(Self::index_of)?;
         if start < first || start > last {
             return None;
@@ -137,14 +179,14 @@ impl EntryCache {
                 break;
             }
             bytes += n;
-            out.push(entry.clone());
+            out.push(Entry::clone(entry));
         }
         Some(out)
     }
 }
 
-fn io_err(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 fn synced() -> WriteOptions {
@@ -161,89 +203,142 @@ impl LogStore {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         let cfs = [CF_LOGS, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let thread = |name| {
             IoThread::spawn(name)
                 .map(Arc::new)
                 .map_err(|e| anyhow::anyhow!("cannot start thread {name}: {e}"))
         };
+        let vote = Self::get_json(&db, KEY_VOTE)?;
+        let syncs = spawn_syncer()
+            .map_err(|e| anyhow::anyhow!("cannot start thread raft-log-sync: {e}"))?;
         Ok(LogStore {
-            db: Arc::new(db),
+            db,
             writer: thread("raft-log")?,
             reader: thread("raft-log-read")?,
+            syncs,
             cache: Arc::default(),
+            vote: Arc::new(Mutex::new(vote)),
         })
     }
 
     /// Runs `f` on the log's writer thread.
-    async fn run<T, F>(&self, f: F) -> Result<T, AnyError>
+    async fn run<T, F>(&self, f: F) -> io::Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&DB) -> Result<T, AnyError> + Send + 'static,
+        F: FnOnce(&DB) -> io::Result<T> + Send + 'static,
     {
         let db = self.db.clone();
-        self.writer.run(move || f(&db)).await.map_err(io_err)?
+        self.writer.run(move || f(&db)).await.map_err(other)?
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.cache)
     }
 
     /// Entries from `start` within `end`: from the cache when it holds them, else from
-    /// RocksDB on the reader thread; at most `budget` bytes (at least one entry) unless
-    /// `whole`, which returns the whole range.
+    /// RocksDB on the reader thread (for a whole range: up to where the cache starts, then
+    /// from the cache); at most `budget` bytes (at least one entry) unless `whole`, which
+    /// returns the whole range.
     async fn read_entries(
         &self,
         start: u64,
         end: Bound<u64>,
         budget: usize,
         whole: bool,
-    ) -> Result<Vec<Entry>, StorageError> {
-        if let Some(hit) = self.cache().get(start, end, budget, whole) {
-            return Ok(hit);
+    ) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut from = start;
+        // Each round moves `from` up to where the cache started, so this ends.
+        loop {
+            let first_cached = {
+                let cache = self.cache();
+                if let Some(hit) = cache.get(from, end, budget, whole) {
+                    out.extend(hit);
+                    return Ok(out);
+                }
+                cache.first()
+            };
+            // Below the cache everything is in RocksDB (an entry leaves the cache once
+            // written); the rest of a whole range is read from the cache in the next round.
+            let (disk_end, rest) = match first_cached {
+                Some(f) if whole && from < f && in_end(end, f) => (Bound::Excluded(f), Some(f)),
+                _ => (end, None),
+            };
+            let db = self.db.clone();
+            let disk = self
+                .reader
+                .run(move || read_range(&db, from, disk_end, budget, whole))
+                .await
+                .map_err(other)??;
+            out.extend(disk);
+            match rest {
+                Some(first) => from = first,
+                None => return Ok(out),
+            }
         }
-        let db = self.db.clone();
-        self.reader
-            .run(move || read_range(&db, start, end, budget, whole))
-            .await
-            .map_err(io_err)
-            .and_then(|r| r)
-            .map_err(|e| StorageIOError::read_logs(e).into())
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(
-        db: &DB,
-        key: &[u8],
-    ) -> Result<Option<T>, AnyError> {
+    fn get_json<T: serde::de::DeserializeOwned>(db: &DB, key: &[u8]) -> io::Result<Option<T>> {
         let cf = db
             .cf_handle(CF_STATE)
-            .ok_or_else(|| io_err("missing state cf"))?;
-        match db.get_cf(&cf, key).map_err(io_err)? {
+            .ok_or_else(|| other("missing state cf"))?;
+        match db.get_cf(&cf, key).map_err(other)? {
             None => Ok(None),
             // A value that does not decode is corruption, never "absent".
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| io_err(format!("corrupt {}: {e}", String::from_utf8_lossy(key)))),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("corrupt {}: {e}", String::from_utf8_lossy(key)),
+                )
+            }),
         }
     }
 
-    fn put_json<T: serde::Serialize>(
-        db: &DB,
-        key: &[u8],
-        v: &T,
-        sync: bool,
-    ) -> Result<(), AnyError> {
+    fn put_json<T: serde::Serialize>(db: &DB, key: &[u8], v: &T, sync: bool) -> io::Result<()> {
         let cf = db
             .cf_handle(CF_STATE)
-            .ok_or_else(|| io_err("missing state cf"))?;
-        let bytes = serde_json::to_vec(v).map_err(io_err)?;
+            .ok_or_else(|| other("missing state cf"))?;
+        let bytes = serde_json::to_vec(v).map_err(other)?;
         let opts = if sync {
             synced()
         } else {
             WriteOptions::default()
         };
-        db.put_cf_opt(&cf, key, bytes, &opts).map_err(io_err)
+        db.put_cf_opt(&cf, key, bytes, &opts).map_err(other)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts `raft-log-sync`: it takes every append written so far, syncs the WAL once and
+/// reports them all flushed (rule 1). It holds the database only while appends wait, so the
+/// database closes when the last store handle is dropped.
+fn spawn_syncer() -> io::Result<mpsc::Sender<Flush>> {
+    let (tx, rx) = mpsc::channel::<Flush>();
+    std::thread::Builder::new()
+        .name("raft-log-sync".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut flushes = vec![first];
+                flushes.extend(rx.try_iter());
+                let result = flushes[0].db.flush_wal(true).map_err(|e| e.to_string());
+                for f in flushes {
+                    match &result {
+                        Ok(()) => {
+                            STAGES.since(Stage::LogAppend, f.started);
+                            f.callback.io_completed(Ok(()));
+                        }
+                        Err(e) => f
+                            .callback
+                            .io_completed(Err(other(format!("cannot sync the Raft log: {e}")))),
+                    }
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 fn bound_start(b: Bound<&u64>) -> u64 {
@@ -269,21 +364,21 @@ fn read_range(
     end: Bound<u64>,
     budget: usize,
     whole: bool,
-) -> Result<Vec<Entry>, AnyError> {
+) -> io::Result<Vec<Entry>> {
     let cf = db
         .cf_handle(CF_LOGS)
-        .ok_or_else(|| io_err("missing logs cf"))?;
+        .ok_or_else(|| other("missing logs cf"))?;
     let mut out = Vec::new();
     let mut bytes = 0;
     let key = start.to_be_bytes();
     for item in db.iterator_cf(&cf, IteratorMode::From(&key, Direction::Forward)) {
-        let (k, v) = item.map_err(io_err)?;
-        let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(io_err)?);
+        let (k, v) = item.map_err(other)?;
+        let idx = u64::from_be_bytes(k.as_ref().try_into().map_err(other)?);
         if !in_end(end, idx) || (!whole && !out.is_empty() && bytes + v.len() > budget) {
             break;
         }
         bytes += v.len();
-        out.push(serde_json::from_slice::<Entry>(&v).map_err(io_err)?);
+        out.push(serde_json::from_slice::<Entry>(&v).map_err(other)?);
     }
     Ok(out)
 }
@@ -292,37 +387,37 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> io::Result<Vec<Entry>> {
         let start = bound_start(range.start_bound());
         let end = range.end_bound().cloned();
         self.read_entries(start, end, usize::MAX, true).await
     }
 
     /// What replication sends in one AppendEntries: at most [`MAX_APPEND_BYTES`].
-    async fn limited_get_log_entries(
-        &mut self,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<Entry>, StorageError> {
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
         self.read_entries(start, Bound::Excluded(end), MAX_APPEND_BYTES, false)
             .await
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        Ok(*lock(&self.vote))
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         self.run(|db| {
             let purged: Option<LogId> = Self::get_json(db, KEY_PURGED)?;
             let cf = db
                 .cf_handle(CF_LOGS)
-                .ok_or_else(|| io_err("missing logs cf"))?;
+                .ok_or_else(|| other("missing logs cf"))?;
             let last = match db.iterator_cf(&cf, IteratorMode::End).next() {
                 None => purged,
                 Some(item) => {
-                    let (_, v) = item.map_err(io_err)?;
-                    Some(serde_json::from_slice::<Entry>(&v).map_err(io_err)?.log_id)
+                    let (_, v) = item.map_err(other)?;
+                    Some(serde_json::from_slice::<Entry>(&v).map_err(other)?.log_id)
                 }
             };
             Ok(LogState {
@@ -331,106 +426,106 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
         })
         .await
-        .map_err(|e| StorageIOError::read_logs(e).into())
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let vote = *vote;
-        self.run(move |db| Self::put_json(db, KEY_VOTE, &vote, true))
-            .await
-            .map_err(|e| StorageIOError::write_vote(e).into())
+        let memory = self.vote.clone();
+        self.run(move |db| {
+            Self::put_json(db, KEY_VOTE, &vote, true)?;
+            *lock(&memory) = Some(vote);
+            Ok(())
+        })
+        .await
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.run(|db| Self::get_json(db, KEY_VOTE))
-            .await
-            .map_err(|e| StorageIOError::read_vote(e).into())
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         // Not synced: a lost committed index is recomputed by the leader.
         self.run(move |db| Self::put_json(db, KEY_COMMITTED, &committed, false))
             .await
-            .map_err(|e| StorageIOError::write(e).into())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
         self.run(|db| Ok(Self::get_json::<Option<LogId>>(db, KEY_COMMITTED)?.flatten()))
             .await
-            .map_err(|e| StorageIOError::read(e).into())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
+        let started = Instant::now();
+        let entries: Vec<(Arc<Entry>, usize)> = entries
+            .into_iter()
+            .map(|e| {
+                let n = entry_len(&e);
+                (Arc::new(e), n)
+            })
+            .collect();
+        let Some(last) = entries.last().map(|(e, _)| e.log_id.index) else {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        };
+        // Readable now (rule 1); written and synced behind the caller's back.
+        let written: Vec<Arc<Entry>> = entries.iter().map(|(e, _)| e.clone()).collect();
+        self.cache().push(entries);
         let db = self.db.clone();
         let cache = self.cache.clone();
-        // Encoding, the synced write, the cache and the callback all run on the log thread.
-        let write = move || -> Result<(), AnyError> {
-            let started = Instant::now();
-            let cf = db
-                .cf_handle(CF_LOGS)
-                .ok_or_else(|| io_err("missing logs cf"))?;
-            let mut batch = WriteBatch::default();
-            let mut written = Vec::with_capacity(entries.len());
-            for e in entries {
-                let v = serde_json::to_vec(&e).map_err(io_err)?;
-                batch.put_cf(&cf, e.log_id.index.to_be_bytes(), &v);
-                written.push((e, v.len()));
+        let syncs = self.syncs.clone();
+        let write = move || {
+            let result = (|| {
+                let cf = db
+                    .cf_handle(CF_LOGS)
+                    .ok_or_else(|| other("missing logs cf"))?;
+                let mut batch = WriteBatch::default();
+                for e in &written {
+                    let v = serde_json::to_vec(&**e).map_err(other)?;
+                    batch.put_cf(&cf, e.log_id.index.to_be_bytes(), &v);
+                }
+                db.write(batch).map_err(other)
+            })();
+            match result {
+                Ok(()) => {
+                    lock(&cache).written(last);
+                    let flush = Flush {
+                        db,
+                        callback,
+                        started,
+                    };
+                    if let Err(mpsc::SendError(f)) = syncs.send(flush) {
+                        f.callback
+                            .io_completed(Err(other("the raft-log-sync thread stopped")));
+                    }
+                }
+                Err(e) => callback.io_completed(Err(e)),
             }
-            // 1. Write with the WAL synced; 2. only then report the entries flushed.
-            db.write_opt(batch, &synced()).map_err(io_err)?;
-            STAGES.since(Stage::LogAppend, started);
-            cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(written);
-            Ok(())
         };
-        let result = self.writer.run(write).await.map_err(io_err).and_then(|r| r);
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(StorageIOError::write_logs(e).into())
-            }
-        }
+        self.writer.send(write).map_err(other)
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn truncate_after(&mut self, last: Option<LogId>) -> io::Result<()> {
+        let from = last.map_or(0, |l| l.index + 1);
         let cache = self.cache.clone();
+        // On the writer thread, after the writes before it (rule 4).
         self.run(move |db| {
-            cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .truncate(log_id.index);
+            lock(&cache).truncate(from);
             let cf = db
                 .cf_handle(CF_LOGS)
-                .ok_or_else(|| io_err("missing logs cf"))?;
+                .ok_or_else(|| other("missing logs cf"))?;
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(&cf, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
+            batch.delete_range_cf(&cf, from.to_be_bytes(), u64::MAX.to_be_bytes());
             batch.delete_cf(&cf, u64::MAX.to_be_bytes());
-            db.write_opt(batch, &synced()).map_err(io_err)
+            db.write_opt(batch, &synced()).map_err(other)
         })
         .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         self.cache().purge(log_id.index);
         self.run(move |db| {
             // 1. Record the purge point; 2. then delete, so a crash in between only leaves
@@ -438,46 +533,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Self::put_json(db, KEY_PURGED, &log_id, true)?;
             let cf = db
                 .cf_handle(CF_LOGS)
-                .ok_or_else(|| io_err("missing logs cf"))?;
+                .ok_or_else(|| other("missing logs cf"))?;
             db.delete_range_cf(&cf, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes())
-                .map_err(io_err)
+                .map_err(other)
         })
         .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
     }
 }
 
 /// The node id stored in the log database, if this node has one.
-pub fn read_node_id(store: &LogStore) -> Result<Option<NodeId>, AnyError> {
+pub fn read_node_id(store: &LogStore) -> io::Result<Option<NodeId>> {
     LogStore::get_json(&store.db, b"node_id")
 }
 
 /// Persists this node's id (synced).
-pub fn write_node_id(store: &LogStore, id: NodeId) -> Result<(), AnyError> {
+pub fn write_node_id(store: &LogStore, id: NodeId) -> io::Result<()> {
     LogStore::put_json(&store.db, b"node_id", &id, true)
 }
 
 /// The cluster id this node belongs to, if it knows one yet.
-pub fn read_cluster_id(store: &LogStore) -> Result<Option<String>, AnyError> {
+pub fn read_cluster_id(store: &LogStore) -> io::Result<Option<String>> {
     LogStore::get_json(&store.db, b"cluster_id")
 }
 
 /// Persists the cluster id this node belongs to (synced).
-pub fn write_cluster_id(store: &LogStore, id: &str) -> Result<(), AnyError> {
+pub fn write_cluster_id(store: &LogStore, id: &str) -> io::Result<()> {
     LogStore::put_json(&store.db, b"cluster_id", &id, true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, EntryPayload};
+    use crate::raft::types::LeaderId;
+    use openraft::vote::RaftLeaderId;
+    use openraft::EntryPayload;
 
-    fn entry(index: u64) -> (Entry, usize) {
+    fn entry(index: u64) -> (Arc<Entry>, usize) {
         let e = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            log_id: LogId::new(LeaderId::new(1, 1), index),
             payload: EntryPayload::Blank,
         };
-        (e, 100)
+        (Arc::new(e), 100)
     }
 
     fn indexes(got: Option<Vec<Entry>>) -> Option<Vec<u64>> {
@@ -514,5 +610,21 @@ mod tests {
         assert_eq!(all(&c, 3), None);
         assert_eq!(all(&c, 10), Some(vec![10]));
         assert_eq!(c.bytes, 100);
+    }
+
+    #[test]
+    fn entries_not_yet_written_stay_in_the_cache_whatever_its_budget() {
+        let mut c = EntryCache::default();
+        let n = CACHE_ENTRIES as u64 + 100;
+        c.push((1..=n).map(entry).collect());
+        assert_eq!(c.entries.len() as u64, n, "nothing is written yet");
+        c.written(50);
+        assert_eq!(c.first(), Some(51), "only written entries leave");
+        c.written(n);
+        assert_eq!(c.entries.len(), CACHE_ENTRIES);
+        assert_eq!(c.first(), Some(101));
+        // A truncation takes back what was written after it.
+        c.truncate(n - 10);
+        assert_eq!(c.written, Some(n - 11));
     }
 }

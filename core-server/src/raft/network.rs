@@ -13,21 +13,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{
-    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    ReplicationClosed, StreamingError, Unreachable,
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, EntryPayload};
+use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::snapshot_file;
-use super::types::{Entry, NodeId, Request, Snapshot, TypeConfig, Vote};
+use super::types::{entry_len, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 use crate::identity::{base_url, Identity};
 use crate::stages::{Stage, STAGES};
 
@@ -76,9 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-fn send_error<E: std::error::Error>(
-    e: reqwest::Error,
-) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+fn send_error(e: reqwest::Error) -> RPCError<TypeConfig> {
     if e.is_connect() {
         RPCError::Unreachable(Unreachable::new(&e))
     } else {
@@ -86,34 +83,35 @@ fn send_error<E: std::error::Error>(
     }
 }
 
+fn network_error(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(e.to_string()))
+}
+
 impl Connection {
-    async fn call<Req, Resp, E>(
+    async fn call<Req, Resp>(
         &self,
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let body = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = serde_json::to_vec(req).map_err(network_error)?;
         self.call_raw(path, body, option).await
     }
 
-    /// Posts an encoded request. A peer answering 413 for a request of several entries asks
-    /// openraft to send fewer (`PayloadTooLarge`), so replication never resends the same
-    /// too-large range forever.
-    async fn call_raw<Resp, E>(
+    /// Posts an encoded request. The peer answers openraft's `Result`; its error (the peer
+    /// stopped or is stopping) makes the peer unreachable for now, so openraft backs off.
+    async fn call_raw<Resp>(
         &self,
         path: &str,
         body: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
         let builder = self
             .client
@@ -130,95 +128,53 @@ impl Connection {
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
-            if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
-                return Err(RPCError::PayloadTooLarge(
-                    PayloadTooLarge::new_entries_hint(1),
-                ));
-            }
-            return Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(format!("raft RPC {path} answered {status}: {text}")),
+            return Err(network_error(format!(
+                "raft RPC {path} to node {} answered {status}: {text}",
+                self.target
             )));
         }
         let bytes = resp
             .bytes()
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let result: Result<Resp, RaftError<TypeConfig>> =
+            serde_json::from_slice(&bytes).map_err(network_error)?;
+        result.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
 }
 
 /// Bytes of entries encoded on the async worker; larger payloads on the blocking pool.
 const ENCODE_INLINE_BYTES: usize = 64 * 1024;
 
-/// An entry's size for the encoding decision (see [`Request::encoded_len`]).
-fn entry_len(e: &Entry) -> usize {
-    match &e.payload {
-        EntryPayload::Normal(cmd) => cmd.requests.iter().map(Request::encoded_len).sum(),
-        EntryPayload::Blank | EntryPayload::Membership(_) => 256,
-    }
-}
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = SnapshotData;
 
-impl RaftNetwork<TypeConfig> for Connection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let entries = rpc.entries.len();
-        if entries == 0 {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        if rpc.entries.is_empty() {
             return self.call("/raft/append", &rpc, &option).await;
         }
         let started = Instant::now();
-        // Large payloads are encoded off the async workers.
+        // Large payloads are encoded off the async workers. Replication reads are bounded
+        // (see the log store), so a request is larger than that only for one large entry,
+        // which the peer's Raft request limit always admits.
         let bytes: usize = rpc.entries.iter().map(entry_len).sum();
         let body = if bytes <= ENCODE_INLINE_BYTES {
             serde_json::to_vec(&rpc)
         } else {
             tokio::task::spawn_blocking(move || serde_json::to_vec(&rpc))
                 .await
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+                .map_err(network_error)?
         }
-        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        .map_err(network_error)?;
         let result = self.call_raw("/raft/append", body, &option).await;
-        match result {
-            // One entry cannot be split: report it, and openraft retries on its next round.
-            Err(RPCError::PayloadTooLarge(_)) if entries == 1 => Err(RPCError::Network(
-                NetworkError::new(&std::io::Error::other(format!(
-                    "node {} refused one Raft entry of about {bytes} bytes as larger than its \
-                     Raft request limit; every node must run the same version",
-                    self.target
-                ))),
-            )),
-            Err(RPCError::PayloadTooLarge(hint)) => {
-                tracing::warn!(
-                    target_node = self.target,
-                    entries,
-                    bytes,
-                    "the peer refused an AppendEntries request as too large; sending fewer entries"
-                );
-                Err(RPCError::PayloadTooLarge(hint))
-            }
-            other => {
-                STAGES.since(Stage::Replicate, started);
-                other
-            }
+        if result.is_ok() {
+            STAGES.since(Stage::Replicate, started);
         }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        let _ = (rpc, option);
-        Err(RPCError::Network(NetworkError::new(
-            &std::io::Error::other("chunked snapshots are not used: snapshots are streamed whole"),
-        )))
+        result
     }
 
     async fn full_snapshot(
@@ -227,7 +183,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
-    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             result = self.stream_snapshot(vote, snapshot) => result,
@@ -236,10 +192,18 @@ impl RaftNetwork<TypeConfig> for Connection {
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call("/raft/vote", &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("/raft/transfer-leader", &req, &option).await
     }
 }
 
@@ -249,7 +213,7 @@ impl Connection {
         &self,
         vote: Vote,
         snapshot: Snapshot,
-    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let local = |e: std::io::Error| {
             StreamingError::Network(NetworkError::new(&std::io::Error::other(format!(
                 "cannot read the local snapshot: {e}"
@@ -304,7 +268,7 @@ impl Connection {
                 &std::io::Error::other(format!("snapshot upload answered {status}: {text}")),
             )));
         }
-        let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = resp
+        let result: Result<SnapshotResponse<TypeConfig>, RaftError<TypeConfig>> = resp
             .json()
             .await
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
@@ -313,6 +277,6 @@ impl Connection {
             bytes = data_len,
             "sent a snapshot"
         );
-        result.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
     }
 }

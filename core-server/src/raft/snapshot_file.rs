@@ -129,12 +129,13 @@ pub fn remove_leftovers(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::types::{LeaderId, LogId};
+    use openraft::vote::RaftLeaderId;
 
-    fn meta(id: &str) -> SnapshotMeta {
+    fn meta(index: u64) -> SnapshotMeta {
         SnapshotMeta {
-            last_log_id: None,
+            last_log_id: Some(LogId::new(LeaderId::new(1, 1), index)),
             last_membership: Default::default(),
-            snapshot_id: id.into(),
         }
     }
 
@@ -144,10 +145,10 @@ mod tests {
         let tmp = temp_in(dir.path()).unwrap();
         let mut f = tmp.reopen().unwrap();
         f.write_all(b"checkpoint bytes").unwrap();
-        write_trailer(&mut f, &meta("s1")).unwrap();
+        write_trailer(&mut f, &meta(7)).unwrap();
         publish(tmp, dir.path()).unwrap();
         let (t, mut f) = open_current(dir.path()).unwrap().unwrap();
-        assert_eq!(t.meta.snapshot_id, "s1");
+        assert_eq!(t.meta, meta(7));
         assert_eq!(t.data_len, 16);
         let mut data = vec![0; t.data_len as usize];
         f.read_exact(&mut data).unwrap();

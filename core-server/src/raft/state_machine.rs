@@ -12,21 +12,22 @@
 //! 4. An installed snapshot is imported into a new store generation with the snapshot's log
 //!    id and membership, which replaces the old one whole (see the store's import rules).
 
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::io::IoThread;
 use super::snapshot_file;
 use super::types::{
-    Command, Entry, LogId, Op, Outcome, Response, Snapshot, SnapshotMeta, StorageError,
-    StoredMembership, TypeConfig,
+    Command, LogId, Op, Outcome, Response, Snapshot, SnapshotData, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use changeagent_proto::Scope;
 use changeagent_store::{Error as StoreError, Store, Txn};
 use changeagent_store::{ExportOptions, ImportMode};
-use openraft::storage::RaftStateMachine;
-use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
 
 use crate::stages::{Stage, STAGES};
 
@@ -35,8 +36,8 @@ const MEMBERSHIP: &str = "raft_membership";
 /// Idempotency keys expired per applied command: bounded so one entry never stalls.
 const EXPIRE_PER_COMMAND: usize = 64;
 
-fn any(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
+fn any(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 /// The state machine over the change store.
@@ -72,10 +73,7 @@ impl StateMachine {
     }
 }
 
-fn read_owner<T: serde::de::DeserializeOwned>(
-    store: &Store,
-    name: &str,
-) -> Result<Option<T>, AnyError> {
+fn read_owner<T: serde::de::DeserializeOwned>(store: &Store, name: &str) -> io::Result<Option<T>> {
     match store.owner_meta(name).map_err(any)? {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v)
@@ -149,72 +147,69 @@ fn apply_command(txn: &mut Txn<'_>, cmd: &Command) -> Result<Vec<Outcome>, Store
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let applied: Option<LogId> =
-            read_owner(&self.store, APPLIED).map_err(StorageIOError::read_state_machine)?;
-        let membership: Option<StoredMembership> =
-            read_owner(&self.store, MEMBERSHIP).map_err(StorageIOError::read_state_machine)?;
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let applied: Option<LogId> = read_owner(&self.store, APPLIED)?;
+        let membership: Option<StoredMembership> = read_owner(&self.store, MEMBERSHIP)?;
         Ok((applied, membership.unwrap_or_default()))
     }
 
-    // openraft's own error type is large; it is built once per failed batch, never per entry.
-    #[allow(clippy::result_large_err)]
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    /// Applies what openraft hands over in one transaction (rule 1), then answers each
+    /// waiting client, only once the transaction is committed.
+    async fn apply<S>(&mut self, entries: S) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + Send,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let Some(last) = entries.last().map(|e| e.log_id) else {
-            return Ok(Vec::new());
+        let entries: Vec<EntryResponder<TypeConfig>> = entries
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<io::Result<_>>()?;
+        let Some(last) = entries.last().map(|(e, _)| e.log_id) else {
+            return Ok(());
         };
         let store = self.store.clone();
         self.applier
             .run(move || {
                 let started = std::time::Instant::now();
+                let failed = |at: &LogId, e: &dyn std::fmt::Display| {
+                    io::Error::other(format!("cannot apply the Raft entry at {at}: {e}"))
+                };
                 let mut txn = store.begin();
                 let mut membership = None;
-                let mut responses = Vec::with_capacity(entries.len());
-                for e in &entries {
-                    match &e.payload {
-                        EntryPayload::Blank => responses.push(Vec::new()),
-                        EntryPayload::Normal(cmd) => responses.push(
-                            apply_command(&mut txn, cmd)
-                                .map_err(|err| StorageIOError::apply(e.log_id, any(err)))?,
-                        ),
+                let mut answers = Vec::with_capacity(entries.len());
+                for (e, responder) in entries {
+                    let response: Response = match &e.payload {
+                        EntryPayload::Blank => Vec::new(),
+                        EntryPayload::Normal(cmd) => {
+                            apply_command(&mut txn, cmd).map_err(|err| failed(&e.log_id, &err))?
+                        }
                         EntryPayload::Membership(m) => {
                             membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
-                            responses.push(Vec::new());
+                            Vec::new()
                         }
-                    }
+                    };
+                    answers.extend(responder.map(|r| (r, response)));
                 }
-                let put = |txn: &mut Txn<'_>, name: &str, v: &[u8]| {
-                    txn.put_owner_meta(name, v)
-                        .map_err(|err| StorageIOError::apply(last, any(err)))
-                };
-                put(
-                    &mut txn,
-                    APPLIED,
-                    &serde_json::to_vec(&Some(last))
-                        .map_err(|e| StorageIOError::apply(last, any(e)))?,
-                )?;
+                let applied = serde_json::to_vec(&Some(&last)).map_err(|e| failed(&last, &e))?;
+                txn.put_owner_meta(APPLIED, &applied)
+                    .map_err(|e| failed(&last, &e))?;
                 if let Some(m) = membership {
-                    put(
-                        &mut txn,
-                        MEMBERSHIP,
-                        &serde_json::to_vec(&m).map_err(|e| StorageIOError::apply(last, any(e)))?,
-                    )?;
+                    let m = serde_json::to_vec(&m).map_err(|e| failed(&last, &e))?;
+                    txn.put_owner_meta(MEMBERSHIP, &m)
+                        .map_err(|e| failed(&last, &e))?;
                 }
-                store
-                    .commit(txn)
-                    .map_err(|err| StorageIOError::apply(last, any(err)))?;
+                store.commit(txn).map_err(|e| failed(&last, &e))?;
                 STAGES.since(Stage::Apply, started);
-                Ok(responses)
+                for (responder, response) in answers {
+                    responder.send(response);
+                }
+                Ok(())
             })
             .await
-            .map_err(|e| StorageIOError::write_state_machine(any(e)))?
+            .map_err(any)?
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -224,38 +219,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let file = tempfile::tempfile_in(&self.snapshot_dir)
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?;
-        Ok(Box::new(tokio::fs::File::from_std(file)))
-    }
-
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<tokio::fs::File>,
-    ) -> Result<(), StorageError> {
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
-        let sig = Some(meta.signature());
         let file = snapshot.into_std().await;
         self.applier
             .run(move || install(&store, &dir, &meta, file))
             .await
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), any(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(sig, e).into())
+            .map_err(any)?
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let dir = self.snapshot_dir.clone();
         let current = tokio::task::spawn_blocking(move || snapshot_file::open_current(&dir))
             .await
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?
-            .map_err(|e| StorageIOError::read_snapshot(None, any(e)))?;
+            .map_err(any)??;
         Ok(current.map(|(trailer, file)| Snapshot {
             meta: trailer.meta,
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
+            snapshot: tokio::fs::File::from_std(file),
         }))
     }
 }
@@ -267,7 +253,7 @@ fn install(
     dir: &Path,
     meta: &SnapshotMeta,
     mut file: std::fs::File,
-) -> Result<(), AnyError> {
+) -> io::Result<()> {
     let data_len = match snapshot_file::read_trailer(&mut file).map_err(any)? {
         Some(t) => t.data_len,
         None => file.metadata().map_err(any)?.len(),
@@ -289,7 +275,7 @@ fn install(
     snapshot_file::write_trailer(&mut out, meta).map_err(any)?;
     snapshot_file::publish(tmp, dir).map_err(any)?;
     tracing::info!(
-        snapshot = %meta.snapshot_id,
+        snapshot = %meta,
         bytes = data_len,
         "installed a snapshot from the leader"
     );
@@ -297,19 +283,20 @@ fn install(
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         tokio::task::spawn_blocking(move || build(&store, &dir))
             .await
-            .map_err(|e| StorageIOError::write_snapshot(None, any(e)))?
-            .map_err(|e| StorageIOError::write_snapshot(None, e).into())
+            .map_err(any)?
     }
 }
 
 /// Exports the state into a new snapshot file and publishes it as the current one. The
 /// export takes its RocksDB snapshot before it syncs the WAL (rule 3).
-fn build(store: &Store, dir: &Path) -> Result<Snapshot, AnyError> {
+fn build(store: &Store, dir: &Path) -> io::Result<Snapshot> {
     let tmp = snapshot_file::temp_in(dir).map_err(any)?;
     let mut file = tmp.reopen().map_err(any)?;
     let exported = {
@@ -338,23 +325,17 @@ fn build(store: &Store, dir: &Path) -> Result<Snapshot, AnyError> {
         .transpose()
         .map_err(any)?
         .unwrap_or_default();
-    let created = exported.header.created_ts;
-    let snapshot_id = match applied {
-        Some(l) => format!("{}-{}-{created}", l.leader_id.term, l.index),
-        None => format!("0-0-{created}"),
-    };
     let meta = SnapshotMeta {
         last_log_id: applied,
         last_membership: membership,
-        snapshot_id,
     };
     snapshot_file::write_trailer(&mut file, &meta).map_err(any)?;
     drop(file);
     let file = snapshot_file::publish(tmp, dir).map_err(any)?;
-    tracing::info!(snapshot = %meta.snapshot_id, "built a snapshot");
+    tracing::info!(snapshot = %meta, "built a snapshot");
     Ok(Snapshot {
         meta,
-        snapshot: Box::new(tokio::fs::File::from_std(file)),
+        snapshot: tokio::fs::File::from_std(file),
     })
 }
 
@@ -385,7 +366,8 @@ mod tests {
             .unwrap()
             .into_changes();
         txn.append(5, &changes).unwrap();
-        let applied = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42));
+        use openraft::vote::RaftLeaderId;
+        let applied = Some(LogId::new(crate::raft::types::LeaderId::new(3, 1), 42));
         txn.put_owner_meta(APPLIED, &serde_json::to_vec(&applied).unwrap())
             .unwrap();
         leader.commit(txn).unwrap();
@@ -408,7 +390,7 @@ mod tests {
         assert_eq!(follower.tenant("acme").map(|t| t.name), Some("acme".into()));
         assert!(follower.begin().idempotent_answer("k").unwrap().is_some());
         let (kept, _) = snapshot_file::open_current(&snaps_b).unwrap().unwrap();
-        assert_eq!(kept.meta.snapshot_id, built.meta.snapshot_id);
+        assert_eq!(kept.meta, built.meta);
         assert_eq!(kept.data_len, trailer.data_len);
         let owner: Option<LogId> =
             serde_json::from_slice(&follower.owner_meta(APPLIED).unwrap().unwrap()).unwrap();

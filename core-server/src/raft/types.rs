@@ -5,6 +5,8 @@
 use changeagent_proto::types::{EndRequest, StartRecord};
 use changeagent_store::{ChangeInput, Rejection};
 use openraft::BasicNode;
+
+use super::state_machine::StateMachine;
 use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
@@ -14,19 +16,22 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = BasicNode,
-        SnapshotData = tokio::fs::File,
 );
 
 /// A node's id, persisted in its data dir.
 pub type NodeId = u64;
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
-pub type StorageError = openraft::StorageError<NodeId>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, BasicNode>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, BasicNode>;
-pub type Snapshot = openraft::Snapshot<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type EntryPayload = openraft::alias::EntryPayloadOf<TypeConfig>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type LeaderId = openraft::alias::CommittedLeaderIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StorageError = openraft::StorageError<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+/// Snapshots travel and rest as files.
+pub type SnapshotData = tokio::fs::File;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// One Raft entry's payload: every request the leader grouped, with the leader's clock.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -34,6 +39,13 @@ pub struct Command {
     /// Nanoseconds since the epoch on the proposing leader.
     pub ts: i64,
     pub requests: Vec<Request>,
+}
+
+/// How openraft's logs name an entry's payload.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} requests at {}", self.requests.len(), self.ts)
+    }
 }
 
 /// One client request inside a command.
@@ -66,6 +78,15 @@ impl Request {
             }
         };
         REQUEST_OVERHEAD + key + op
+    }
+}
+
+/// An entry's size within a small allowance (see [`Request::encoded_len`]): what the log's
+/// cache counts and what decides where an entry is encoded.
+pub fn entry_len(e: &Entry) -> usize {
+    match &e.payload {
+        openraft::EntryPayload::Normal(cmd) => cmd.requests.iter().map(Request::encoded_len).sum(),
+        openraft::EntryPayload::Blank | openraft::EntryPayload::Membership(_) => 256,
     }
 }
 
@@ -130,4 +151,57 @@ pub type Response = Vec<Outcome>;
 pub enum Outcome {
     Ok { body: String },
     Rejected { rejection: Rejection },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What openraft 0.9 wrote into data dirs (the log's entries, vote, purge point; the
+    /// state machine's applied id and membership; snapshot trailers): it must still read.
+    #[test]
+    fn state_written_by_openraft_0_9_still_reads() {
+        let log_id = r#"{"leader_id":{"term":3,"node_id":7},"index":42}"#;
+        let id: LogId = serde_json::from_str(log_id).unwrap();
+        assert_eq!(
+            (id.leader_id.term, id.leader_id.node_id, id.index),
+            (3, 7, 42)
+        );
+        assert_eq!(serde_json::to_string(&id).unwrap(), log_id);
+
+        let vote: Vote =
+            serde_json::from_str(r#"{"leader_id":{"term":3,"node_id":7},"committed":true}"#)
+                .unwrap();
+        assert_eq!((vote.leader_id.term, vote.committed), (3, true));
+
+        let entry: Entry = serde_json::from_str(
+            r#"{"log_id":{"leader_id":{"term":3,"node_id":7},"index":42},"payload":{"Normal":
+               {"ts":5,"requests":[{"op":{"create_tenant":{"name":"acme"}}}]}}}"#,
+        )
+        .unwrap();
+        let openraft::EntryPayload::Normal(cmd) = &entry.payload else {
+            panic!("not a normal entry: {entry:?}");
+        };
+        assert!(matches!(&cmd.requests[0].op, Op::CreateTenant { name } if name == "acme"));
+
+        let membership = r#"{"log_id":{"leader_id":{"term":1,"node_id":7},"index":1},
+            "membership":{"configs":[[7,8]],"nodes":{"7":{"addr":"a:1"},"8":{"addr":"b:2"}}}}"#;
+        let m: StoredMembership = serde_json::from_str(membership).unwrap();
+        assert_eq!(m.membership().voter_ids().collect::<Vec<_>>(), vec![7, 8]);
+        let entry: Entry = serde_json::from_str(
+            r#"{"log_id":{"leader_id":{"term":1,"node_id":7},"index":1},"payload":{"Membership":
+               {"configs":[[7]],"nodes":{"7":{"addr":"a:1"}}}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            entry.payload,
+            openraft::EntryPayload::Membership(_)
+        ));
+
+        let meta: SnapshotMeta = serde_json::from_str(&format!(
+            r#"{{"last_log_id":{log_id},"last_membership":{membership},"snapshot_id":"3-42-9"}}"#
+        ))
+        .unwrap();
+        assert_eq!(meta.last_log_id, Some(id));
+    }
 }
