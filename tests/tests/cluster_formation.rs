@@ -137,6 +137,15 @@ async fn peers_file_cluster_replicates_writes_through_every_node() {
     let cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
     let history = History::new();
     check_formed(&cluster, &history, 5).await;
+    // A new leader's first entry (the cluster id, proposed the moment it leads) is taken,
+    // not refused as "not the leader" while its first quorum round is under way.
+    for i in cluster.running() {
+        let log = cluster.node(i).server.log();
+        assert!(
+            !log.contains("could not set the cluster id"),
+            "n{i}'s first proposal as leader was refused:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,7 +25,12 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: changeagent_server::Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            EnvFilter::new("warn,changeagent_server=info,changeagent_store=info")
+            // openraft warns at every missed heartbeat (20 a second while a member is
+            // down); its replication errors, which back off, still show.
+            EnvFilter::new(
+                "warn,changeagent_server=info,changeagent_store=info,\
+                 openraft::core::heartbeat=error",
+            )
         }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
