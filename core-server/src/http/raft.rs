@@ -47,9 +47,10 @@ pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Ne
 /// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
 const DECODE_INLINE_BYTES: usize = 64 * 1024;
 
-/// `POST /raft/append`. The body is decoded off the async workers when large, and the
-/// append runs in a task of its own: when the leader's timeout drops this request, the
-/// follower still finishes the append, so the leader's retry finds the entries present.
+/// `POST /raft/append`. The body is decoded off the async workers when large. The first
+/// poll of `append_entries` hands the request to the Raft core, so when the leader's timeout
+/// drops this request the follower still finishes the append (only the answer is lost), and
+/// the leader's retry finds the entries present.
 pub async fn append(
     State(app): State<Arc<AppState>>,
     body: Bytes,
@@ -62,15 +63,11 @@ pub async fn append(
             .await
             .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
     };
-    // A heartbeat carries nothing to finish: it is answered in place.
-    if req.entries.is_empty() {
-        return Ok(Json(app.raft.append_entries(req).await));
+    let heartbeat = req.entries.is_empty();
+    let answer = app.raft.append_entries(req).await;
+    if !heartbeat {
+        STAGES.since(Stage::FollowerAppend, started);
     }
-    let raft = app.raft.clone();
-    let answer = tokio::spawn(async move { raft.append_entries(req).await })
-        .await
-        .map_err(|e| ApiError::Internal(format!("append task failed: {e}")))?;
-    STAGES.since(Stage::FollowerAppend, started);
     Ok(Json(answer))
 }
 
