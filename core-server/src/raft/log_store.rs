@@ -51,7 +51,6 @@ const CACHE_BYTES: usize = 64 << 20;
 const CF_LOGS: &str = "logs";
 const CF_STATE: &str = "state";
 const KEY_VOTE: &[u8] = b"vote";
-const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
 /// The Raft log store. Cheap to clone; clones share the database, threads and cache.
@@ -432,6 +431,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
+    // The committed index is not saved (openraft's default): the state machine keeps its
+    // applied id in the same transaction as the state, so a restart resumes from there and
+    // learns the commit index from the leader. Saving it cost a hop to the log thread before
+    // every apply, behind any write there.
+
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let vote = *vote;
         let memory = self.vote.clone();
@@ -441,17 +445,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        // Not synced: a lost committed index is recomputed by the leader.
-        self.run(move |db| Self::put_json(db, KEY_COMMITTED, &committed, false))
-            .await
-    }
-
-    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        self.run(|db| Ok(Self::get_json::<Option<LogId>>(db, KEY_COMMITTED)?.flatten()))
-            .await
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
