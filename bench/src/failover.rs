@@ -1,14 +1,15 @@
 //! `failover`: with a local cluster running and one writer posting
-//! continuously, SIGKILLs the leader, measures the time from the kill to the
-//! next acknowledged write, restarts the node, waits until it has caught up,
-//! and repeats; then checks the log holds each acknowledged write once.
+//! continuously, SIGKILLs the leader (or, with `--signal term`, stops it with
+//! SIGTERM, a planned restart), measures the time from the signal to the next
+//! acknowledged write, restarts the node, waits until it has caught up, and
+//! repeats; then checks the log holds each acknowledged write once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -57,8 +58,35 @@ pub struct FailoverArgs {
         default_value_t = 1000
     )]
     pub attempt_timeout_ms: u64,
+    /// How the leader is stopped: `kill` (SIGKILL, a crash) or `term` (SIGTERM, a planned
+    /// restart: the leader hands over first).
+    #[arg(
+        long,
+        value_enum,
+        env = "CHANGEAGENT_BENCH_SIGNAL",
+        default_value_t = Signal::Kill
+    )]
+    pub signal: Signal,
     #[command(flatten)]
     pub nodes: NodeArgs,
+}
+
+/// How a round stops the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Signal {
+    /// SIGKILL: the leader vanishes; the others elect after the leader lease.
+    Kill,
+    /// SIGTERM: the leader hands leadership over, then drains and exits.
+    Term,
+}
+
+impl Signal {
+    fn label(self) -> &'static str {
+        match self {
+            Signal::Kill => "kill -9",
+            Signal::Term => "SIGTERM",
+        }
+    }
 }
 
 impl FailoverArgs {
@@ -88,8 +116,9 @@ struct Ack {
 /// A measurement in progress: the first write sent at or after `dead` that
 /// is acknowledged goes to `tx`.
 struct Armed {
-    /// When the killed leader had been reaped: a write sent after this
-    /// cannot have been acknowledged by it.
+    /// After a kill: when the killed leader had been reaped (a write sent
+    /// after this cannot have been acknowledged by it). After SIGTERM: when
+    /// the signal was sent (the writer's pause is what is measured).
     dead: Instant,
     tx: oneshot::Sender<Ack>,
 }
@@ -158,8 +187,9 @@ pub async fn run(args: &FailoverArgs) -> Result<()> {
 
 async fn measure(cluster: &mut Cluster, args: &FailoverArgs) -> Result<()> {
     report::header(&format!(
-        "failover: {} × kill -9 of the leader of a {}-node cluster under one writer",
+        "failover: {} × {} of the leader of a {}-node cluster under one writer",
         args.rounds,
+        args.signal.label(),
         cluster.len()
     ));
     println!("cluster: {}", cluster.describe());
@@ -205,9 +235,13 @@ async fn measure(cluster: &mut Cluster, args: &FailoverArgs) -> Result<()> {
 
     report::header("failover results");
     println!(
-        "{} leader kills: time from kill -9 to the next acknowledged write (sent after the old \
-         leader was gone)",
-        args.rounds
+        "{} leader stops: time from {} to the next acknowledged write (sent after it{})",
+        args.rounds,
+        args.signal.label(),
+        match args.signal {
+            Signal::Kill => ", once the old leader was gone",
+            Signal::Term => "",
+        }
     );
     println!("failover {}", Latency::of(&failover).summary());
     println!(
@@ -275,15 +309,26 @@ async fn rounds(
         let leader = cluster.try_wait_leader(CLUSTER_DEADLINE).await?;
         let (tx, rx) = oneshot::channel();
         let killed = Instant::now();
-        cluster.try_kill9(leader)?;
-        shared.arm(Instant::now(), tx);
+        match args.signal {
+            Signal::Kill => {
+                cluster.try_kill9(leader)?;
+                shared.arm(Instant::now(), tx);
+            }
+            Signal::Term => {
+                shared.arm(killed, tx);
+                let status = cluster.try_terminate(leader).await?;
+                if !status.success() {
+                    bail!("{} exited with {status} on SIGTERM", cluster.label(leader));
+                }
+            }
+        }
         let survivors = cluster.running();
         let acked = async {
             tokio::select! {
                 ack = rx => ack.map_err(|_| anyhow!("the writer stopped")),
                 ended = &mut *writer => Err(writer_ended(ended)),
                 () = tokio::time::sleep(ACK_DEADLINE) => Err(anyhow!(
-                    "no write acknowledged within {} s of killing {} (last failure: {}); \
+                    "no write acknowledged within {} s of stopping {} (last failure: {}); \
                      health now:\n{}",
                     ACK_DEADLINE.as_secs(),
                     cluster.label(leader),
@@ -320,9 +365,10 @@ async fn rounds(
         let caught_up = restarted.elapsed();
         report::record(&mut catch_up, caught_up);
         eprintln!(
-            "  … round {round}/{}: killed leader {}; new leader in /health after {}, next \
+            "  … round {round}/{}: {} of leader {}; new leader in /health after {}, next \
              write acknowledged after {} (by {}); leader now {}; restarted node caught up in {}",
             args.rounds,
+            args.signal.label(),
             cluster.label(leader),
             report::ms(election),
             report::ms(took),

@@ -127,13 +127,15 @@
 //!   `--pid`; with `--cluster` it reads the leader's pid itself). Takes every
 //!   flag of the phases above; with `--cluster N` every phase runs against
 //!   the leader of a local cluster and write adds the spread runs.
-//! - `failover [--cluster 3] [--rounds 20] [--attempt-timeout-ms 1000]` —
+//! - `failover [--cluster 3] [--rounds 20] [--attempt-timeout-ms 1000]
+//!   [--signal kill|term]` —
 //!   starts a local cluster and one writer that posts single changes back to
 //!   back, each with its own `Idempotency-Key`, retrying a 5xx, a refused
 //!   connection or an attempt over the timeout on the next node after 5 ms.
-//!   Each round finds the leader, `kill -9`s it, and measures the time from
+//!   Each round finds the leader, `kill -9`s it (with `--signal term`:
+//!   stops it with SIGTERM, a planned restart), and measures the time from
 //!   the kill to the first acknowledged write that was sent after the old
-//!   leader was gone; then restarts the node on its data dir and waits until
+//!   leader was gone (after SIGTERM: sent after the signal); then restarts the node on its data dir and waits until
 //!   it has caught up and every node agrees on a leader. Prints one progress
 //!   line per round, then p50/p90/p99/max of the failover and catch-up times,
 //!   and checks that the log grew by exactly the number of acknowledged
@@ -413,7 +415,7 @@ enum Command {
     Answers(AnswersCmd),
     /// Starts a core and an edge; longpoll and answers on the edge, then on the core.
     Fanout(FanoutArgs),
-    /// Time from kill -9 of a local cluster's leader to the next acknowledged write.
+    /// Time from kill -9 (or SIGTERM) of a local cluster's leader to the next acknowledged write.
     Failover(FailoverArgs),
     /// Time, size and memory of writing one checkpoint of a loaded node and restoring it.
     Checkpoint(CheckpointArgs),
@@ -834,11 +836,18 @@ mod tests {
             panic!("not failover")
         };
         assert_eq!((args.cluster, args.rounds), (3, 20));
+        assert_eq!(args.signal, crate::failover::Signal::Kill);
         assert_eq!(
             (args.nodes.heartbeat_ms, args.nodes.election_timeout_ms),
             (50, 150)
         );
         assert!(args.validate().is_ok());
+        let cli =
+            Cli::try_parse_from(["changeagent-bench", "failover", "--signal", "term"]).unwrap();
+        let Command::Failover(args) = cli.command else {
+            panic!("not failover")
+        };
+        assert_eq!(args.signal, crate::failover::Signal::Term);
         let cli = Cli::try_parse_from(["changeagent-bench", "failover", "--cluster", "2"]).unwrap();
         let Command::Failover(args) = cli.command else {
             panic!("not failover")
