@@ -86,6 +86,7 @@ pub async fn run(
         client: client.clone(),
         snapshot_dir: node.snapshot_dir.clone(),
         shutdown: shutdown.clone(),
+        applied: node.applied.clone(),
     });
     let router = http::routes::router(app, read);
     // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime.

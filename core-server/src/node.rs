@@ -25,7 +25,7 @@ use crate::identity::{base_url, Identity};
 use crate::proposer::Proposer;
 use crate::raft::log_store::{read_cluster_id, read_node_id, write_node_id, LogStore};
 use crate::raft::network::Network;
-use crate::raft::state_machine::StateMachine;
+use crate::raft::state_machine::{AppliedIndex, StateMachine};
 use crate::raft::types::{NodeId, Op, Raft, Request};
 use crate::restore;
 
@@ -46,6 +46,8 @@ pub struct Node {
     pub snapshot_dir: PathBuf,
     /// Where checkpoints are read from.
     pub objects: Arc<Objects>,
+    /// The Raft index applied to the store, ahead of openraft's metrics.
+    pub applied: AppliedIndex,
 }
 
 /// A fresh node id: random, below 2^53 so JSON clients in every language read it exactly.
@@ -112,6 +114,7 @@ pub async fn start(
     let snapshot_dir = dir.join("snapshots");
     let sm = StateMachine::new(store.clone(), snapshot_dir.clone())
         .with_context(|| format!("cannot create the snapshot dir in {}", dir.display()))?;
+    let applied = sm.applied();
     // Raft's tasks (core, replication, state machine worker) live on Raft's own runtime, so
     // a flood of client work on the main runtime never delays a heartbeat or an election.
     let network = Network::new(client, identity.clone());
@@ -156,6 +159,7 @@ pub async fn start(
         identity,
         snapshot_dir,
         objects,
+        applied,
     })
 }
 

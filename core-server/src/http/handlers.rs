@@ -419,7 +419,8 @@ fn role(state: ServerState) -> &'static str {
 pub async fn health(State(app): State<Arc<AppState>>) -> Json<Health> {
     let m = app.raft.metrics().borrow_watched().clone();
     let state = app.store.state();
-    let applied = m.last_applied.map(|l| l.index);
+    // What reads see: the store answers a write before openraft's metrics learn of it.
+    let applied = app.applied.get();
     let membership = m.membership_config.membership();
     let removed =
         membership.nodes().next().is_some() && membership.get_node(&app.node_id).is_none();

@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod raft;
 pub mod routes;
 
+use crate::raft::state_machine::AppliedIndex;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -36,4 +37,6 @@ pub struct AppState {
     pub snapshot_dir: PathBuf,
     /// Cancelled to stop the node (`POST /cluster/leave`).
     pub shutdown: CancellationToken,
+    /// The Raft index applied to the store (what `/health` reports).
+    pub applied: AppliedIndex,
 }

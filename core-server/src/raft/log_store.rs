@@ -3,19 +3,19 @@
 //! Ordering rules:
 //! 1. `append` makes the entries readable at once (the in-memory [`EntryCache`]) and returns,
 //!    so replication starts while they are written. The `raft-log` thread writes them in one
-//!    batch to RocksDB (WAL written, not yet synced); then the `raft-log-sync` thread syncs
-//!    the WAL ([`DB::flush_wal`]) and only after that reports them flushed. openraft counts
-//!    an entry as this node's (toward a quorum, in its answer to the leader) only once
-//!    reported, so nothing counts before it is on disk. One sync covers every write before
-//!    it: appends that queue while a sync runs share the next one.
+//!    batch to RocksDB with the WAL synced, and only after that reports them flushed.
+//!    openraft counts an entry as this node's (toward a quorum, in its answer to the leader)
+//!    only once reported, so nothing counts before it is on disk. When another append is
+//!    already queued behind, a batch is written without the sync and reported with the next
+//!    synced one, which covers every write before it (group commit).
 //! 2. `save_vote` writes with the WAL synced before it returns; the vote is then also kept in
 //!    memory, where `read_vote` answers from.
 //! 3. `truncate_after` and `purge` are synced too: a truncated suffix must never reappear.
 //! 4. Writes keep their order: all of them run on `raft-log`, in the order openraft asks.
 //!
 //! RocksDB calls run on threads of the log's own ([`IoThread`]), never on the async workers
-//! or in the blocking pool client reads use: writes and state reads on `raft-log`, syncs on
-//! `raft-log-sync`, entry reads that miss the cache on `raft-log-read`.
+//! or in the blocking pool client reads use: writes and state reads on `raft-log`, entry
+//! reads that miss the cache on `raft-log-read`.
 //!
 //! The newest entries are kept in memory ([`EntryCache`], bounded in entries and bytes; an
 //! entry leaves it only once written to RocksDB), so replication and the state machine read
@@ -28,7 +28,8 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
@@ -59,7 +60,10 @@ pub struct LogStore {
     db: Arc<DB>,
     writer: Arc<IoThread>,
     reader: Arc<IoThread>,
-    syncs: mpsc::Sender<Flush>,
+    /// Appends sent to the writer thread and not started there yet.
+    appends_queued: Arc<AtomicUsize>,
+    /// Appends written without a sync, reported with the next synced one (writer thread).
+    unsynced: Arc<Mutex<Vec<Flush>>>,
     cache: Arc<Mutex<EntryCache>>,
     /// The vote as last synced (rule 2).
     vote: Arc<Mutex<Option<Vote>>>,
@@ -67,7 +71,6 @@ pub struct LogStore {
 
 /// An append written to RocksDB, waiting for the WAL sync that makes it durable.
 struct Flush {
-    db: Arc<DB>,
     callback: IOFlushed<TypeConfig>,
     started: Instant,
 }
@@ -209,13 +212,12 @@ impl LogStore {
                 .map_err(|e| anyhow::anyhow!("cannot start thread {name}: {e}"))
         };
         let vote = Self::get_json(&db, KEY_VOTE)?;
-        let syncs = spawn_syncer()
-            .map_err(|e| anyhow::anyhow!("cannot start thread raft-log-sync: {e}"))?;
         Ok(LogStore {
             db,
             writer: thread("raft-log")?,
             reader: thread("raft-log-read")?,
-            syncs,
+            appends_queued: Arc::default(),
+            unsynced: Arc::default(),
             cache: Arc::default(),
             vote: Arc::new(Mutex::new(vote)),
         })
@@ -312,32 +314,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Starts `raft-log-sync`: it takes every append written so far, syncs the WAL once and
-/// reports them all flushed (rule 1). It holds the database only while appends wait, so the
-/// database closes when the last store handle is dropped.
-fn spawn_syncer() -> io::Result<mpsc::Sender<Flush>> {
-    let (tx, rx) = mpsc::channel::<Flush>();
-    std::thread::Builder::new()
-        .name("raft-log-sync".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut flushes = vec![first];
-                flushes.extend(rx.try_iter());
-                let result = flushes[0].db.flush_wal(true).map_err(|e| e.to_string());
-                for f in flushes {
-                    match &result {
-                        Ok(()) => {
-                            STAGES.since(Stage::LogAppend, f.started);
-                            f.callback.io_completed(Ok(()));
-                        }
-                        Err(e) => f
-                            .callback
-                            .io_completed(Err(other(format!("cannot sync the Raft log: {e}")))),
-                    }
-                }
+/// Reports appends written before a synced write (or a failed one) (rule 1).
+fn report(flushes: &mut Vec<Flush>, result: &Result<(), String>) {
+    for f in flushes.drain(..) {
+        match result {
+            Ok(()) => {
+                STAGES.since(Stage::LogAppend, f.started);
+                f.callback.io_completed(Ok(()));
             }
-        })?;
-    Ok(tx)
+            Err(e) => f
+                .callback
+                .io_completed(Err(other(format!("cannot write the Raft log: {e}")))),
+        }
+    }
 }
 
 fn bound_start(b: Bound<&u64>) -> u64 {
@@ -469,8 +458,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.cache().push(entries);
         let db = self.db.clone();
         let cache = self.cache.clone();
-        let syncs = self.syncs.clone();
+        let queued = self.appends_queued.clone();
+        let unsynced = self.unsynced.clone();
         let write = move || {
+            queued.fetch_sub(1, Ordering::SeqCst);
+            let mut waiting = lock(&unsynced);
+            waiting.push(Flush { callback, started });
+            // The last append in line syncs, for itself and those written before it.
+            let sync = queued.load(Ordering::SeqCst) == 0;
             let result = (|| {
                 let cf = db
                     .cf_handle(CF_LOGS)
@@ -480,24 +475,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     let v = serde_json::to_vec(&**e).map_err(other)?;
                     batch.put_cf(&cf, e.log_id.index.to_be_bytes(), &v);
                 }
-                db.write(batch).map_err(other)
+                let opts = if sync {
+                    synced()
+                } else {
+                    WriteOptions::default()
+                };
+                db.write_opt(batch, &opts).map_err(other)
             })();
             match result {
                 Ok(()) => {
                     lock(&cache).written(last);
-                    let flush = Flush {
-                        db,
-                        callback,
-                        started,
-                    };
-                    if let Err(mpsc::SendError(f)) = syncs.send(flush) {
-                        f.callback
-                            .io_completed(Err(other("the raft-log-sync thread stopped")));
+                    if sync {
+                        report(&mut waiting, &Ok(()));
                     }
                 }
-                Err(e) => callback.io_completed(Err(e)),
+                // Nothing written after this batch may count: fail it and those waiting.
+                Err(e) => report(&mut waiting, &Err(e.to_string())),
             }
         };
+        self.appends_queued.fetch_add(1, Ordering::SeqCst);
         self.writer.send(write).map_err(other)
     }
 

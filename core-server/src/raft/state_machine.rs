@@ -14,6 +14,7 @@
 
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::io::IoThread;
@@ -47,6 +48,24 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     /// Applies run here, never in the blocking pool client reads use.
     applier: IoThread,
+    applied: AppliedIndex,
+}
+
+/// The log index applied to the change store (what reads see), updated before any client
+/// is answered; ahead of openraft's metrics, which learn it after the answer.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedIndex(Arc<AtomicU64>);
+
+impl AppliedIndex {
+    /// The applied index, if anything was applied.
+    pub fn get(&self) -> Option<u64> {
+        self.0.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    fn set(&self, applied: Option<&LogId>) {
+        self.0
+            .store(applied.map_or(0, |l| l.index + 1), Ordering::Release);
+    }
 }
 
 /// Builds snapshots concurrently with `apply`, from a RocksDB snapshot.
@@ -60,11 +79,23 @@ impl StateMachine {
     pub fn new(store: Arc<Store>, snapshot_dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&snapshot_dir)?;
         snapshot_file::remove_leftovers(&snapshot_dir)?;
+        let applied = AppliedIndex::default();
+        applied.set(
+            read_owner::<Option<LogId>>(&store, APPLIED)?
+                .flatten()
+                .as_ref(),
+        );
         Ok(StateMachine {
             store,
             snapshot_dir,
             applier: IoThread::spawn("raft-apply")?,
+            applied,
         })
+    }
+
+    /// The applied index as reads see it (shared, updated by every apply and install).
+    pub fn applied(&self) -> AppliedIndex {
+        self.applied.clone()
     }
 
     /// The change store this machine applies to.
@@ -171,6 +202,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(());
         };
         let store = self.store.clone();
+        let applied = self.applied.clone();
         self.applier
             .run(move || {
                 let started = std::time::Instant::now();
@@ -193,8 +225,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     };
                     answers.extend(responder.map(|r| (r, response)));
                 }
-                let applied = serde_json::to_vec(&Some(&last)).map_err(|e| failed(&last, &e))?;
-                txn.put_owner_meta(APPLIED, &applied)
+                let applied_id = serde_json::to_vec(&Some(&last)).map_err(|e| failed(&last, &e))?;
+                txn.put_owner_meta(APPLIED, &applied_id)
                     .map_err(|e| failed(&last, &e))?;
                 if let Some(m) = membership {
                     let m = serde_json::to_vec(&m).map_err(|e| failed(&last, &e))?;
@@ -202,6 +234,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         .map_err(|e| failed(&last, &e))?;
                 }
                 store.commit(txn).map_err(|e| failed(&last, &e))?;
+                applied.set(Some(&last));
                 STAGES.since(Stage::Apply, started);
                 for (responder, response) in answers {
                     responder.send(response);
@@ -228,8 +261,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
         let file = snapshot.into_std().await;
+        let applied = self.applied.clone();
         self.applier
-            .run(move || install(&store, &dir, &meta, file))
+            .run(move || {
+                install(&store, &dir, &meta, file)?;
+                applied.set(meta.last_log_id.as_ref());
+                Ok(())
+            })
             .await
             .map_err(any)?
     }
