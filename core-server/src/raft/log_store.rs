@@ -69,7 +69,7 @@ pub struct LogStore {
     vote: Arc<Mutex<Option<Vote>>>,
 }
 
-/// An append written to RocksDB, waiting for the WAL sync that makes it durable.
+/// An append to report flushed once a synced write covers it.
 struct Flush {
     callback: IOFlushed<TypeConfig>,
     started: Instant,
