@@ -243,11 +243,7 @@ const MEMBER_ADDRESS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Keeps `ips` at the addresses the membership's names resolve to: at each membership change
 /// and every [`MEMBER_ADDRESS_REFRESH`].
-async fn watch_member_ips(
-    raft: raft::types::Raft,
-    ips: Arc<MemberIps>,
-    shutdown: CancellationToken,
-) {
+async fn watch_member_ips(raft: raft::Raft, ips: Arc<MemberIps>, shutdown: CancellationToken) {
     let mut metrics = raft.metrics();
     let mut resolved_for = None;
     let mut refresh = tokio::time::interval(MEMBER_ADDRESS_REFRESH);
@@ -341,7 +337,7 @@ const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(3);
 /// request reaches it (it still serves) and ends its term; what waited in the proposer is
 /// then forwarded to the new leader. When the rest cannot form a quorum it stops at once.
 async fn hand_over(
-    raft: &raft::types::Raft,
+    raft: &raft::Raft,
     proposer: &proposer::Proposer,
     probe: Duration,
     timeout: Duration,
@@ -442,7 +438,7 @@ async fn hand_over(
 }
 
 /// Waits until Raft reports a fatal error, then cancels `shutdown` and returns the error.
-async fn watch_fatal(raft: raft::types::Raft, shutdown: CancellationToken) -> Option<String> {
+async fn watch_fatal(raft: raft::Raft, shutdown: CancellationToken) -> Option<String> {
     let mut metrics = raft.metrics();
     loop {
         if let Err(e) = &metrics.borrow_and_update().running_state {

@@ -26,7 +26,8 @@ use crate::proposer::Proposer;
 use crate::raft::log_store::{read_cluster_id, read_node_id, write_node_id, LogStore};
 use crate::raft::network::Network;
 use crate::raft::state_machine::{AppliedIndex, StateMachine};
-use crate::raft::types::{NodeId, Op, Raft, Request};
+use crate::raft::types::{NodeId, Op, Request};
+use crate::raft::Raft;
 use crate::restore;
 
 /// Pause between two attempts to reach peers while forming or joining a cluster.

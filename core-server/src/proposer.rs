@@ -23,7 +23,8 @@ use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::raft::types::{Command, NodeId, Outcome, Raft, Request};
+use crate::raft::types::{Command, NodeId, Outcome, Request};
+use crate::raft::Raft;
 use crate::stages::{Stage, STAGES};
 
 /// Most requests in one entry: bounds the state machine's batch.

@@ -20,7 +20,7 @@ use changeagent_proto::Scope;
 use changeagent_store::{ImportMode, Objects, Store};
 use openraft::ServerState;
 
-use crate::raft::types::Raft;
+use crate::raft::Raft;
 
 /// Owner value naming the checkpoint a restored cluster started from.
 pub const RESTORED_FROM: &str = "restored_from";

@@ -24,7 +24,8 @@ use tokio::time::Instant;
 use super::forward::{leader, no_leader, LeaderIs};
 use super::AppState;
 use crate::identity::base_url;
-use crate::raft::types::{NodeId, Raft};
+use crate::raft::types::NodeId;
+use crate::raft::Raft;
 
 /// How long a follower waits for the leader's view of the cluster before answering its own.
 const ASK_LEADER_TIMEOUT: Duration = Duration::from_secs(2);

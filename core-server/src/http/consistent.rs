@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::forward::{leader, LeaderIs};
 use super::raft::ReadIndex;
 use crate::identity::{base_url, Identity};
-use crate::raft::types::Raft;
+use crate::raft::Raft;
 
 /// The core's read barrier.
 pub struct LeaderBarrier {

@@ -26,7 +26,8 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::identity::{base_url, CLUSTER_ID_HEADER};
-use crate::raft::types::{NodeId, Raft};
+use crate::raft::types::NodeId;
+use crate::raft::Raft;
 
 use changeagent_proto::headers::FORWARDED as FORWARDED_HEADER;
 /// Extra time a forwarded request is given beyond the caller's deadline, so the leader's own

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::proposer::Proposer;
-use crate::raft::types::{NodeId, Raft};
+use crate::raft::types::NodeId;
+use crate::raft::Raft;
 
 /// State shared by the core's handlers.
 pub struct AppState {

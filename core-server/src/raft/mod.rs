@@ -7,3 +7,6 @@ pub mod network;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
+
+/// The Raft handle of a node: its types and its state machine.
+pub type Raft = openraft::Raft<types::TypeConfig, state_machine::StateMachine>;

@@ -5,8 +5,6 @@
 use changeagent_proto::types::{EndRequest, StartRecord};
 use changeagent_store::{ChangeInput, Rejection};
 use openraft::BasicNode;
-
-use super::state_machine::StateMachine;
 use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
@@ -20,7 +18,6 @@ openraft::declare_raft_types!(
 
 /// A node's id, persisted in its data dir.
 pub type NodeId = u64;
-pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type EntryPayload = openraft::alias::EntryPayloadOf<TypeConfig>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
