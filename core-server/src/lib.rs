@@ -406,22 +406,18 @@ async fn hand_over(
                             >= last
                     })
                     .collect();
-                (caught_up.len() + 1 >= quorum).then(|| caught_up.first().copied())
+                // With two voters or more the quorum includes a follower.
+                (caught_up.len() + 1 >= quorum)
+                    .then(|| caught_up.first().copied())
+                    .flatten()
             }
         };
-        match (next, transferred_to) {
-            (Some(Some(to)), None) => {
-                tracing::info!(to, "followers caught up; handing leadership over");
-                if raft.trigger().transfer_leader(to).await.is_err() {
-                    return;
-                }
-                transferred_to = Some(to);
-            }
-            (Some(None), _) => {
-                tracing::info!("followers caught up; leader stepping down");
+        if let (Some(to), None) = (next, transferred_to) {
+            tracing::info!(to, "followers caught up; handing leadership over");
+            if raft.trigger().transfer_leader(to).await.is_err() {
                 return;
             }
-            _ => {}
+            transferred_to = Some(to);
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
