@@ -175,13 +175,22 @@ impl Identity {
 
     /// Adds this node's cluster id and secret to an outgoing peer request.
     pub fn sign(&self, mut builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        if let Some(id) = self.cluster_id() {
-            builder = builder.header(CLUSTER_ID_HEADER, &*id);
-        }
-        if let Some(s) = &self.secret {
-            builder = builder.header(SECRET_HEADER, s);
+        for (name, value) in self.peer_headers() {
+            builder = builder.header(name, value);
         }
         builder
+    }
+
+    /// The headers that sign a peer request: the cluster id once known, and the secret.
+    pub fn peer_headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::with_capacity(2);
+        if let Some(id) = self.cluster_id() {
+            headers.push((CLUSTER_ID_HEADER, id.to_string()));
+        }
+        if let Some(s) = &self.secret {
+            headers.push((SECRET_HEADER, s.clone()));
+        }
+        headers
     }
 }
 

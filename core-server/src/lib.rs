@@ -55,7 +55,16 @@ pub async fn run(
     let raft_runtime = RaftRuntime::start()?;
     // Raft RPCs get a client of their own: its connections are driven on Raft's runtime.
     let raft_client = peer_client(addr)?;
-    let node = node::start(&config, &advertise, raft_client, raft_runtime.handle()).await?;
+    // Peer streams, like the clients, connect from the address this node listens on.
+    let local_ip = Some(addr.ip()).filter(|ip| !ip.is_unspecified());
+    let node = node::start(
+        &config,
+        &advertise,
+        raft_client,
+        local_ip,
+        raft_runtime.handle(),
+    )
+    .await?;
     let proposer = proposer::Proposer::start(node.raft.clone(), raft_runtime.handle());
     let metrics = Arc::new(HttpMetrics::default());
     let config = Arc::new(config);

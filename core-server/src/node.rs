@@ -63,6 +63,7 @@ pub async fn start(
     config: &Config,
     advertise: &str,
     client: reqwest::Client,
+    local_ip: Option<std::net::IpAddr>,
     raft_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Node> {
     let peers = config.peer_list()?;
@@ -118,7 +119,7 @@ pub async fn start(
     let applied = sm.applied();
     // Raft's tasks (core, replication, state machine worker) live on Raft's own runtime, so
     // a flood of client work on the main runtime never delays a heartbeat or an election.
-    let network = Network::new(client, identity.clone());
+    let network = Network::new(client, identity.clone(), local_ip);
     let raft = raft_runtime
         .spawn(Raft::new(id, Arc::new(raft_config), network, log_store, sm))
         .await

@@ -60,6 +60,20 @@ impl Cluster {
         }
     }
 
+    /// One acknowledged write through each node (marker `{prefix}-{i}`), then waits
+    /// until all nodes hold the same log and checks it against the writes: the cluster
+    /// still works.
+    pub async fn assert_writes_through_every_node(&self, prefix: &str) {
+        let history = History::new();
+        for i in 0..self.nodes.len() {
+            self.write_acked(&history, i, i, &format!("{prefix}-{i}"))
+                .await;
+        }
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let finals = self.wait_converged(&all).await;
+        history.assert_consistent(&finals);
+    }
+
     /// `rounds` rounds of one write through each node in `nodes` (node `i`
     /// writes as client `i`, marker `{prefix}-{i}-{round}`), each asserted
     /// acknowledged.

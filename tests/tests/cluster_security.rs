@@ -1,5 +1,5 @@
 //! Who may talk to a cluster: a node of another cluster is refused (403) on
-//! `/cluster/join` and the Raft RPCs, and with `--cluster-secret` the Raft
+//! `/cluster/join`, the Raft RPCs and peer streams, and with `--cluster-secret` the Raft
 //! and membership routes answer 401 without the secret and work with it,
 //! while the client API needs none.
 
@@ -113,6 +113,19 @@ async fn a_node_of_another_cluster_is_refused() {
         )
         .await;
         assert_error(&r, 403, &format!("foreign append to n{i}"));
+        let r = api
+            .request(
+                "GET",
+                "/raft/stream",
+                None,
+                None,
+                &[
+                    ("X-Cluster-Id", foreign_cluster.as_str()),
+                    ("Upgrade", "changeagent-raft/1"),
+                ],
+            )
+            .await;
+        assert_error(&r, 403, &format!("foreign stream to n{i}"));
         let after = health(&api).await.expect("/health")["term"]
             .as_u64()
             .expect("term");
@@ -127,14 +140,7 @@ async fn a_node_of_another_cluster_is_refused() {
         cluster.wait_voters(i, &voters).await;
     }
     assert_eq!(cluster.wait_leader().await, leader, "the leader changed");
-    let history = History::new();
-    for i in 0..3 {
-        cluster
-            .write_acked(&history, i, i, &format!("after-{i}"))
-            .await;
-    }
-    let finals = cluster.wait_converged(&[0, 1, 2]).await;
-    history.assert_consistent(&finals);
+    cluster.assert_writes_through_every_node("after").await;
     // The foreign node is still its own one-node cluster.
     let fh = health(&foreign.api()).await.expect("foreign /health");
     assert_eq!(fh["clusterId"], foreign_cluster.as_str(), "{fh}");
@@ -162,6 +168,7 @@ async fn cluster_secret_guards_raft_and_membership_routes() {
     let guarded: Vec<(&str, String, Option<&str>)> = vec![
         ("POST", "/raft/vote".to_string(), Some(vote.as_str())),
         ("POST", "/raft/append".to_string(), Some(append.as_str())),
+        ("GET", "/raft/stream".to_string(), None),
         ("POST", "/cluster/join".to_string(), Some(join.as_str())),
         ("POST", "/cluster/leave".to_string(), None),
         ("DELETE", format!("/cluster/members/{id}"), None),

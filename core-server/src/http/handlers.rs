@@ -28,6 +28,7 @@ use serde_json::value::RawValue;
 use super::forward::LostLeadership;
 use super::AppState;
 use crate::proposer::ProposeError;
+use crate::raft::peer_stream::RECEIVED;
 use crate::raft::types::{Op, Outcome, Request};
 use crate::stages::{Stage, STAGES};
 
@@ -445,6 +446,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let mut out = String::with_capacity(16 * 1024);
     app.metrics.render(&mut out);
     STAGES.render(&mut out);
+    RECEIVED.render(&mut out);
     let m = app.raft.metrics().borrow_watched().clone();
     let s = app.store.state();
     gauge(

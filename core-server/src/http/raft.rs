@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,8 +22,12 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
+use super::routes::MAX_RAFT_BODY;
 use super::AppState;
+use hyper_util::rt::TokioIo;
+
 use crate::raft::network::{SNAPSHOT_META_HEADER, SNAPSHOT_VOTE_HEADER};
+use crate::raft::peer_stream::{self, Rpc, PROTOCOL, RECEIVED, STREAM_PATH};
 use crate::raft::snapshot_file;
 use crate::raft::types::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::stages::{Stage, STAGES};
@@ -44,25 +48,19 @@ pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Ne
     next.run(req).await
 }
 
-/// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
-const DECODE_INLINE_BYTES: usize = 64 * 1024;
-
-/// `POST /raft/append`. The body is decoded off the async workers when large. The first
-/// poll of `append_entries` hands the request to the Raft core, so when the leader's timeout
-/// drops this request the follower still finishes the append (only the answer is lost), and
-/// the leader's retry finds the entries present.
+/// `POST /raft/append` (peers without streams). The body is decoded off the async workers
+/// when large. The first poll of `append_entries` hands the request to the Raft core, so
+/// when the leader's timeout drops this request the follower still finishes the append
+/// (only the answer is lost), and the leader's retry finds the entries present.
 pub async fn append(
     State(app): State<Arc<AppState>>,
     body: Bytes,
 ) -> Result<Json<Result<AppendEntriesResponse<TypeConfig>, RaftError<TypeConfig>>>, ApiError> {
+    RECEIVED.http_rpc();
     let started = Instant::now();
-    let req: AppendEntriesRequest<TypeConfig> = if body.len() <= DECODE_INLINE_BYTES {
-        decode_append(&body)?
-    } else {
-        tokio::task::spawn_blocking(move || decode_append(&body))
-            .await
-            .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))??
-    };
+    let req: AppendEntriesRequest<TypeConfig> = peer_stream::decode(Rpc::Append, body)
+        .await
+        .map_err(ApiError::BadRequest)?;
     let heartbeat = req.entries.is_empty();
     let answer = app.raft.append_entries(req).await;
     if !heartbeat {
@@ -71,9 +69,34 @@ pub async fn append(
     Ok(Json(answer))
 }
 
-fn decode_append(body: &[u8]) -> Result<AppendEntriesRequest<TypeConfig>, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid AppendEntries request: {e}")))
+/// `GET /raft/stream` with `Upgrade: changeagent-raft/1`: turns the connection into a
+/// [peer stream](crate::raft::peer_stream) serving this node's Raft RPCs. The connection
+/// has passed [`peer_guard`], and a member's connection is already on Raft's runtime,
+/// where the stream's task runs too.
+pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
+    let wanted = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(PROTOCOL.as_bytes()));
+    if !wanted {
+        return ApiError::BadRequest(format!(
+            "{STREAM_PATH} needs `connection: upgrade` and `upgrade: {PROTOCOL}`"
+        ))
+        .into_response();
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => peer_stream::serve(app.raft.clone(), TokioIo::new(io), MAX_RAFT_BODY).await,
+            Err(e) => tracing::debug!(error = %e, "a peer stream's upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PROTOCOL)
+        .body(Body::empty())
+        .unwrap_or_default()
 }
 
 /// `POST /raft/vote`.
@@ -81,6 +104,7 @@ pub async fn vote(
     State(app): State<Arc<AppState>>,
     Json(req): Json<VoteRequest<TypeConfig>>,
 ) -> Json<Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>> {
+    RECEIVED.http_rpc();
     Json(app.raft.vote(req).await)
 }
 
@@ -90,6 +114,7 @@ pub async fn transfer_leader(
     State(app): State<Arc<AppState>>,
     Json(req): Json<TransferLeaderRequest<TypeConfig>>,
 ) -> Json<Result<TransferLeaderResponse<TypeConfig>, RaftError<TypeConfig>>> {
+    RECEIVED.http_rpc();
     Json(
         app.raft
             .handle_transfer_leader(req)

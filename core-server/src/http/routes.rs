@@ -7,14 +7,17 @@ use axum::routing::{delete, get, post, put};
 use axum::Router;
 use changeagent_api::{finish_router, read_router, ReadApi};
 
+use crate::raft::peer_stream::STREAM_PATH;
+
 use super::{admin, cluster, forward, handlers, raft, AppState};
 
 /// Largest Raft RPC body. An AppendEntries request carries at most `MAX_APPEND_BYTES` of
 /// entries, or one entry, which holds at most one request of `--max-body-bytes` (at most
-/// `MAX_BODY_LIMIT`) when larger; this leaves room for the encoding. A larger request is
-/// answered 413, which the sender turns into openraft's `PayloadTooLarge` and sends fewer
-/// entries. Snapshots are streamed to a file, unbounded.
-const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
+/// `MAX_BODY_LIMIT`) when larger; this leaves room for the encoding. The same limit bounds a
+/// request frame on a peer stream. A larger request is refused (413, or a refusal that
+/// closes the stream) and fails as a network error naming the sizes. Snapshots are streamed
+/// to a file, unbounded.
+pub const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
 
 /// Builds the node's whole router.
 pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
@@ -53,6 +56,7 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
         .with_state(app.clone());
     let raft_routes = Router::new()
         .route("/raft/append", post(raft::append))
+        .route(STREAM_PATH, get(raft::stream))
         .route("/raft/vote", post(raft::vote))
         .route("/raft/transfer-leader", post(raft::transfer_leader))
         .route("/raft/read-index", post(raft::read_index))

@@ -4,6 +4,7 @@
 pub mod io;
 pub mod log_store;
 pub mod network;
+pub mod peer_stream;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;

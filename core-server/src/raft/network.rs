@@ -1,7 +1,9 @@
-//! Raft RPCs over HTTP: one shared reqwest client (keep-alive) posts JSON to `/raft/*` on the
-//! target's listener, signed with the cluster id and secret. A connect failure is
-//! `Unreachable`, so openraft backs off; the request timeout is the one openraft passes (the
-//! AppendEntries timeout equals the heartbeat).
+//! Raft RPCs between nodes. AppendEntries, votes and leadership transfers travel on a
+//! persistent [stream](super::peer_stream) per link, opened on the target's listener with
+//! the cluster id and secret; a target that does not serve streams (an older version) gets
+//! one JSON `POST /raft/*` per RPC through the shared reqwest client instead. A connect
+//! failure is `Unreachable`, so openraft backs off; the time limit is the one openraft
+//! passes (the AppendEntries timeout equals the heartbeat).
 //!
 //! Snapshots are streamed from the snapshot file in one request (`POST /raft/snapshot`, the
 //! vote and snapshot meta in headers); the receiver writes the body to a file and installs it
@@ -9,6 +11,7 @@
 
 use std::future::Future;
 use std::io::SeekFrom;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use super::peer_stream::{self, ConnectError, PeerStream, Rpc};
 use super::snapshot_file;
 use super::types::{entry_len, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 use crate::identity::{base_url, Identity};
@@ -45,32 +49,55 @@ const SNAPSHOT_CHUNK: usize = 256 * 1024;
 pub struct Network {
     client: reqwest::Client,
     identity: Arc<Identity>,
+    local_ip: Option<IpAddr>,
 }
 
 impl Network {
-    /// A network using `client`, signing every RPC with `identity`.
-    pub fn new(client: reqwest::Client, identity: Arc<Identity>) -> Self {
-        Network { client, identity }
+    /// A network using `client`, signing every RPC with `identity`; its streams connect
+    /// from `local_ip` when given (the address the node listens on, as for the client).
+    pub fn new(client: reqwest::Client, identity: Arc<Identity>, local_ip: Option<IpAddr>) -> Self {
+        Network {
+            client,
+            identity,
+            local_ip,
+        }
     }
 }
 
-/// RPCs to one target node.
+/// RPCs to one target node. openraft makes one per replication stream, heartbeat worker
+/// and election, and calls it one RPC at a time, so each holds its own peer stream.
 pub struct Connection {
     client: reqwest::Client,
     identity: Arc<Identity>,
     target: NodeId,
     base: String,
+    /// `host:port` for a stream; `None` when the address names a scheme streams do not
+    /// speak (https), or the target answered that it serves none.
+    stream_addr: Option<String>,
+    /// The open stream, taken out while an RPC uses it: an RPC that fails or is dropped
+    /// half-way leaves none, and the next one opens a new stream.
+    stream: Option<PeerStream>,
+    local_ip: Option<IpAddr>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
+        let addr = node.addr.trim_end_matches('/');
+        let stream_addr = match addr.strip_prefix("http://") {
+            Some(plain) => Some(plain.to_owned()),
+            None if addr.contains("://") => None,
+            None => Some(addr.to_owned()),
+        };
         Connection {
             client: self.client.clone(),
             identity: self.identity.clone(),
             target,
             base: base_url(&node.addr),
+            stream_addr,
+            stream: None,
+            local_ip: self.local_ip,
         }
     }
 }
@@ -88,9 +115,10 @@ fn network_error(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
 }
 
 impl Connection {
+    /// Sends one RPC, on the stream to the target when it serves one.
     async fn call<Req, Resp>(
-        &self,
-        path: &str,
+        &mut self,
+        rpc: Rpc,
         req: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<TypeConfig>>
@@ -98,8 +126,92 @@ impl Connection {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let body = serde_json::to_vec(req).map_err(network_error)?;
-        self.call_raw(path, body, option).await
+        let frame = peer_stream::encode_frame(rpc as u8, req).map_err(network_error)?;
+        self.call_frame(rpc, frame, option).await
+    }
+
+    /// Sends an encoded request frame within openraft's time limit: on the stream to the
+    /// target, or as an HTTP request when it serves no streams.
+    async fn call_frame<Resp>(
+        &mut self,
+        rpc: Rpc,
+        frame: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Resp: DeserializeOwned,
+    {
+        if let Some(addr) = self.stream_addr.clone() {
+            let ttl = option.hard_ttl();
+            match tokio::time::timeout(ttl, self.call_on_stream(&addr, rpc, &frame)).await {
+                Ok(Some(result)) => return result,
+                Ok(None) => {
+                    tracing::info!(
+                        target_node = self.target,
+                        "the node serves no Raft streams (an older version?); \
+                         sending one HTTP request per RPC"
+                    );
+                    self.stream_addr = None;
+                }
+                Err(_) => {
+                    return Err(network_error(format!(
+                        "raft RPC {} to node {} got no answer within {} ms",
+                        rpc.path(),
+                        self.target,
+                        ttl.as_millis()
+                    )))
+                }
+            }
+        }
+        let body = peer_stream::frame_body(&frame).to_vec();
+        self.call_raw(rpc.path(), body, option).await
+    }
+
+    /// Sends a request frame on the stream to `addr`, opening one if needed; `None` when
+    /// the target serves no streams.
+    async fn call_on_stream<Resp>(
+        &mut self,
+        addr: &str,
+        rpc: Rpc,
+        frame: &[u8],
+    ) -> Option<Result<Resp, RPCError<TypeConfig>>>
+    where
+        Resp: DeserializeOwned,
+    {
+        let cluster_id = self.identity.cluster_id();
+        // A stream opened before this node knew its cluster id is replaced, so the target
+        // checks the id.
+        let mut reused = self.stream.take().filter(|s| s.cluster_id == cluster_id);
+        loop {
+            let fresh = reused.is_none();
+            let mut stream = match reused.take() {
+                Some(stream) => stream,
+                None => match PeerStream::connect(addr, self.local_ip, &self.identity).await {
+                    Ok(stream) => stream,
+                    Err(ConnectError::Unsupported { .. }) => return None,
+                    Err(e @ ConnectError::Unreachable { .. }) => {
+                        return Some(Err(RPCError::Unreachable(Unreachable::new(&e))))
+                    }
+                    Err(e @ ConnectError::Refused { .. }) => return Some(Err(network_error(e))),
+                },
+            };
+            let failed = match stream.call(frame).await {
+                Ok(Ok(answer)) => {
+                    self.stream = Some(stream);
+                    return Some(answer.map_err(|e| RPCError::Unreachable(Unreachable::new(&e))));
+                }
+                Ok(Err(refusal)) => format!("was refused: {refusal}"),
+                // A stream that sat open may have been closed by the target (a restart);
+                // every Raft RPC can be sent twice, so one retry goes on a new stream.
+                Err(_) if !fresh => continue,
+                Err(e) => format!("broke off: {e}"),
+            };
+            return Some(Err(network_error(format!(
+                "raft RPC {} to node {} {failed}",
+                rpc.path(),
+                self.target
+            ))));
+        }
     }
 
     /// Posts an encoded request. The peer answers openraft's `Result`; its error (the peer
@@ -155,22 +267,23 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         if rpc.entries.is_empty() {
-            return self.call("/raft/append", &rpc, &option).await;
+            return self.call(Rpc::Append, &rpc, &option).await;
         }
         let started = Instant::now();
         // Large payloads are encoded off the async workers. Replication reads are bounded
         // (see the log store), so a request is larger than that only for one large entry,
         // which the peer's Raft request limit always admits.
         let bytes: usize = rpc.entries.iter().map(entry_len).sum();
-        let body = if bytes <= ENCODE_INLINE_BYTES {
-            serde_json::to_vec(&rpc)
+        let tag = Rpc::Append as u8;
+        let frame = if bytes <= ENCODE_INLINE_BYTES {
+            peer_stream::encode_frame(tag, &rpc)
         } else {
-            tokio::task::spawn_blocking(move || serde_json::to_vec(&rpc))
+            tokio::task::spawn_blocking(move || peer_stream::encode_frame(tag, &rpc))
                 .await
                 .map_err(network_error)?
         }
         .map_err(network_error)?;
-        let result = self.call_raw("/raft/append", body, &option).await;
+        let result = self.call_frame(Rpc::Append, frame, &option).await;
         if result.is_ok() {
             STAGES.since(Stage::Replicate, started);
         }
@@ -195,7 +308,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("/raft/vote", &rpc, &option).await
+        self.call(Rpc::Vote, &rpc, &option).await
     }
 
     async fn transfer_leader(
@@ -203,7 +316,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("/raft/transfer-leader", &req, &option).await
+        self.call(Rpc::TransferLeader, &req, &option).await
     }
 }
 
