@@ -31,11 +31,14 @@ use changeagent_api::serve::{RuntimeFor, Serving};
 use changeagent_api::{HttpMetrics, ReadApi, ReadLimits};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 
 /// How long start-up waits for a leader and a cluster id before serving anyway.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping node waits for its peer streams to end after Raft stopped.
+const PEER_STREAMS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs a core node on `listener` until `shutdown` is cancelled, then drains and stops.
 ///
@@ -84,6 +87,9 @@ pub async fn run(
         barrier: Some(Arc::new(barrier)),
         objects: Some(node.objects.clone()),
     });
+    // Serving stops after a stopping leader has handed over (see `hand_over`).
+    let serving = CancellationToken::new();
+    let peer_streams = TaskTracker::new();
     let app = Arc::new(http::AppState {
         node_id: node.id,
         identity: node.identity.clone(),
@@ -95,6 +101,8 @@ pub async fn run(
         client: client.clone(),
         snapshot_dir: node.snapshot_dir.clone(),
         shutdown: shutdown.clone(),
+        serving: serving.clone(),
+        peer_streams: peer_streams.clone(),
         applied: node.applied.clone(),
     });
     let router = http::routes::router(app, read);
@@ -105,8 +113,6 @@ pub async fn run(
         member_ips.clone(),
         shutdown.clone(),
     ));
-    // Serving stops after a stopping leader has handed over (see `hand_over`).
-    let serving = CancellationToken::new();
     let server = Serving::start_on(
         listener,
         router,
@@ -205,6 +211,16 @@ pub async fn run(
     };
     stopping.abort();
     node.raft.shutdown().await.ok();
+    // Peer streams end with serving, or when Raft's shutdown fails their last RPC; their
+    // tasks hold the Raft handle (and so the log's database), which must be closed before
+    // the process exits.
+    peer_streams.close();
+    if tokio::time::timeout(PEER_STREAMS_TIMEOUT, peer_streams.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("peer streams still open after {PEER_STREAMS_TIMEOUT:?}; stopping anyway");
+    }
     node.store.sync().context("cannot sync the change store")?;
     match failure {
         Some(why) => Err(anyhow::anyhow!("{why}")),

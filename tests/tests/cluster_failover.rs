@@ -1,6 +1,7 @@
 //! Node failures in a 3-node cluster: `kill -9` of the leader under
 //! concurrent writers (a new leader takes over, no acknowledged write is
-//! lost or doubled), SIGTERM of the leader (it hands over and exits cleanly),
+//! lost or doubled), SIGTERM of the leader (it hands over and exits cleanly, and so does
+//! every node after it),
 //! `Idempotency-Key` retries across the failover (of a post, and of creates and a
 //! delete whose checks would now refuse them), and two of three nodes down (writes
 //! answer 503 in time, reads still served).
@@ -156,6 +157,19 @@ async fn sigterm_of_the_leader_hands_over_and_exits_cleanly() {
     let finals = cluster.wait_converged(&[0, 1, 2]).await;
     let summary = history.assert_consistent(&finals);
     assert!(summary.acked >= 60, "{summary:?}");
+
+    // Every node stops cleanly, the leader first, then the followers while their peer
+    // streams are busy with heartbeats (a stream's task still holding Raft, and so the log's
+    // database, when the process exited made it abort).
+    let leader = cluster.wait_leader().await;
+    for i in std::iter::once(leader).chain(cluster.others(&[leader])) {
+        let status = cluster.terminate(i).await;
+        assert!(
+            status.success(),
+            "n{i} exited with {status}; log:\n{}",
+            cluster.node(i).server.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use changeagent_api::HttpMetrics;
 use changeagent_store::Store;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::identity::Identity;
@@ -38,6 +39,12 @@ pub struct AppState {
     pub snapshot_dir: PathBuf,
     /// Cancelled to stop the node (`POST /cluster/leave`).
     pub shutdown: CancellationToken,
+    /// Cancelled once the node stops serving (after a stopping leader handed over); peer
+    /// streams end then, as other connections do.
+    pub serving: CancellationToken,
+    /// The peer streams' tasks: they hold the Raft handle, so the node waits for them to end
+    /// before it closes its storage.
+    pub peer_streams: TaskTracker,
     /// The Raft index applied to the store (what `/health` reports).
     pub applied: AppliedIndex,
 }

@@ -85,9 +85,13 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         .into_response();
     }
     let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
+    let tasks = app.peer_streams.clone();
+    tasks.spawn(async move {
         match upgrade.await {
-            Ok(io) => peer_stream::serve(app.raft.clone(), TokioIo::new(io), MAX_RAFT_BODY).await,
+            Ok(io) => {
+                let io = TokioIo::new(io);
+                peer_stream::serve(app.raft.clone(), io, MAX_RAFT_BODY, app.serving.clone()).await
+            }
             Err(e) => tracing::debug!(error = %e, "a peer stream's upgrade failed"),
         }
     });

@@ -33,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use super::types::TypeConfig;
 use super::Raft;
@@ -366,16 +367,26 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut BufReader<R>) -> io::Result<He
     }
 }
 
-/// Serves the RPCs of one stream, in order, until the peer closes it. Requests over
-/// `max_request` bytes, or that cannot be read, are refused and end the stream.
+/// Serves the RPCs of one stream, in order, until the peer closes it or `until` is
+/// cancelled (checked between requests). Requests over `max_request` bytes, or that cannot
+/// be read, are refused and end the stream.
 ///
 /// As on the HTTP endpoint, the first poll of `append_entries` hands the request to the
 /// Raft core, so an append finishes even when the peer has gone.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(raft: Raft, io: S, max_request: usize) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    raft: Raft,
+    io: S,
+    max_request: usize,
+    until: CancellationToken,
+) {
     RECEIVED.streams.fetch_add(1, Ordering::Relaxed);
     let mut io = BufReader::new(io);
     loop {
-        let (tag, body) = match read_frame(&mut io, max_request).await {
+        let frame = tokio::select! {
+            frame = read_frame(&mut io, max_request) => frame,
+            _ = until.cancelled() => return,
+        };
+        let (tag, body) = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
             Err(e) => {
