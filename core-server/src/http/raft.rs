@@ -22,7 +22,6 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use super::routes::MAX_RAFT_BODY;
 use super::AppState;
 use hyper_util::rt::TokioIo;
 
@@ -31,6 +30,14 @@ use crate::raft::peer_stream::{self, Rpc, PROTOCOL, RECEIVED, STREAM_PATH};
 use crate::raft::snapshot_file;
 use crate::raft::types::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 use crate::stages::{Stage, STAGES};
+
+/// Largest Raft RPC body. An AppendEntries request carries at most `MAX_APPEND_BYTES` of
+/// entries, or one entry, which holds at most one request of `--max-body-bytes` (at most
+/// `MAX_BODY_LIMIT`) when larger; this leaves room for the encoding. The same limit bounds a
+/// request frame on a peer stream. A larger request is refused (413, or a refusal that
+/// closes the stream) and fails as a network error naming the sizes. Snapshots are streamed
+/// to a file, unbounded.
+pub const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
 
 /// Middleware on `/raft/*`: refuses RPCs without the secret or from another cluster.
 pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {

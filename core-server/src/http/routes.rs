@@ -11,14 +11,6 @@ use crate::raft::peer_stream::STREAM_PATH;
 
 use super::{admin, cluster, forward, handlers, raft, AppState};
 
-/// Largest Raft RPC body. An AppendEntries request carries at most `MAX_APPEND_BYTES` of
-/// entries, or one entry, which holds at most one request of `--max-body-bytes` (at most
-/// `MAX_BODY_LIMIT`) when larger; this leaves room for the encoding. The same limit bounds a
-/// request frame on a peer stream. A larger request is refused (413, or a refusal that
-/// closes the stream) and fails as a network error naming the sizes. Snapshots are streamed
-/// to a file, unbounded.
-pub const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
-
 /// Builds the node's whole router.
 pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
     let writes = Router::new()
@@ -61,7 +53,7 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
         .route("/raft/transfer-leader", post(raft::transfer_leader))
         .route("/raft/read-index", post(raft::read_index))
         .route("/raft/identity", get(raft::identity))
-        .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
+        .layer(DefaultBodyLimit::max(raft::MAX_RAFT_BODY))
         .route(
             "/raft/snapshot",
             post(raft::snapshot).layer(DefaultBodyLimit::disable()),
