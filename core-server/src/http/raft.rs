@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use changeagent_api::ApiError;
 use futures::StreamExt;
+use hyper_util::rt::TokioIo;
 use openraft::error::RaftError;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
@@ -23,8 +24,6 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use super::AppState;
-use hyper_util::rt::TokioIo;
-
 use crate::raft::network::{SNAPSHOT_META_HEADER, SNAPSHOT_VOTE_HEADER};
 use crate::raft::peer_stream::{self, Rpc, PROTOCOL, RECEIVED, STREAM_PATH};
 use crate::raft::snapshot_file;

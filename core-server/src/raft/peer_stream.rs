@@ -389,6 +389,16 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         let (tag, body) = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => return,
+            // The peer went away mid-frame (it stopped, or dropped a timed-out RPC).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                tracing::debug!(error = %e, "a peer stream broke off");
+                return;
+            }
             Err(e) => {
                 let message = format!("cannot read a Raft request: {e}");
                 tracing::warn!("{message}; closing the peer stream");
