@@ -73,7 +73,7 @@ pub struct Connection {
     base: String,
     /// `host:port` for a stream; `None` when the address names a scheme streams do not
     /// speak (https), or the target answered that it serves none.
-    stream_addr: Option<String>,
+    stream_addr: Option<Arc<str>>,
     /// The open stream, taken out while an RPC uses it: an RPC that fails or is dropped
     /// half-way leaves none, and the next one opens a new stream.
     stream: Option<PeerStream>,
@@ -86,9 +86,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
         let addr = node.addr.trim_end_matches('/');
         let stream_addr = match addr.strip_prefix("http://") {
-            Some(plain) => Some(plain.to_owned()),
+            Some(plain) => Some(plain.into()),
             None if addr.contains("://") => None,
-            None => Some(addr.to_owned()),
+            None => Some(addr.into()),
         };
         Connection {
             client: self.client.clone(),
