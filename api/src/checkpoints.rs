@@ -14,6 +14,7 @@ use changeagent_proto::checkpoint::CONTENT_TYPE;
 use changeagent_proto::{Manifest, Scope};
 use futures::TryStreamExt;
 
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::handlers::blocking;
 use crate::ReadApi;
@@ -28,23 +29,47 @@ fn scope_param(raw: Option<&str>) -> Result<Option<Scope>, ApiError> {
     Ok(None)
 }
 
-/// `GET /checkpoints?scope=`: kept checkpoints, newest first; every scope when none is named.
+/// Whether `access` may read checkpoints of `scope`: full ones need a token without a tenant
+/// limit, a tenant's scoped ones a token allowed that tenant.
+pub fn may_read(access: &Access, scope: &Scope) -> bool {
+    match scope {
+        Scope::All => access.all_tenants(),
+        Scope::Tenant(t) => access.allows_tenant(t),
+    }
+}
+
+/// 403 unless `access` may read checkpoints of `scope`.
+fn check_scope(access: &Access, scope: &Scope) -> Result<(), ApiError> {
+    match scope {
+        Scope::All => access.check_all_tenants("a full checkpoint (ask for ?scope=tenant=NAME)"),
+        Scope::Tenant(t) => access.check_tenant(t),
+    }
+}
+
+/// `GET /checkpoints?scope=`: kept checkpoints, newest first; every scope the request may
+/// read when none is named.
 pub async fn list(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<Manifest>>, ApiError> {
     let scope = scope_param(raw.as_deref())?;
-    Ok(Json(
-        blocking(&api.store, move |s| s.manifests(scope.as_ref())).await?,
-    ))
+    if let Some(scope) = &scope {
+        check_scope(&access, scope)?;
+    }
+    let mut manifests = blocking(&api.store, move |s| s.manifests(scope.as_ref())).await?;
+    manifests.retain(|m| may_read(&access, &m.scope));
+    Ok(Json(manifests))
 }
 
 /// `GET /checkpoints/latest?scope=` (default `all`): the newest checkpoint, 404 when none.
 pub async fn latest(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Manifest>, ApiError> {
     let scope = scope_param(raw.as_deref())?.unwrap_or_default();
+    check_scope(&access, &scope)?;
     let label = scope.to_string();
     blocking(&api.store, move |s| s.latest_manifest(&scope))
         .await?
@@ -56,6 +81,7 @@ pub async fn latest(
 /// as stored, streamed.
 pub async fn data(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(index): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -65,6 +91,7 @@ pub async fn data(
         ))
     })?;
     let scope = scope_param(raw.as_deref())?.unwrap_or_default();
+    check_scope(&access, &scope)?;
     let label = scope.to_string();
     let manifest = blocking(&api.store, move |s| s.manifests(Some(&scope)))
         .await?

@@ -13,10 +13,11 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    /// A peer request without the right cluster secret.
+    /// No credentials, or unknown ones: a missing or unknown token, a wrong cluster secret.
     #[error("{0}")]
     Unauthorized(String),
-    /// A peer request from another cluster.
+    /// Credentials that do not cover the request: a token's scope or tenants, a peer request
+    /// from another cluster.
     #[error("{0}")]
     Forbidden(String),
     #[error("method not allowed")]
@@ -32,6 +33,12 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
+    /// Over a token's request rate.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{message}")]
     Unavailable {
         message: String,
@@ -54,6 +61,7 @@ impl ApiError {
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,12 +144,23 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ApiError::Unavailable {
-            retry_after_secs, ..
-        } = self
-        {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        match self {
+            ApiError::Unavailable {
+                retry_after_secs, ..
+            }
+            | ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            ApiError::Unauthorized(_) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"changeagent\""),
+                );
+            }
+            _ => {}
         }
         resp
     }

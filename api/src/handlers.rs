@@ -16,6 +16,7 @@ use changeagent_proto::limits::DEFAULT_LIMIT;
 use changeagent_proto::query::{parse_bool, parse_limit, ChangesQuery};
 use changeagent_store::{Collection, Filter, PageInfo, Store, Tenant};
 
+use crate::auth::Access;
 use crate::error::ApiError;
 use crate::metrics::PageSource;
 use crate::ReadApi;
@@ -70,6 +71,7 @@ pub fn json_response(body: Vec<u8>) -> Response {
 /// `GET /changes`.
 pub async fn list_changes(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     OriginalUri(uri): OriginalUri,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -78,12 +80,13 @@ pub async fn list_changes(
     let path = uri.path().to_owned();
     drop((uri, raw));
     api.barrier(q.consistent).await?;
-    serve_changes(&api, &path, q).await
+    serve_changes(&api, &access, &path, q).await
 }
 
 /// `GET /tenants/{t}/changes`: the change list of one tenant.
 pub async fn tenant_changes(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(tenant): Path<String>,
     OriginalUri(uri): OriginalUri,
     RawQuery(raw): RawQuery,
@@ -93,23 +96,25 @@ pub async fn tenant_changes(
     let path = uri.path().to_owned();
     drop((uri, raw));
     api.barrier(q.consistent).await?;
-    serve_changes(&api, &path, q).await
+    serve_changes(&api, &access, &path, q).await
 }
 
-/// Answers a change query, long-polling when asked to and nothing matches yet.
+/// Answers a change query, long-polling when asked to and nothing matches yet. A token
+/// limited to tenants reads only their lists (internal records are in the unfiltered list
+/// only, so it never sees them).
 pub async fn serve_changes(
     api: &ReadApi,
+    access: &Access,
     path: &str,
     q: ChangesQuery,
 ) -> Result<Response, ApiError> {
     let store = &api.store;
     let tenant = match &q.tenant {
-        Some(t) => Some(
-            store
-                .tenant(t)
-                .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {t:?}")))?,
-        ),
-        None => None,
+        Some(t) => Some(tenant_for(access, store, t)?),
+        None => {
+            access.check_all_tenants("the whole change list (ask for ?tenant=NAME)")?;
+            None
+        }
     };
     let filter = Arc::new(Filter {
         tags: q.tags.clone(),
@@ -156,7 +161,7 @@ pub async fn serve_changes(
         };
         let (body, info) = match page {
             Ok(page) => page,
-            Err(e) => return Err(api.with_checkpoint(e, tenant_name.as_deref()).await),
+            Err(e) => return Err(api.with_checkpoint(e, tenant_name.as_deref(), access).await),
         };
         let stop = info.count > 0 || Instant::now() >= deadline || api.shutdown.is_cancelled();
         if stop || applied.has_changed().is_err() {
@@ -227,6 +232,7 @@ fn consistent_param(raw: Option<&str>) -> Result<bool, ApiError> {
 /// `GET /changes/{id}`.
 pub async fn get_change(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -234,17 +240,40 @@ pub async fn get_change(
     api.barrier(consistent_param(raw.as_deref())?).await?;
     let change = match blocking(&api.store, move |s| s.get_change(id)).await {
         Ok(change) => change,
-        Err(e) => return Err(api.with_checkpoint(e, None).await),
+        Err(e) => return Err(api.with_checkpoint(e, None, &access).await),
     };
     match change {
-        Some(json) => Ok(json_response(json)),
+        Some(json) => {
+            if !access.all_tenants() {
+                match change_tenant(&json)? {
+                    Some(t) => access.check_tenant(&t)?,
+                    None => {
+                        access.check_all_tenants(&format!("change {id}, which names no tenant,"))?
+                    }
+                }
+            }
+            Ok(json_response(json))
+        }
         None => Err(ApiError::NotFound(format!("change {id} not found"))),
     }
 }
 
-/// `GET /tenants`.
-pub async fn list_tenants(State(api): State<Arc<ReadApi>>) -> Json<Vec<Tenant>> {
-    Json(api.store.tenants())
+/// The tenant a stored change names, if any.
+fn change_tenant(json: &[u8]) -> Result<Option<String>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct TenantOf {
+        tenant: Option<String>,
+    }
+    serde_json::from_slice::<TenantOf>(json)
+        .map(|t| t.tenant)
+        .map_err(|e| ApiError::Internal(format!("a stored change does not parse: {e}")))
+}
+
+/// `GET /tenants`: the tenants the request may see.
+pub async fn list_tenants(State(api): State<Arc<ReadApi>>, access: Access) -> Json<Vec<Tenant>> {
+    let mut tenants = api.store.tenants();
+    tenants.retain(|t| access.allows_tenant(&t.name));
+    Json(tenants)
 }
 
 /// Looks a tenant up by name or id.
@@ -254,38 +283,77 @@ pub fn tenant_or_404(store: &Store, reference: &str) -> Result<Tenant, ApiError>
         .ok_or_else(|| ApiError::NotFound(format!("unknown tenant {reference:?}")))
 }
 
+/// Looks a tenant up by name or id for a request that must be allowed to act on it: 403
+/// outside the request's tenants, and for an unknown reference that is not one of them (a
+/// limited token learns nothing of other tenants).
+pub fn tenant_for(access: &Access, store: &Store, reference: &str) -> Result<Tenant, ApiError> {
+    match store.tenant(reference) {
+        Some(t) => {
+            access.check_tenant(&t.name)?;
+            Ok(t)
+        }
+        None => {
+            access.check_tenant(reference)?;
+            Err(ApiError::NotFound(format!("unknown tenant {reference:?}")))
+        }
+    }
+}
+
+/// Looks a collection up by name or id for a request that must be allowed to act on its
+/// tenant.
+pub fn collection_for(
+    access: &Access,
+    store: &Store,
+    reference: &str,
+) -> Result<Collection, ApiError> {
+    match store.collection(reference) {
+        Ok(c) => {
+            access.check_tenant(&c.tenant)?;
+            Ok(c)
+        }
+        Err(e) => {
+            access.check_all_tenants(&format!("collection {reference:?} (not found)"))?;
+            Err(e.into())
+        }
+    }
+}
+
 /// `GET /tenants/{t}`.
 pub async fn get_tenant(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(tenant): Path<String>,
 ) -> Result<Json<Tenant>, ApiError> {
-    Ok(Json(tenant_or_404(&api.store, &tenant)?))
+    Ok(Json(tenant_for(&access, &api.store, &tenant)?))
 }
 
 /// `GET /tenants/{t}/collections`.
 pub async fn list_collections(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(tenant): Path<String>,
 ) -> Result<Json<Vec<Collection>>, ApiError> {
-    let t = tenant_or_404(&api.store, &tenant)?;
+    let t = tenant_for(&access, &api.store, &tenant)?;
     Ok(Json(api.store.collections(t.id)))
 }
 
 /// `GET /collections/{c}`.
 pub async fn get_collection(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(collection): Path<String>,
 ) -> Result<Json<Collection>, ApiError> {
-    Ok(Json(api.store.collection(&collection)?))
+    Ok(Json(collection_for(&access, &api.store, &collection)?))
 }
 
 /// `GET /collections/{c}/keys?after=&limit=`: latest change of each live key, by key.
 pub async fn list_keys(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path(collection): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let c = api.store.collection(&collection)?;
+    let c = collection_for(&access, &api.store, &collection)?;
     let mut after = None;
     let mut limit = DEFAULT_LIMIT;
     let mut consistent = false;
@@ -312,10 +380,11 @@ pub async fn list_keys(
 /// `GET /collections/{c}/keys/{key}`: the key's latest change.
 pub async fn get_key(
     State(api): State<Arc<ReadApi>>,
+    access: Access,
     Path((collection, key)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let c = api.store.collection(&collection)?;
+    let c = collection_for(&access, &api.store, &collection)?;
     api.barrier(consistent_param(raw.as_deref())?).await?;
     let k = key.clone();
     match blocking(&api.store, move |s| s.get_key(c.id, &k)).await? {

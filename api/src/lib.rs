@@ -4,6 +4,7 @@
 //! reading, metrics, and serving with a drain on shutdown.
 //!
 //! # Layout
+//! - [`auth`]: bearer tokens with scopes and tenants, the request rate per token.
 //! - [`handlers`]: the read handlers.
 //! - [`checkpoints`]: the kept checkpoints and their bytes.
 //! - [`error`]: [`ApiError`] and the mapping from store errors and rejections.
@@ -12,6 +13,7 @@
 //! - [`lean`]: a lean HTTP/1.1 server that holds no buffer while a long-poll waits.
 //! - [`serve`]: serving a router until shutdown, then draining.
 
+pub mod auth;
 pub mod body;
 pub mod checkpoints;
 pub mod error;
@@ -75,8 +77,14 @@ pub trait ReadBarrier: Send + Sync {
 
 impl ReadApi {
     /// A `410` names the checkpoint to load: for a tenant's list that tenant's newest scoped
-    /// checkpoint when there is one, else the newest full one.
-    pub async fn with_checkpoint(&self, err: ApiError, tenant: Option<&str>) -> ApiError {
+    /// checkpoint when there is one, else the newest full one; none that `access` may not
+    /// read (a token limited to tenants reads only their scoped checkpoints).
+    pub async fn with_checkpoint(
+        &self,
+        err: ApiError,
+        tenant: Option<&str>,
+        access: &auth::Access,
+    ) -> ApiError {
         let ApiError::Gone {
             first_index,
             checkpoint: None,
@@ -92,7 +100,9 @@ impl ReadApi {
         match manifest {
             Ok(m) => ApiError::Gone {
                 first_index,
-                checkpoint: m.map(Box::new),
+                checkpoint: m
+                    .filter(|m| checkpoints::may_read(access, &m.scope))
+                    .map(Box::new),
             },
             Err(e) => e,
         }
@@ -147,9 +157,14 @@ pub async fn cluster_id_header(
     resp
 }
 
-/// Adds the shared outer layers: fallbacks (JSON 404/405), cluster id header, metrics.
-pub fn finish_router(router: Router, store: Arc<Store>, metrics: Arc<HttpMetrics>) -> Router {
-    outer_layers(with_fallbacks(router), store, metrics)
+/// Adds the shared outer layers: fallbacks (JSON 404/405), auth, cluster id header, metrics.
+pub fn finish_router(
+    router: Router,
+    auth: Arc<auth::Auth>,
+    store: Arc<Store>,
+    metrics: Arc<HttpMetrics>,
+) -> Router {
+    outer_layers(with_fallbacks(router), auth, store, metrics)
 }
 
 /// The JSON 404 and 405 answers. A layer added after this also runs for requests that end
@@ -160,9 +175,16 @@ pub fn with_fallbacks(router: Router) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
 }
 
-/// The cluster id header and metrics, outermost.
-pub fn outer_layers(router: Router, store: Arc<Store>, metrics: Arc<HttpMetrics>) -> Router {
+/// Auth (every request's [`auth::Access`]), then the cluster id header and metrics,
+/// outermost (refused requests are counted and carry the header too).
+pub fn outer_layers(
+    router: Router,
+    auth: Arc<auth::Auth>,
+    store: Arc<Store>,
+    metrics: Arc<HttpMetrics>,
+) -> Router {
     router
+        .layer(axum::middleware::from_fn_with_state(auth, auth::layer))
         .layer(axum::middleware::from_fn_with_state(
             store,
             cluster_id_header,

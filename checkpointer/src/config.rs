@@ -90,6 +90,16 @@ pub struct Config {
     /// done, not yet read back), verified, ended (end record, before latest.json).
     #[arg(long, env = "CHANGEAGENT_STOP_AT", hide = true)]
     pub stop_at: Option<String>,
+
+    /// The token sent to the core: it follows the whole list (`read` without a tenant limit)
+    /// and writes checkpoint records (`admin`; a tenant-limited one is enough for that
+    /// tenant's scope).
+    #[command(flatten)]
+    pub token: changeagent_client::TokenFlags,
+
+    /// The tokens this checkpointer's own API (`/metrics`) accepts; `/health` stays open.
+    #[command(flatten)]
+    pub auth: changeagent_api::auth::AuthFlags,
 }
 
 impl Config {

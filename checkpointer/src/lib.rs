@@ -122,6 +122,7 @@ pub async fn run(
     let objects = Arc::new(Objects::from_url(&config.object_store)?);
     let client = Client::builder(&config.core)
         .cluster_secret(config.secret()?)
+        .token(config.token.token()?)
         .checkpoint_dir(&tmp)
         .build()
         .context("bad --core")?;
@@ -130,8 +131,13 @@ pub async fn run(
         config.scope.clone(),
         config.core.clone(),
     ));
-    let server = axum::serve(listener, status::router(status.clone(), store.clone()))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let auth = Arc::new(config.auth.load()?);
+    auth.clone().watch(shutdown.clone());
+    let router = status::router(status.clone(), store.clone()).layer(
+        axum::middleware::from_fn_with_state(auth, changeagent_api::auth::layer),
+    );
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     tracing::info!(%id, scope = %config.scope, "listening on {addr}");
 

@@ -45,6 +45,9 @@ pub struct Cli {
     )]
     pub timeout_secs: u64,
 
+    #[command(flatten)]
+    pub token: crate::TokenFlags,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -292,7 +295,10 @@ pub struct TailArgs {
 
 /// Runs one command, printing its results to stdout.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut builder = Client::builder(&cli.servers).timeout(Duration::from_secs(cli.timeout_secs));
+    let token = cli.token.token()?;
+    let mut builder = Client::builder(&cli.servers)
+        .timeout(Duration::from_secs(cli.timeout_secs))
+        .token(token);
     if matches!(cli.command, Command::Outbox(OutboxCommand::Post { .. })) {
         // Queued already: try each server once rather than wait out the
         // retries; a later flush sends what stays pending.

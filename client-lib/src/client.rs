@@ -173,6 +173,7 @@ pub struct ClientBuilder {
     follow_block_secs: u32,
     checkpoint_dir: Option<PathBuf>,
     cluster_secret: Option<String>,
+    token: Option<String>,
     prefer_first_after: Option<Duration>,
 }
 
@@ -196,6 +197,7 @@ impl ClientBuilder {
             follow_block_secs: DEFAULT_FOLLOW_BLOCK_SECS,
             checkpoint_dir: None,
             cluster_secret: None,
+            token: None,
             prefer_first_after: Some(DEFAULT_PREFER_FIRST_AFTER),
         }
     }
@@ -263,6 +265,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Sends `Authorization: Bearer <token>` with every request: servers started with an
+    /// auth file need a token (see [`read_token_file`]).
+    pub fn token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
     /// Once failover has moved the client off the first endpoint, the first
     /// request after this long starts at the first endpoint again (and
     /// moves on at once if it still fails). List the endpoints in order of
@@ -305,6 +314,15 @@ impl ClientBuilder {
                     .cluster_secret
                     .map(|s| HeaderValue::from_str(&s).map_err(|_| Error::InvalidSecret))
                     .transpose()?,
+                authorization: self
+                    .token
+                    .map(|t| {
+                        let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                            .map_err(|_| Error::InvalidToken)?;
+                        v.set_sensitive(true);
+                        Ok::<_, Error>(v)
+                    })
+                    .transpose()?,
             }),
         })
     }
@@ -334,6 +352,8 @@ struct Inner {
     checkpoint_dir: Option<PathBuf>,
     /// Sent as `X-Cluster-Secret` on every request, when set.
     cluster_secret: Option<HeaderValue>,
+    /// Sent as `Authorization` on every request, when set.
+    authorization: Option<HeaderValue>,
 }
 
 /// Status, headers and body bytes of an answer, exactly as received.
@@ -1062,6 +1082,16 @@ impl Client {
                     );
                     retry_after(&answer.headers)
                 }
+                // Over the token's rate: nothing was done, so any call may be sent again.
+                Ok(answer) if answer.status == StatusCode::TOO_MANY_REQUESTS => {
+                    tracing::debug!(
+                        endpoint = %inner.endpoints[index],
+                        what = call.what,
+                        attempts,
+                        "over the token's rate"
+                    );
+                    retry_after(&answer.headers)
+                }
                 Err(error) if retryable(error, call.retry_safe()) => {
                     tracing::debug!(
                         endpoint = %inner.endpoints[index],
@@ -1119,6 +1149,9 @@ impl Client {
         }
         if let Some(secret) = &inner.cluster_secret {
             request = request.header(changeagent_proto::headers::CLUSTER_SECRET, secret.clone());
+        }
+        if let Some(authorization) = &inner.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         let response = if call.stream {
             let wait = inner.timeout + call.extra_timeout;

@@ -77,6 +77,10 @@ pub enum Error {
     #[error("the cluster secret must be visible ASCII")]
     InvalidSecret,
 
+    /// The token cannot be sent as a header value.
+    #[error("the token must be visible ASCII")]
+    InvalidToken,
+
     /// 502, 503 or 504: no leader, no quorum, a write timeout or a proxy
     /// that cannot reach the server. Returned after the retries ran out.
     #[error("server unavailable ({status}): {}", body.error)]

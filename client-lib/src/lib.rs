@@ -42,6 +42,7 @@
 //! - [`outbox`]: [`Outbox`], a durable queue of posts for writers that are
 //!   only sometimes connected, each sent once with the key it was queued
 //!   with.
+//! - [`token`]: [`TokenFlags`], the bearer token sent to servers that need one.
 //! - [`error`]: [`Error`], the one error type, and [`Result`].
 //! - [`cli`]: arguments and commands of the `changeagent` binary.
 
@@ -52,6 +53,7 @@ pub mod error;
 pub mod failover;
 pub mod follow;
 pub mod outbox;
+pub mod token;
 
 pub use changeagent_proto as proto;
 pub use changeagent_proto::{query, types};
@@ -64,6 +66,7 @@ pub use failover::DEFAULT_PREFER_FIRST_AFTER;
 pub use follow::{FollowEvent, RawChange, RawPage};
 pub use outbox::{Entry, FlushReport, Outbox, Rejected, Sent};
 pub use query::Query;
+pub use token::{read_token_file, TokenFlags};
 pub use types::{
     Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,
     Tenant,

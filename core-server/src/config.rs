@@ -107,6 +107,9 @@ pub struct Config {
     /// once the data dir holds a cluster.
     #[arg(long, env = "CHANGEAGENT_RESTORE_FROM", conflicts_with_all = ["peers", "join"])]
     pub restore_from: Option<String>,
+
+    #[command(flatten)]
+    pub auth: changeagent_api::auth::AuthFlags,
 }
 
 /// Largest `--max-body-bytes`: one request is at most one Raft entry, which must fit in one

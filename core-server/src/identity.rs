@@ -163,6 +163,21 @@ impl Identity {
     /// an `X-Cluster-Id`, if sent, equal to this node's.
     pub fn check_member(&self, headers: &HeaderMap) -> Result<(), PeerError> {
         self.check_secret(headers)?;
+        self.check_cluster_header(headers)
+    }
+
+    /// Whether a cluster secret is set.
+    pub fn has_secret_set(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// Whether `headers` carry the cluster secret: false when none is set.
+    pub fn has_secret(&self, headers: &HeaderMap) -> bool {
+        self.secret.is_some() && self.check_secret(headers).is_ok()
+    }
+
+    /// Checks an `X-Cluster-Id`, if sent, equals this node's.
+    pub fn check_cluster_header(&self, headers: &HeaderMap) -> Result<(), PeerError> {
         let theirs = headers.get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
         match (self.cluster_id(), theirs) {
             (Some(mine), Some(id)) if *mine != *id => Err(PeerError::Cluster(format!(

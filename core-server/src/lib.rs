@@ -105,7 +105,24 @@ pub async fn run(
         peer_streams: peer_streams.clone(),
         applied: node.applied.clone(),
     });
-    let router = http::routes::router(app, read);
+    let auth = {
+        let identity = node.identity.clone();
+        let auth =
+            config
+                .auth
+                .load()?
+                .with_secret(Arc::new(move |headers: &axum::http::HeaderMap| {
+                    identity.has_secret(headers)
+                }));
+        if auth.enabled() && !node.identity.has_secret_set() {
+            tracing::warn!(
+                "--auth-file without a cluster secret: Raft RPCs and joins between nodes are                  still open to anyone who can reach this port; set --cluster-secret-file"
+            );
+        }
+        Arc::new(auth)
+    };
+    auth.clone().watch(shutdown.clone());
+    let router = http::routes::router(app, read, auth);
     // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime.
     let member_ips = Arc::new(MemberIps::default());
     tokio::spawn(watch_member_ips(

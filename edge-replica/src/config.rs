@@ -50,6 +50,15 @@ pub struct Config {
     /// Seconds given to running requests to finish at shutdown.
     #[arg(long, env = "CHANGEAGENT_DRAIN_SECS", default_value_t = 5)]
     pub drain_secs: u64,
+
+    /// The token this edge sends upstream for its own tailing and bootstrapping (clients'
+    /// writes are forwarded with their own `Authorization`).
+    #[command(flatten)]
+    pub upstream_token: changeagent_client::TokenFlags,
+
+    /// The tokens this edge accepts from its clients.
+    #[command(flatten)]
+    pub auth: changeagent_api::auth::AuthFlags,
 }
 
 impl Config {

@@ -102,8 +102,11 @@ pub async fn run(
             )
         }
     };
+    let auth = Arc::new(config.auth.load()?);
+    auth.clone().watch(shutdown.clone());
     let client = Client::builder(&config.upstream)
         .checkpoint_dir(&tmp)
+        .token(config.upstream_token.token()?)
         .build()
         .context("bad --upstream")?;
     let status = Arc::new(status::Status::new(config.upstream.clone()));
@@ -139,7 +142,7 @@ pub async fn run(
         changeagent_api::with_fallbacks(changeagent_api::read_router(api).merge(ops)).layer(
             axum::middleware::from_fn_with_state(ctx.clone(), forward::writes_upstream),
         );
-    let router = changeagent_api::outer_layers(router, store.clone(), metrics);
+    let router = changeagent_api::outer_layers(router, auth, store.clone(), metrics);
 
     // An empty store serves nothing until it holds the upstream's state: answering an empty
     // list would tell consumers that nothing exists.

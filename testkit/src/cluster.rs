@@ -121,6 +121,8 @@ pub struct ClusterOptions {
     pub first_ip: Option<Ipv4Addr>,
     /// Keep the cluster's directory when starting it fails.
     pub keep_dir_on_error: bool,
+    /// Bearer token the harness's clients send (nodes started with `--auth-file`).
+    pub token: Option<String>,
 }
 
 impl ClusterOptions {
@@ -138,7 +140,15 @@ impl ClusterOptions {
             parent_dir: None,
             first_ip: None,
             keep_dir_on_error: false,
+            token: None,
         }
+    }
+
+    /// Every client the harness makes sends this bearer token (for nodes started with
+    /// `--auth-file`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     /// Puts a proxy in front of every node.
@@ -224,6 +234,8 @@ pub struct Node {
     pub id: u64,
     pub server: ServerProcess,
     pub proxy: Option<Proxy>,
+    /// Bearer token of the harness's clients, when the cluster has one.
+    pub token: Option<String>,
 }
 
 impl Node {
@@ -239,17 +251,24 @@ impl Node {
 
     /// A client with the harness's long request timeout.
     pub fn api(&self) -> Api {
-        Api::new(self.url())
+        self.authorized(Api::new(self.url()))
     }
 
     /// A client whose requests give up after [`CLIENT_TIMEOUT`].
     pub fn fault_api(&self) -> Api {
-        Api::with_timeout(self.url(), CLIENT_TIMEOUT)
+        self.authorized(Api::with_timeout(self.url(), CLIENT_TIMEOUT))
     }
 
     /// A client whose requests give up after [`PROBE_TIMEOUT`].
     pub fn probe_api(&self) -> Api {
-        Api::with_timeout(self.url(), PROBE_TIMEOUT)
+        self.authorized(Api::with_timeout(self.url(), PROBE_TIMEOUT))
+    }
+
+    fn authorized(&self, api: Api) -> Api {
+        match &self.token {
+            Some(t) => api.with_token(t),
+            None => api,
+        }
     }
 
     pub fn is_running(&self) -> bool {
@@ -442,6 +461,7 @@ impl Cluster {
             id: 0,
             server,
             proxy: p.proxy,
+            token: self.opts.token.clone(),
         });
         Ok(())
     }

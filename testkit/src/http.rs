@@ -86,6 +86,8 @@ impl Reply {
 pub struct Api {
     client: reqwest::Client,
     base: String,
+    /// Sent as `Authorization: Bearer …` on every request, when set.
+    token: Option<String>,
 }
 
 impl Api {
@@ -107,6 +109,15 @@ impl Api {
         Api {
             client,
             base: base.into(),
+            token: None,
+        }
+    }
+
+    /// This client, sending `Authorization: Bearer <token>` on every request.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            token: Some(token.to_owned()),
+            ..self.clone()
         }
     }
 
@@ -138,6 +149,9 @@ impl Api {
         // caller, not a state of the system under test.
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
         let mut req = self.client.request(method, self.url(path));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
         if let Some(ct) = content_type {
             req = req.header(reqwest::header::CONTENT_TYPE, ct);
         }

@@ -15,6 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use changeagent_api::auth::Access;
 use changeagent_api::body::json_body;
 use changeagent_api::ApiError;
 use changeagent_proto::types::{ClusterInfo, ClusterMember, JoinRequest, Removed};
@@ -104,14 +105,26 @@ fn raft_error(what: &str, e: impl std::fmt::Display) -> ApiError {
     }
 }
 
+/// Who may change the membership: the cluster secret (when set) or, with an auth file, an
+/// `admin` token without a tenant limit (the auth layer checked that); and never a node of
+/// another cluster.
+fn check_membership(app: &AppState, access: &Access, headers: &HeaderMap) -> Result<(), ApiError> {
+    match access {
+        Access::Token(_) => app.identity.check_cluster_header(headers)?,
+        Access::Open | Access::ClusterSecret => app.identity.check_member(headers)?,
+    }
+    Ok(())
+}
+
 /// `POST /cluster/join` (on the leader): adds the node as a learner, waits until it caught
 /// up, then makes it a voter. Repeating a finished join is harmless.
 pub async fn join(
     State(app): State<Arc<AppState>>,
+    access: Access,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ClusterInfo>, ApiError> {
-    app.identity.check_member(&headers)?;
+    check_membership(&app, &access, &headers)?;
     let bytes = json_body(&headers, body, 64 * 1024).await?;
     let req: JoinRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("invalid join request: {e}")))?;
@@ -224,10 +237,11 @@ async fn remove(app: &AppState, id: NodeId) -> Result<Removed, ApiError> {
 /// `DELETE /cluster/members/{id}` (on the leader).
 pub async fn remove_member(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Removed>, ApiError> {
-    app.identity.check_member(&headers)?;
+    check_membership(&app, &access, &headers)?;
     let id: NodeId = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("invalid node id {id:?}")))?;
@@ -238,15 +252,16 @@ pub async fn remove_member(
 /// it down.
 pub async fn leave(
     State(app): State<Arc<AppState>>,
+    access: Access,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.identity.check_member(&headers)?;
+    check_membership(&app, &access, &headers)?;
     let deadline = Instant::now() + app.config.write_timeout();
     let removed = match leader(&app.raft, app.node_id, deadline, None).await {
         None => return Err(no_leader(&app)),
         Some(LeaderIs::Me) => remove(&app, app.node_id).await?,
         Some(LeaderIs::Other { addr, .. }) => {
-            let req = app
+            let mut req = app
                 .client
                 .delete(format!(
                     "{}/cluster/members/{}",
@@ -254,6 +269,10 @@ pub async fn leave(
                     app.node_id
                 ))
                 .timeout(app.config.write_timeout());
+            // The caller's token, when it gave one, is what the leader checks.
+            if let Some(token) = headers.get(header::AUTHORIZATION) {
+                req = req.header(header::AUTHORIZATION, token);
+            }
             let resp = app
                 .identity
                 .sign(req)

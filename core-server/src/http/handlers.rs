@@ -15,11 +15,13 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use changeagent_api::auth::Access;
 use changeagent_api::body::json_body;
-use changeagent_api::handlers::{json_response, tenant_or_404};
+use changeagent_api::handlers::{collection_for, json_response, tenant_for};
 use changeagent_api::metrics::gauge;
 use changeagent_api::ApiError;
 use changeagent_proto::types::{Health, NameRequest};
+use changeagent_proto::Scope;
 use changeagent_store::record::{compact_raw, validate_name};
 use changeagent_store::{parse_post_body, ChangeInput, Error as StoreError, PostBody, Store};
 use openraft::ServerState;
@@ -77,9 +79,11 @@ pub(crate) fn parse_object<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Re
 ///    never applied twice.
 pub(crate) async fn write(
     app: &AppState,
+    access: &Access,
     idempotency_key: Option<String>,
     op: Op,
 ) -> Result<Response, ApiError> {
+    authorize(&app.store, access, &op)?;
     let started = Instant::now();
     let request = Request {
         idempotency_key,
@@ -125,6 +129,54 @@ async fn propose(app: &AppState, request: Request) -> Result<Response, ApiError>
         }),
         Ok(Ok(Outcome::Ok { body })) => Ok(json_response(body.into_bytes())),
         Ok(Ok(Outcome::Rejected { rejection })) => Err(rejection.into()),
+    }
+}
+
+/// 403 unless `access` may make `op`: a token limited to tenants writes only changes, keys,
+/// collections and scoped checkpoints of those tenants. Checked before the idempotency key's
+/// answer, so another token's key tells nothing.
+fn authorize(store: &Store, access: &Access, op: &Op) -> Result<(), ApiError> {
+    if access.all_tenants() {
+        return Ok(());
+    }
+    match op {
+        Op::Append { changes, .. } => changes
+            .iter()
+            .try_for_each(|c| authorize_change(store, access, c)),
+        Op::CreateTenant { name } => access.check_tenant(name),
+        Op::CreateCollection { tenant, .. } => access.check_tenant(tenant),
+        Op::CheckpointStart { start, .. } => authorize_scope(access, &start.scope),
+        Op::CheckpointEnd { end } => authorize_scope(access, &end.manifest.scope),
+        Op::Truncate { .. } | Op::SetClusterId { .. } => access.check_all_tenants("this request"),
+    }
+}
+
+fn authorize_scope(access: &Access, scope: &Scope) -> Result<(), ApiError> {
+    match scope {
+        Scope::All => access.check_all_tenants("a full checkpoint"),
+        Scope::Tenant(t) => access.check_tenant(t),
+    }
+}
+
+/// A change's tenant: the one it names (by name or id), else its collection's.
+fn authorize_change(store: &Store, access: &Access, c: &ChangeInput) -> Result<(), ApiError> {
+    match (&c.tenant, &c.collection) {
+        (Some(t), _) => tenant_for(access, store, t)
+            .map(drop)
+            .or_else(not_found_is_ok),
+        (None, Some(col)) => collection_for(access, store, col)
+            .map(drop)
+            .or_else(not_found_is_ok),
+        (None, None) => access.check_all_tenants("a change that names no tenant"),
+    }
+}
+
+/// An allowed reference that does not resolve is the write's own 404 to answer (after its
+/// idempotency key), not an authorization failure.
+fn not_found_is_ok(e: ApiError) -> Result<(), ApiError> {
+    match e {
+        ApiError::NotFound(_) => Ok(()),
+        other => Err(other),
     }
 }
 
@@ -224,6 +276,7 @@ fn dry_run(store: &Store, request: &Request) -> Result<Option<Vec<u8>>, StoreErr
 
 async fn append(
     app: &AppState,
+    access: &Access,
     headers: &HeaderMap,
     body: PostBody,
     tenant: Option<String>,
@@ -232,7 +285,7 @@ async fn append(
     let batch = matches!(body, PostBody::Batch(_));
     let mut changes = body.into_changes();
     if let Some(t) = tenant {
-        let tenant = tenant_or_404(&app.store, &t)?;
+        let tenant = tenant_for(access, &app.store, &t)?;
         for c in &mut changes {
             match &c.tenant {
                 Some(other) if *other != tenant.name && *other != tenant.id.to_string() => {
@@ -245,7 +298,7 @@ async fn append(
             }
         }
     }
-    write(app, key, Op::Append { changes, batch }).await
+    write(app, access, key, Op::Append { changes, batch }).await
 }
 
 /// Bodies up to this size are parsed on the async worker; larger ones on the blocking pool.
@@ -265,29 +318,32 @@ async fn parse_changes(bytes: axum::body::Bytes) -> Result<PostBody, ApiError> {
 /// `POST /changes`.
 pub async fn post_changes(
     State(app): State<Arc<AppState>>,
+    access: Access,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
     let parsed = parse_changes(bytes).await?;
-    append(&app, &headers, parsed, None).await
+    append(&app, &access, &headers, parsed, None).await
 }
 
 /// `POST /tenants/{t}/changes`.
 pub async fn post_tenant_changes(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path(tenant): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
     let parsed = parse_changes(bytes).await?;
-    append(&app, &headers, parsed, Some(tenant)).await
+    append(&app, &access, &headers, parsed, Some(tenant)).await
 }
 
 /// `POST /tenants`.
 pub async fn create_tenant(
     State(app): State<Arc<AppState>>,
+    access: Access,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -295,12 +351,13 @@ pub async fn create_tenant(
     let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
     let key = idempotency_key(&headers)?;
-    write(&app, key, Op::CreateTenant { name: req.name }).await
+    write(&app, &access, key, Op::CreateTenant { name: req.name }).await
 }
 
 /// `POST /tenants/{t}/collections`.
 pub async fn create_collection(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path(tenant): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -308,10 +365,11 @@ pub async fn create_collection(
     let bytes = json_body(&headers, body, app.config.max_body_bytes).await?;
     let req: NameRequest = parse_object(&bytes)?;
     validate_name(&req.name)?;
-    let t = tenant_or_404(&app.store, &tenant)?;
+    let t = tenant_for(&access, &app.store, &tenant)?;
     let key = idempotency_key(&headers)?;
     write(
         &app,
+        &access,
         key,
         Op::CreateCollection {
             tenant: t.name,
@@ -332,12 +390,13 @@ enum KeyedOp {
 
 async fn keyed_write(
     app: &AppState,
+    access: &Access,
     headers: &HeaderMap,
     collection: &str,
     key: String,
     op: KeyedOp,
 ) -> Result<Response, ApiError> {
-    let c = app.store.collection(collection)?;
+    let c = collection_for(access, &app.store, collection)?;
     let (data, tags, deleted) = match op {
         KeyedOp::Put { data, tags } => (Some(data), tags, false),
         KeyedOp::Delete => (None, Vec::new(), true),
@@ -352,12 +411,13 @@ async fn keyed_write(
         ..ChangeInput::default()
     };
     change.validate()?;
-    append(app, headers, PostBody::One(change), None).await
+    append(app, access, headers, PostBody::One(change), None).await
 }
 
 /// `PUT /collections/{c}/keys/{key}`: the body is the key's new value.
 pub async fn put_key(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path((collection, key)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -369,13 +429,14 @@ pub async fn put_key(
         data,
         tags: Vec::new(),
     };
-    keyed_write(&app, &headers, &collection, key, op).await
+    keyed_write(&app, &access, &headers, &collection, key, op).await
 }
 
 /// `POST /collections/{c}/keys` with `{"key", "data", "tags"?}` (the client's
 /// `KeyWrite`).
 pub async fn post_key(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path(collection): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -395,16 +456,17 @@ pub async fn post_key(
         data: compact_raw(req.data)?,
         tags: req.tags,
     };
-    keyed_write(&app, &headers, &collection, req.key, op).await
+    keyed_write(&app, &access, &headers, &collection, req.key, op).await
 }
 
 /// `DELETE /collections/{c}/keys/{key}`.
 pub async fn delete_key(
     State(app): State<Arc<AppState>>,
+    access: Access,
     Path((collection, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    keyed_write(&app, &headers, &collection, key, KeyedOp::Delete).await
+    keyed_write(&app, &access, &headers, &collection, key, KeyedOp::Delete).await
 }
 
 fn role(state: ServerState) -> &'static str {

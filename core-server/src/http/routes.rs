@@ -5,6 +5,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
+use changeagent_api::auth::Auth;
 use changeagent_api::{finish_router, read_router, ReadApi};
 
 use crate::raft::peer_stream::STREAM_PATH;
@@ -12,7 +13,7 @@ use crate::raft::peer_stream::STREAM_PATH;
 use super::{admin, cluster, forward, handlers, raft, AppState};
 
 /// Builds the node's whole router.
-pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
+pub fn router(app: Arc<AppState>, read: Arc<ReadApi>, auth: Arc<Auth>) -> Router {
     let writes = Router::new()
         .route("/changes", post(handlers::post_changes))
         .route("/tenants", post(handlers::create_tenant))
@@ -64,5 +65,5 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>) -> Router {
         ))
         .with_state(app.clone());
     let router = read_router(read).merge(writes).merge(raft_routes);
-    finish_router(router, app.store.clone(), app.metrics.clone())
+    finish_router(router, auth, app.store.clone(), app.metrics.clone())
 }
