@@ -27,11 +27,13 @@ use axum::Router;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::tls::{ServerTls, Stream};
 
 /// Headers a request may have at most; more is a `431`.
 const MAX_HEADERS: usize = 64;
@@ -75,6 +77,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
+    tls: Option<ServerTls>,
     options: LeanOptions,
 ) -> io::Result<()> {
     let options = Arc::new(options);
@@ -87,13 +90,29 @@ pub async fn serve(
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    connections.spawn(Connection {
-                        stream,
-                        pending: BytesMut::new(),
-                        router: router.clone(),
-                        shutdown: shutdown.clone(),
-                        options: options.clone(),
-                    }.run());
+                    let (tls, router, shutdown, options) =
+                        (tls.clone(), router.clone(), shutdown.clone(), options.clone());
+                    connections.spawn(async move {
+                        let stream = tokio::select! {
+                            accepted = crate::tls::accept(tls.as_ref(), stream) => match accepted {
+                                Ok((stream, _)) => stream,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                            },
+                            _ = shutdown.cancelled() => return,
+                        };
+                        Connection {
+                            stream,
+                            pending: BytesMut::new(),
+                            router,
+                            shutdown,
+                            options,
+                        }
+                        .run()
+                        .await
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -142,7 +161,7 @@ enum Framing {
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read past the end of the last request (empty, not just cleared, between
     /// requests: rule 1).
     pending: BytesMut,
@@ -305,6 +324,7 @@ impl Connection {
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
                 .map_err(|_| None)?;
+            self.stream.flush().await.map_err(|_| None)?;
         }
         Ok(())
     }
@@ -362,19 +382,18 @@ impl Connection {
         let answer = self.router.clone().oneshot(request);
         let mut answer = std::pin::pin!(answer);
         let mut watching = true;
+        let mut probe = [0u8; 512];
         loop {
+            // A read dropped before it completes loses nothing (over TLS the record stays in
+            // the session), so the next request's bytes are never lost.
             tokio::select! {
                 response = &mut answer => {
                     let response: Result<Response<Body>, Infallible> = response;
                     return response.ok();
                 }
-                ready = self.stream.readable(), if watching => {
-                    if ready.is_err() {
-                        return None;
-                    }
-                    let mut probe = [0u8; 512];
-                    match self.stream.try_read(&mut probe) {
-                        Ok(0) => return None,
+                read = self.stream.read(&mut probe), if watching => {
+                    match read {
+                        Ok(0) | Err(_) => return None,
                         Ok(n) => {
                             // A pipelined request: keep it for later, within bounds.
                             self.pending.extend_from_slice(&probe[..n]);
@@ -382,8 +401,6 @@ impl Connection {
                                 watching = false;
                             }
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return None,
                     }
                 }
             }
@@ -442,7 +459,9 @@ impl Connection {
                 if !bodiless {
                     head.extend_from_slice(&bytes);
                 }
-                return self.stream.write_all(&head).await;
+                self.stream.write_all(&head).await?;
+                // TLS holds what the socket did not take yet until flushed.
+                return self.stream.flush().await;
             }
         }
         let length = given_length.or_else(|| exact.map(HeaderValue::from));
@@ -459,6 +478,7 @@ impl Connection {
         }
         finish_head(&mut head, keep_alive);
         self.stream.write_all(&head).await?;
+        self.stream.flush().await?;
         drop(head);
         if bodiless {
             return Ok(());
@@ -479,10 +499,12 @@ impl Connection {
             } else {
                 self.stream.write_all(&data).await?;
             }
+            self.stream.flush().await?;
         }
         if chunked {
             self.stream.write_all(b"0\r\n\r\n").await?;
         }
+        self.stream.flush().await?;
         if !keep_alive {
             self.stream.shutdown().await?;
         }
@@ -526,7 +548,7 @@ fn finish_head(out: &mut Vec<u8>, keep_alive: bool) {
 }
 
 /// Reads what the socket has (up to [`READ_CHUNK`] bytes) onto the end of `into`.
-async fn read_some(stream: &mut TcpStream, into: &mut BytesMut) -> io::Result<usize> {
+async fn read_some(stream: &mut Stream, into: &mut BytesMut) -> io::Result<usize> {
     into.reserve(READ_CHUNK);
     stream.read_buf(into).await
 }
@@ -646,6 +668,7 @@ fn parse_head(raw: &[u8], max_head_bytes: usize) -> Result<Head, Refusal> {
 mod tests {
     use super::*;
     use axum::routing::{get, post};
+    use tokio::net::TcpStream;
 
     /// A server over a few routes: an echo, a handler that waits until told, and a
     /// streamed body of unknown length.
@@ -682,7 +705,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, router, shutdown.clone(), options));
+        tokio::spawn(serve(listener, router, shutdown.clone(), None, options));
         (addr, shutdown, release)
     }
 

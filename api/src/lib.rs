@@ -21,6 +21,7 @@ pub mod handlers;
 pub mod lean;
 pub mod metrics;
 pub mod serve;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -1,9 +1,9 @@
 //! Serving a router on a listener until shutdown, then draining: the listener stops
 //! accepting, waiting long-polls answer at once (they watch the same shutdown token), and
-//! requests still running after the drain timeout are cut. Either with hyper (`axum::serve`,
-//! HTTP/1 and HTTP/2; or [`Serving::start_on`], which serves each connection on the runtime
-//! picked for its peer's address) or with the [`lean`](crate::lean) HTTP/1.1 server for
-//! fleets.
+//! requests still running after the drain timeout are cut. Either with hyper (HTTP/1 and
+//! HTTP/2; [`Serving::start_on`] serves each connection on the runtime picked for its peer's
+//! address) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets; either one over
+//! TLS when given a [`ServerTls`].
 
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::serve::ListenerExt;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,6 +21,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::tls::{PeerCertificate, ServerTls};
 
 /// Picks the runtime that serves a connection from a peer address; `None` is the runtime
 /// the server runs on.
@@ -39,19 +40,15 @@ pub struct Serving {
 
 impl Serving {
     /// Serves `router` on `listener` (TCP_NODELAY on every accepted connection: answers are
-    /// small and latency-bound) until `shutdown` is cancelled.
-    pub fn start(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Serving {
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        Serving {
-            task: tokio::spawn(async move { server.await }),
-            shutdown,
-        }
+    /// small and latency-bound; through `tls`'s handshake when given) until `shutdown` is
+    /// cancelled.
+    pub fn start(
+        listener: TcpListener,
+        router: Router,
+        shutdown: CancellationToken,
+        tls: Option<ServerTls>,
+    ) -> Serving {
+        Serving::start_on(listener, router, shutdown, tls, Arc::new(|_| None))
     }
 
     /// [`Serving::start`], but each connection is served on the runtime `runtime_for` picks
@@ -61,10 +58,17 @@ impl Serving {
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
+        tls: Option<ServerTls>,
         runtime_for: RuntimeFor,
     ) -> Serving {
         Serving {
-            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), runtime_for)),
+            task: tokio::spawn(accept_loop(
+                listener,
+                router,
+                shutdown.clone(),
+                tls,
+                runtime_for,
+            )),
             shutdown,
         }
     }
@@ -75,9 +79,10 @@ impl Serving {
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
+        tls: Option<ServerTls>,
         options: crate::lean::LeanOptions,
     ) -> Serving {
-        let server = crate::lean::serve(listener, router, shutdown.clone(), options);
+        let server = crate::lean::serve(listener, router, shutdown.clone(), tls, options);
         Serving {
             task: tokio::spawn(server),
             shutdown,
@@ -125,6 +130,7 @@ async fn accept_loop(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
+    tls: Option<ServerTls>,
     runtime_for: RuntimeFor,
 ) -> std::io::Result<()> {
     // Dropping `signal_rx` tells the connections to finish; each holds a `close_rx` until
@@ -148,16 +154,17 @@ async fn accept_loop(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let (router, signal_tx, close_rx) = (router.clone(), signal_tx.clone(), close_rx.clone());
+        let tls = tls.clone();
         match runtime_for(peer) {
             None => drop(tokio::spawn(serve_connection(
-                tcp, router, signal_tx, close_rx,
+                tcp, tls, router, signal_tx, close_rx,
             ))),
             // The socket moves to the other runtime's I/O driver too, so its readiness is
             // delivered there, not by this (possibly busy) runtime.
             Some(runtime) => match tcp.into_std() {
                 Ok(std) => drop(runtime.spawn(async move {
                     match TcpStream::from_std(std) {
-                        Ok(tcp) => serve_connection(tcp, router, signal_tx, close_rx).await,
+                        Ok(tcp) => serve_connection(tcp, tls, router, signal_tx, close_rx).await,
                         Err(e) => tracing::warn!(error = %e, "cannot move a connection"),
                     }
                 })),
@@ -170,19 +177,36 @@ async fn accept_loop(
     Ok(())
 }
 
-/// Serves one connection (HTTP/1 or HTTP/2) until it ends; when told to finish, lets its
-/// running requests answer and closes it.
+/// Serves one connection (HTTP/1 or HTTP/2, after the TLS handshake when the listener has
+/// TLS) until it ends; when told to finish, lets its running requests answer and closes it.
 async fn serve_connection(
     tcp: TcpStream,
+    tls: Option<ServerTls>,
     router: Router,
     signal_tx: watch::Sender<()>,
     close_rx: watch::Receiver<()>,
 ) {
-    let service = TowerToHyperService::new(
-        router.map_request(|req: hyper::Request<Incoming>| req.map(Body::new)),
-    );
+    let handshake = tokio::select! {
+        accepted = crate::tls::accept(tls.as_ref(), tcp) => accepted,
+        _ = signal_tx.closed() => return,
+    };
+    let (stream, peer) = match handshake {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let service =
+        TowerToHyperService::new(router.map_request(move |req: hyper::Request<Incoming>| {
+            let mut req = req.map(Body::new);
+            if peer {
+                req.extensions_mut().insert(PeerCertificate);
+            }
+            req
+        }));
     let builder = Builder::new(TokioExecutor::new());
-    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tcp), service));
+    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
     let finishing = tokio::select! {
         result = conn.as_mut() => Some(result),
         _ = signal_tx.closed() => None,

@@ -97,9 +97,17 @@ pub struct Config {
     #[command(flatten)]
     pub token: changeagent_client::TokenFlags,
 
+    /// The CA trusted for an `https://` core.
+    #[command(flatten)]
+    pub ca: changeagent_client::CaFlags,
+
     /// The tokens this checkpointer's own API (`/metrics`) accepts; `/health` stays open.
     #[command(flatten)]
     pub auth: changeagent_api::auth::AuthFlags,
+
+    /// The certificate of this checkpointer's own API (HTTPS).
+    #[command(flatten)]
+    pub tls: changeagent_api::tls::TlsFlags,
 }
 
 impl Config {

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use changeagent_api::serve::Serving;
+use changeagent_api::tls::ServerTls;
 use changeagent_client::Client;
 use changeagent_store::{Objects, Store};
 use tokio::net::TcpListener;
@@ -123,6 +125,7 @@ pub async fn run(
     let client = Client::builder(&config.core)
         .cluster_secret(config.secret()?)
         .token(config.token.token()?)
+        .root_certificates(config.ca.certificates()?)
         .checkpoint_dir(&tmp)
         .build()
         .context("bad --core")?;
@@ -136,9 +139,14 @@ pub async fn run(
     let router = status::router(status.clone(), store.clone()).layer(
         axum::middleware::from_fn_with_state(auth, changeagent_api::auth::layer),
     );
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let tls = match config.tls.load()? {
+        Some(cert) => {
+            cert.clone().watch(shutdown.clone());
+            Some(ServerTls::new(cert, None, &[b"h2", b"http/1.1"])?)
+        }
+        None => None,
+    };
+    let server = Serving::start(listener, router, shutdown.clone(), tls);
     tracing::info!(%id, scope = %config.scope, "listening on {addr}");
 
     let Some(health) = cycle::retry_until(&shutdown, "the cluster id", || async {
@@ -196,10 +204,8 @@ pub async fn run(
     workers.cancel();
     let _ = tail.await;
     shutdown.cancel();
-    match tokio::time::timeout(DRAIN, server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server failed"),
-        Err(_) => tracing::warn!("/health requests still running at exit"),
-        _ => {}
+    if let Err(e) = server.until_shutdown(DRAIN).await {
+        tracing::warn!("{e}");
     }
     store.sync()?;
     result?;

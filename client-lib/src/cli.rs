@@ -48,6 +48,9 @@ pub struct Cli {
     #[command(flatten)]
     pub token: crate::TokenFlags,
 
+    #[command(flatten)]
+    pub ca: crate::CaFlags,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -298,7 +301,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let token = cli.token.token()?;
     let mut builder = Client::builder(&cli.servers)
         .timeout(Duration::from_secs(cli.timeout_secs))
-        .token(token);
+        .token(token)
+        .root_certificates(cli.ca.certificates()?);
     if matches!(cli.command, Command::Outbox(OutboxCommand::Post { .. })) {
         // Queued already: try each server once rather than wait out the
         // retries; a later flush sends what stays pending.

@@ -175,6 +175,7 @@ pub struct ClientBuilder {
     cluster_secret: Option<String>,
     token: Option<String>,
     prefer_first_after: Option<Duration>,
+    root_certificates: Option<Vec<reqwest::Certificate>>,
 }
 
 impl ClientBuilder {
@@ -198,6 +199,7 @@ impl ClientBuilder {
             checkpoint_dir: None,
             cluster_secret: None,
             token: None,
+            root_certificates: None,
             prefer_first_after: Some(DEFAULT_PREFER_FIRST_AFTER),
         }
     }
@@ -272,6 +274,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Trusts these CA certificates (see [`crate::read_ca_file`]) for `https://` endpoints
+    /// instead of the system's roots; `None` keeps the system's.
+    pub fn root_certificates(mut self, certs: Option<Vec<reqwest::Certificate>>) -> Self {
+        self.root_certificates = certs;
+        self
+    }
+
     /// Once failover has moved the client off the first endpoint, the first
     /// request after this long starts at the first endpoint again (and
     /// moves on at once if it still fails). List the endpoints in order of
@@ -298,8 +307,8 @@ impl ClientBuilder {
         let http = reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
-            .user_agent(concat!("changeagent-client/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("changeagent-client/", env!("CARGO_PKG_VERSION")));
+        let http = crate::tls::trust(http, self.root_certificates).build()?;
         Ok(Client {
             inner: Arc::new(Inner {
                 http,

@@ -43,6 +43,7 @@
 //!   only sometimes connected, each sent once with the key it was queued
 //!   with.
 //! - [`token`]: [`TokenFlags`], the bearer token sent to servers that need one.
+//! - [`tls`]: [`CaFlags`], the private CA trusted for `https://` endpoints.
 //! - [`error`]: [`Error`], the one error type, and [`Result`].
 //! - [`cli`]: arguments and commands of the `changeagent` binary.
 
@@ -53,6 +54,7 @@ pub mod error;
 pub mod failover;
 pub mod follow;
 pub mod outbox;
+pub mod tls;
 pub mod token;
 
 pub use changeagent_proto as proto;
@@ -66,6 +68,7 @@ pub use failover::DEFAULT_PREFER_FIRST_AFTER;
 pub use follow::{FollowEvent, RawChange, RawPage};
 pub use outbox::{Entry, FlushReport, Outbox, Rejected, Sent};
 pub use query::Query;
+pub use tls::{read_ca_file, CaFlags};
 pub use token::{read_token_file, TokenFlags};
 pub use types::{
     Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,

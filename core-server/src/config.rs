@@ -59,7 +59,8 @@ pub struct Config {
     #[arg(long, env = "CHANGEAGENT_PEERS", conflicts_with = "join")]
     pub peers: Option<PathBuf>,
 
-    /// URL of any member of an existing cluster (`http://host:port`): this node asks to join,
+    /// URL of any member of an existing cluster (`http://host:port`, `https://` with
+    /// `--peer-ca`): this node asks to join,
     /// catches up as a learner, then becomes a voter.
     #[arg(long, env = "CHANGEAGENT_JOIN")]
     pub join: Option<String>,
@@ -110,6 +111,16 @@ pub struct Config {
 
     #[command(flatten)]
     pub auth: changeagent_api::auth::AuthFlags,
+
+    #[command(flatten)]
+    pub tls: changeagent_api::tls::TlsFlags,
+
+    /// PEM file of the CA that signs the cluster's node certificates: every peer link (Raft
+    /// RPCs, forwarded writes, joins) is then mutual TLS. This node presents `--tls-cert` to
+    /// its peers and refuses peer requests from a client without a certificate this CA
+    /// signed. Needs `--tls-cert`; every node of the cluster needs it.
+    #[arg(long, env = "CHANGEAGENT_PEER_CA", requires = "tls_cert")]
+    pub peer_ca: Option<PathBuf>,
 }
 
 /// Largest `--max-body-bytes`: one request is at most one Raft entry, which must fit in one
@@ -194,6 +205,17 @@ impl Config {
         }
         if self.write_timeout_ms == 0 || self.snapshot_logs == 0 {
             return Err("--write-timeout-ms and --snapshot-logs must be > 0".into());
+        }
+        if self.tls.tls_cert.is_some()
+            && self.peer_ca.is_none()
+            && (self.peers.is_some() || self.join.is_some())
+        {
+            return Err(
+                "--tls-cert with --peers or --join needs --peer-ca, the CA that signed \
+                 the nodes' certificates: the listener speaks only HTTPS, so peer links are \
+                 mutual TLS"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -11,7 +11,8 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
-use axum::http::HeaderMap;
+use axum::http::{Extensions, HeaderMap};
+use changeagent_api::tls::PeerCertificate;
 use changeagent_api::ApiError;
 
 use crate::raft::log_store::{write_cluster_id, LogStore};
@@ -28,6 +29,8 @@ pub enum PeerError {
     Secret,
     #[error("{0}")]
     Cluster(String),
+    #[error("this cluster's peer links are mutual TLS: connect with a certificate signed by its --peer-ca")]
+    Certificate,
 }
 
 impl From<PeerError> for ApiError {
@@ -35,6 +38,7 @@ impl From<PeerError> for ApiError {
         match e {
             PeerError::Secret => ApiError::Unauthorized(e.to_string()),
             PeerError::Cluster(m) => ApiError::Forbidden(m),
+            PeerError::Certificate => ApiError::Forbidden(e.to_string()),
         }
     }
 }
@@ -47,6 +51,11 @@ pub struct Identity {
     /// requests read is held across it.
     adopting: Mutex<()>,
     secret: Option<String>,
+    /// Peer links are TLS (`--peer-ca`): member addresses get `https://`, and peer requests
+    /// need a certificate the peer CA signed.
+    peer_tls: bool,
+    /// Peer requests need a certificate the peer CA signed (`--peer-ca`).
+    peer_certificates: bool,
     log: LogStore,
 }
 
@@ -62,7 +71,43 @@ impl Identity {
             cluster_id: RwLock::new(cluster_id.map(Arc::from)),
             adopting: Mutex::new(()),
             secret,
+            peer_tls: false,
+            peer_certificates: false,
             log,
+        }
+    }
+
+    /// Makes every peer link TLS (`https://` member addresses), and with `certificates`
+    /// requires a peer certificate on peer requests (see [`Identity::check_certificate`]).
+    pub fn with_peer_tls(mut self, on: bool, certificates: bool) -> Self {
+        self.peer_tls = on;
+        self.peer_certificates = certificates;
+        self
+    }
+
+    /// With `--peer-ca`, a peer request must come on a connection whose client certificate
+    /// that CA signed (the listener marked it with [`PeerCertificate`]).
+    pub fn check_certificate(&self, extensions: &Extensions) -> Result<(), PeerError> {
+        if self.peer_certificates && extensions.get::<PeerCertificate>().is_none() {
+            return Err(PeerError::Certificate);
+        }
+        Ok(())
+    }
+
+    /// Whether peer links are TLS.
+    pub fn peer_tls(&self) -> bool {
+        self.peer_tls
+    }
+
+    /// The URL of a member address (which may already carry a scheme): `https://` when peer
+    /// links are TLS.
+    pub fn base_url(&self, addr: &str) -> String {
+        if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.trim_end_matches('/').to_owned()
+        } else if self.peer_tls {
+            format!("https://{addr}")
+        } else {
+            format!("http://{addr}")
         }
     }
 
@@ -211,15 +256,6 @@ impl Identity {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `http://addr` for a member address (which may already carry a scheme).
-pub fn base_url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_owned()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 #[cfg(test)]

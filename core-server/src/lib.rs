@@ -23,11 +23,13 @@ pub mod stages;
 use openraft::async_runtime::WatchReceiver;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use changeagent_api::serve::{RuntimeFor, Serving};
+use changeagent_api::tls::{self, CertFiles, ServerTls};
 use changeagent_api::{HttpMetrics, ReadApi, ReadLimits};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -54,10 +56,11 @@ pub async fn run(
         .local_addr()
         .context("listener has no local address")?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let client = peer_client(addr)?;
+    let tls = Tls::load(&config)?;
+    let client = peer_client(addr, tls.peer_client.as_deref())?;
     let raft_runtime = RaftRuntime::start()?;
     // Raft RPCs get a client of their own: its connections are driven on Raft's runtime.
-    let raft_client = peer_client(addr)?;
+    let raft_client = peer_client(addr, tls.peer_client.as_deref())?;
     // Peer streams, like the clients, connect from the address this node listens on.
     let local_ip = Some(addr.ip()).filter(|ip| !ip.is_unspecified());
     let node = node::start(
@@ -65,9 +68,15 @@ pub async fn run(
         &advertise,
         raft_client,
         local_ip,
+        tls.peer_client
+            .clone()
+            .map(tokio_rustls::TlsConnector::from),
         raft_runtime.handle(),
     )
     .await?;
+    if let Some(cert) = &tls.cert {
+        cert.clone().watch(shutdown.clone());
+    }
     let proposer = proposer::Proposer::start(node.raft.clone(), raft_runtime.handle());
     let metrics = Arc::new(HttpMetrics::default());
     let config = Arc::new(config);
@@ -134,6 +143,7 @@ pub async fn run(
         listener,
         router,
         serving.clone(),
+        tls.server,
         member_ips.runtime_for(raft_runtime.handle().clone()),
     );
     let stopping = tokio::spawn({
@@ -249,15 +259,73 @@ pub async fn run(
 }
 
 /// The HTTP client for peers: keep-alive, no Nagle, and connections from the address this
-/// node listens on (multi-homed hosts, firewalls keyed on source address).
-fn peer_client(addr: std::net::SocketAddr) -> anyhow::Result<reqwest::Client> {
+/// node listens on (multi-homed hosts, firewalls keyed on source address); mutual TLS with
+/// `tls` (`--peer-ca`).
+fn peer_client(
+    addr: std::net::SocketAddr,
+    tls: Option<&rustls::ClientConfig>,
+) -> anyhow::Result<reqwest::Client> {
     let mut client = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true);
     if !addr.ip().is_unspecified() {
         client = client.local_address(addr.ip());
     }
+    if let Some(tls) = tls {
+        client = client.use_preconfigured_tls(tls.clone());
+    }
     client.build().context("cannot build the HTTP client")
+}
+
+/// The node's TLS: its listener's, and the client side of its peer links.
+struct Tls {
+    /// `--tls-cert`/`--tls-key`, watched for changes once the node runs.
+    cert: Option<Arc<CertFiles>>,
+    server: Option<ServerTls>,
+    /// Trusts `--peer-ca` only and presents the node's certificate.
+    peer_client: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Tls {
+    fn load(config: &Config) -> anyhow::Result<Tls> {
+        let cert = config
+            .tls
+            .load()
+            .context("cannot use --tls-cert/--tls-key")?;
+        let peer_ca = config
+            .peer_ca
+            .as_deref()
+            .map(tls::load_roots)
+            .transpose()
+            .context("cannot use --peer-ca")?;
+        let Some(cert) = cert else {
+            return Ok(Tls {
+                cert: None,
+                server: None,
+                peer_client: None,
+            });
+        };
+        let peer_client = peer_ca
+            .clone()
+            .map(|ca| tls::peer_client_config(cert.clone(), ca).map(Arc::new))
+            .transpose()?;
+        let server = ServerTls::new(cert.clone(), peer_ca, &[b"h2", b"http/1.1"])?;
+        tracing::info!(
+            mutual = peer_client.is_some(),
+            "serving HTTPS with {}",
+            config
+                .tls
+                .tls_cert
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
+        );
+        Ok(Tls {
+            cert: Some(cert),
+            server: Some(server),
+            peer_client,
+        })
+    }
 }
 
 /// The IP addresses of the cluster's members.

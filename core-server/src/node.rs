@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::http::raft::NodeIdentity;
-use crate::identity::{base_url, Identity};
+use crate::identity::Identity;
 use crate::proposer::Proposer;
 use crate::raft::log_store::{read_cluster_id, read_node_id, write_node_id, LogStore};
 use crate::raft::network::Network;
@@ -64,6 +64,7 @@ pub async fn start(
     advertise: &str,
     client: reqwest::Client,
     local_ip: Option<std::net::IpAddr>,
+    peer_tls: Option<tokio_rustls::TlsConnector>,
     raft_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Node> {
     let peers = config.peer_list()?;
@@ -96,7 +97,10 @@ pub async fn start(
     let cluster_id = read_cluster_id(&log_store)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .or_else(|| store.cluster_id());
-    let identity = Arc::new(Identity::new(id, None, secret, log_store.clone()));
+    let identity = Arc::new(
+        Identity::new(id, None, secret, log_store.clone())
+            .with_peer_tls(config.tls.tls_cert.is_some(), config.peer_ca.is_some()),
+    );
     if let Some(cid) = cluster_id {
         identity.adopt_async(&cid).await?;
     }
@@ -119,7 +123,7 @@ pub async fn start(
     let applied = sm.applied();
     // Raft's tasks (core, replication, state machine worker) live on Raft's own runtime, so
     // a flood of client work on the main runtime never delays a heartbeat or an election.
-    let network = Network::new(client, identity.clone(), local_ip);
+    let network = Network::new(client, identity.clone(), local_ip, peer_tls);
     let raft = raft_runtime
         .spawn(Raft::new(id, Arc::new(raft_config), network, log_store, sm))
         .await
@@ -206,7 +210,7 @@ async fn ask_identity(
     addr: &str,
 ) -> anyhow::Result<NodeIdentity> {
     let req = client
-        .get(format!("{}/raft/identity", base_url(addr)))
+        .get(format!("{}/raft/identity", identity.base_url(addr)))
         .timeout(Duration::from_secs(2));
     let resp = identity.sign(req).send().await?;
     let status = resp.status();
@@ -257,8 +261,9 @@ async fn form_from_peers(
                         anyhow::bail!(
                             "peer {peer} already belongs to a cluster ({}); this node's data dir \
                              is new or was wiped, so it must join that cluster: restart it with \
-                             --join http://{peer} instead of --peers",
-                            them.cluster_id.unwrap_or_default()
+                             --join {} instead of --peers",
+                            them.cluster_id.unwrap_or_default(),
+                            identity.base_url(peer)
                         );
                     }
                     if members.contains_key(&them.node_id) {

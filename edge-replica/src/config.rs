@@ -56,9 +56,17 @@ pub struct Config {
     #[command(flatten)]
     pub upstream_token: changeagent_client::TokenFlags,
 
+    /// The CA trusted for `https://` upstreams.
+    #[command(flatten)]
+    pub upstream_ca: changeagent_client::CaFlags,
+
     /// The tokens this edge accepts from its clients.
     #[command(flatten)]
     pub auth: changeagent_api::auth::AuthFlags,
+
+    /// The certificate this edge serves its clients with (HTTPS).
+    #[command(flatten)]
+    pub tls: changeagent_api::tls::TlsFlags,
 }
 
 impl Config {

@@ -38,12 +38,13 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new() -> anyhow::Result<Forwarder> {
+    /// A forwarder trusting `roots` (`--ca`) for https upstreams, the system's without.
+    pub fn new(roots: Option<Vec<reqwest::Certificate>>) -> anyhow::Result<Forwarder> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(FORWARD_TIMEOUT);
         Ok(Forwarder {
-            http: reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(FORWARD_TIMEOUT)
-                .build()?,
+            http: changeagent_client::tls::trust(http, roots).build()?,
             next: AtomicUsize::new(0),
         })
     }

@@ -27,6 +27,7 @@ use axum::routing::get;
 use axum::Router;
 use changeagent_api::lean::LeanOptions;
 use changeagent_api::serve::Serving;
+use changeagent_api::tls::ServerTls;
 use changeagent_api::{HttpMetrics, ReadApi, ReadLimits};
 use changeagent_client::Client;
 use changeagent_store::{Objects, Store};
@@ -104,9 +105,18 @@ pub async fn run(
     };
     let auth = Arc::new(config.auth.load()?);
     auth.clone().watch(shutdown.clone());
+    let roots = config.upstream_ca.certificates()?;
+    let server_tls = match config.tls.load()? {
+        Some(cert) => {
+            cert.clone().watch(shutdown.clone());
+            Some(ServerTls::new(cert, None, &[b"http/1.1"])?)
+        }
+        None => None,
+    };
     let client = Client::builder(&config.upstream)
         .checkpoint_dir(&tmp)
         .token(config.upstream_token.token()?)
+        .root_certificates(roots.clone())
         .build()
         .context("bad --upstream")?;
     let status = Arc::new(status::Status::new(config.upstream.clone()));
@@ -118,7 +128,7 @@ pub async fn run(
         mirror,
         client,
         status,
-        forwarder: forward::Forwarder::new().context("cannot build the forwarding client")?,
+        forwarder: forward::Forwarder::new(roots).context("cannot build the forwarding client")?,
     });
 
     let api = Arc::new(ReadApi {
@@ -155,6 +165,7 @@ pub async fn run(
         listener,
         router,
         shutdown.clone(),
+        server_tls,
         LeanOptions {
             max_body_bytes: ctx.config.max_body_bytes,
             ..LeanOptions::default()
@@ -191,7 +202,7 @@ async fn first_bootstrap(ctx: &Context, shutdown: &CancellationToken) -> bool {
                 tracing::error!(
                     error = format!("{e:#}"),
                     ?delay,
-                    "cannot bootstrap from the upstream yet; check --upstream (retrying)"
+                    "cannot bootstrap from the upstream yet; check --upstream, and --ca for https (retrying)"
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

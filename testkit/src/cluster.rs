@@ -19,6 +19,7 @@ use crate::health::{node_health, wait_leader_where, NodeHealth, Probe, PROBE_TIM
 use crate::http::{change_id, raw_changes, Api};
 use crate::process::{ServerOptions, ServerProcess};
 use crate::proxy::Proxy;
+use crate::tls::Certs;
 use crate::wait::wait_until;
 
 /// Raft heartbeat of test clusters (`--heartbeat-ms`).
@@ -123,6 +124,10 @@ pub struct ClusterOptions {
     pub keep_dir_on_error: bool,
     /// Bearer token the harness's clients send (nodes started with `--auth-file`).
     pub token: Option<String>,
+    /// Mutual TLS between the nodes and HTTPS for clients: each node gets a certificate
+    /// from a throwaway CA in the cluster's directory (`--tls-cert`, `--tls-key`,
+    /// `--peer-ca`).
+    pub tls: bool,
 }
 
 impl ClusterOptions {
@@ -141,7 +146,16 @@ impl ClusterOptions {
             first_ip: None,
             keep_dir_on_error: false,
             token: None,
+            tls: false,
         }
+    }
+
+    /// Every node serves HTTPS with a certificate from the cluster's throwaway CA
+    /// ([`Cluster::certs`]), and peer links are mutual TLS; the harness's clients trust
+    /// that CA.
+    pub fn mtls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 
     /// Every client the harness makes sends this bearer token (for nodes started with
@@ -236,17 +250,27 @@ pub struct Node {
     pub proxy: Option<Proxy>,
     /// Bearer token of the harness's clients, when the cluster has one.
     pub token: Option<String>,
+    /// The CA the harness's clients trust when the node serves HTTPS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Node {
-    /// `http://listen`.
+    /// `http://listen` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        format!("{}://{}", self.scheme(), self.listen)
     }
 
-    /// `http://advertise` (what `--join` and peers use).
+    /// `http://advertise` (what `--join` and peers use; `https://` with TLS).
     pub fn advertise_url(&self) -> String {
-        format!("http://{}", self.advertise)
+        format!("{}://{}", self.scheme(), self.advertise)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.ca.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// A client with the harness's long request timeout.
@@ -265,6 +289,10 @@ impl Node {
     }
 
     fn authorized(&self, api: Api) -> Api {
+        let api = match &self.ca {
+            Some(ca) => api.with_tls(ca, None),
+            None => api,
+        };
         match &self.token {
             Some(t) => api.with_token(t),
             None => api,
@@ -386,7 +414,7 @@ impl Cluster {
             .map_err(Error::io("writing", &peers_file))?;
         for p in planned {
             let opts = self
-                .server_options(&p)
+                .server_options(&p)?
                 .arg("--peers")
                 .arg(peers_file.display().to_string());
             self.push_node(p, opts)?;
@@ -400,7 +428,7 @@ impl Cluster {
 
     async fn form_by_join(&mut self) -> Result<()> {
         let first = self.plan_node(0).await?;
-        let opts = self.server_options(&first);
+        let opts = self.server_options(&first)?;
         self.push_node(first, opts)?;
         self.nodes[0].server.try_wait_started().await?;
         self.learn_ids().await?;
@@ -434,8 +462,14 @@ impl Cluster {
     }
 
     /// The options of the node planned as `p`, before its formation flag.
-    fn server_options(&self, p: &Planned) -> ServerOptions {
+    fn server_options(&self, p: &Planned) -> Result<ServerOptions> {
         let name = format!("n{}", self.nodes.len());
+        let mut tls_flags = Vec::new();
+        if let Some(certs) = self.certs() {
+            let pair = certs.make(&name, &[p.ip.to_string(), p.advertise.ip().to_string()])?;
+            tls_flags = pair.flags();
+            tls_flags.extend(["--peer-ca".into(), certs.ca().display().to_string()]);
+        }
         let mut opts = ServerOptions::default()
             .bin(Binary::Path(self.bin.clone()))
             .dir(self.dir.path().join(&name))
@@ -443,10 +477,13 @@ impl Cluster {
             .listen(p.listen)
             .arg("--advertise")
             .arg(p.advertise.to_string());
+        for a in tls_flags {
+            opts = opts.arg(a);
+        }
         for a in self.opts.node_flags() {
             opts = opts.arg(a);
         }
-        opts
+        Ok(opts)
     }
 
     /// Spawns the node planned as `p` without waiting for it.
@@ -462,6 +499,7 @@ impl Cluster {
             server,
             proxy: p.proxy,
             token: self.opts.token.clone(),
+            ca: self.certs().map(|c| c.ca()),
         });
         Ok(())
     }
@@ -507,7 +545,7 @@ impl Cluster {
     pub async fn try_launch_joiner(&mut self, via: usize, extra: &[&str]) -> Result<usize> {
         let p = self.plan_node(self.nodes.len()).await?;
         let mut opts = self
-            .server_options(&p)
+            .server_options(&p)?
             .arg("--join")
             .arg(self.nodes[via].advertise_url());
         for a in extra {
@@ -521,6 +559,14 @@ impl Cluster {
     /// (e.g. a joiner that reads the secret from a file instead).
     pub fn set_node_args(&mut self, args: Vec<String>) {
         self.opts.args = args;
+    }
+
+    /// The throwaway CA of a cluster started with [`ClusterOptions::mtls`] (in its
+    /// directory), for more certificates (a client's, a stranger's).
+    pub fn certs(&self) -> Option<Certs> {
+        self.opts
+            .tls
+            .then(|| Certs::new(self.dir.path().join("certs")))
     }
 
     /// The voters node `i` currently lists in `GET /cluster`.

@@ -4,6 +4,7 @@
 //! and spacing stay visible to the tests.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -86,6 +87,7 @@ impl Reply {
 pub struct Api {
     client: reqwest::Client,
     base: String,
+    timeout: Duration,
     /// Sent as `Authorization: Bearer …` on every request, when set.
     token: Option<String>,
 }
@@ -109,7 +111,30 @@ impl Api {
         Api {
             client,
             base: base.into(),
+            timeout,
             token: None,
+        }
+    }
+
+    /// This client, trusting only the CA certificate in `ca` (PEM) for `https://` and
+    /// presenting `identity` (a PEM certificate and key) when given.
+    pub fn with_tls(&self, ca: &Path, identity: Option<(&Path, &Path)>) -> Api {
+        let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("reading {}: {e}", ca.display()));
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(self.timeout)
+            .tls_built_in_root_certs(false);
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).expect("a PEM CA file") {
+            builder = builder.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = identity {
+            let mut both = std::fs::read(cert).expect("reading a certificate");
+            both.extend(std::fs::read(key).expect("reading a key"));
+            builder = builder.identity(reqwest::Identity::from_pem(&both).expect("a PEM pair"));
+        }
+        Api {
+            client: builder.build().expect("build reqwest client"),
+            ..self.clone()
         }
     }
 

@@ -58,6 +58,7 @@ pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod state;
+pub mod tls;
 pub mod wait;
 pub mod workload;
 

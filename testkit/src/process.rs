@@ -60,6 +60,9 @@ pub struct ServerOptions {
     pub dir: Option<PathBuf>,
     /// What messages call the process (e.g. a cluster's `n0`).
     pub name: Option<String>,
+    /// The process serves HTTPS with a certificate of this CA: [`ServerProcess::url`] is
+    /// `https://` and [`ServerProcess::api`] trusts it.
+    pub ca: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -96,6 +99,13 @@ impl ServerOptions {
     /// Names the process in messages.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Serves HTTPS with `pair` (`--tls-cert`, `--tls-key`), signed by the CA in `ca`.
+    pub fn tls(mut self, pair: &crate::tls::CertPair, ca: impl Into<PathBuf>) -> Self {
+        self.args.extend(pair.flags());
+        self.ca = Some(ca.into());
         self
     }
 }
@@ -277,7 +287,12 @@ impl ServerProcess {
     /// Base URL, e.g. `http://127.0.0.1:41234` (changes on restart unless
     /// [`ServerOptions::listen`] fixed the address).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.opts.ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The bound address of the current process.
@@ -287,7 +302,11 @@ impl ServerProcess {
 
     /// An HTTP client for the current process.
     pub fn api(&self) -> Api {
-        Api::new(self.url())
+        let api = Api::new(self.url());
+        match &self.opts.ca {
+            Some(ca) => api.with_tls(ca, None),
+            None => api,
+        }
     }
 
     /// The located binary this process runs.

@@ -12,7 +12,17 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_follower_catches_up() {
-    let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    restart_a_follower(ClusterOptions::new(3)).await;
+}
+
+/// The same over mutual TLS between the nodes (HTTPS for clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_follower_catches_up_over_mtls() {
+    restart_a_follower(ClusterOptions::new(3).mtls()).await;
+}
+
+async fn restart_a_follower(opts: ClusterOptions) {
+    let mut cluster = Cluster::start_with_peers(opts).await;
     let history = History::new();
     cluster
         .write_rounds(&history, &[0, 1, 2], 3, "before")
@@ -63,7 +73,17 @@ const POSTS: usize = 120;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn joining_node_catches_up_from_a_snapshot() {
-    let opts = ClusterOptions::new(3)
+    join_from_a_snapshot(ClusterOptions::new(3)).await;
+}
+
+/// The same over mutual TLS: the join, the streamed snapshot and the RPCs all on TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joining_node_catches_up_from_a_snapshot_over_mtls() {
+    join_from_a_snapshot(ClusterOptions::new(3).mtls()).await;
+}
+
+async fn join_from_a_snapshot(opts: ClusterOptions) {
+    let opts = opts
         .arg("--snapshot-logs")
         .arg("20")
         .arg("--snapshot-keep-logs")

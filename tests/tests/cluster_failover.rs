@@ -43,7 +43,17 @@ async fn wait_acks(history: &History, since: Option<Instant>, n: usize, what: &s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill9_under_concurrent_writers_loses_no_acked_write() {
-    let mut cluster = Cluster::start_with_peers(ClusterOptions::new(3)).await;
+    kill_leader_under_writers(ClusterOptions::new(3)).await;
+}
+
+/// The same over mutual TLS between the nodes (HTTPS for clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill9_under_concurrent_writers_loses_no_acked_write_over_mtls() {
+    kill_leader_under_writers(ClusterOptions::new(3).mtls()).await;
+}
+
+async fn kill_leader_under_writers(opts: ClusterOptions) {
+    let mut cluster = Cluster::start_with_peers(opts).await;
     let history = Arc::new(History::new());
     let writers = Writers::start(
         Arc::clone(&history),

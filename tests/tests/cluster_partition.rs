@@ -16,7 +16,17 @@ use futures::future::join_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn isolated_leader_commits_nothing_and_converges_after_heal() {
-    let cluster = Cluster::start_with_peers(ClusterOptions::new(3).with_proxies()).await;
+    isolate_the_leader(ClusterOptions::new(3).with_proxies()).await;
+}
+
+/// The same over mutual TLS between the nodes (HTTPS for clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn isolated_leader_commits_nothing_and_converges_after_heal_over_mtls() {
+    isolate_the_leader(ClusterOptions::new(3).with_proxies().mtls()).await;
+}
+
+async fn isolate_the_leader(opts: ClusterOptions) {
+    let cluster = Cluster::start_with_peers(opts).await;
     let history = History::new();
     cluster
         .write_rounds(&history, &[0, 1, 2], 3, "before")

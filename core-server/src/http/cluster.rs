@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use changeagent_api::auth::Access;
@@ -24,7 +25,6 @@ use tokio::time::Instant;
 
 use super::forward::{leader, no_leader, LeaderIs};
 use super::AppState;
-use crate::identity::base_url;
 use crate::raft::types::NodeId;
 use crate::raft::Raft;
 
@@ -85,7 +85,7 @@ pub async fn get_cluster(State(app): State<Arc<AppState>>) -> Json<ClusterInfo> 
     {
         let req = app
             .client
-            .get(format!("{}/cluster", base_url(&addr)))
+            .get(format!("{}/cluster", app.identity.base_url(&addr)))
             .timeout(deadline.saturating_duration_since(Instant::now()));
         if let Ok(resp) = req.send().await {
             if let Ok(info) = resp.error_for_status() {
@@ -114,6 +114,18 @@ fn check_membership(app: &AppState, access: &Access, headers: &HeaderMap) -> Res
         Access::Open | Access::ClusterSecret => app.identity.check_member(headers)?,
     }
     Ok(())
+}
+
+/// Middleware: with `--peer-ca`, `POST /cluster/join` needs a peer certificate (checked on
+/// the node the joiner reached, before a follower forwards it).
+pub async fn join_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/cluster/join" {
+        if let Err(e) = app.identity.check_certificate(req.extensions()) {
+            tracing::warn!(error = %e, "refused a join");
+            return ApiError::from(e).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// `POST /cluster/join` (on the leader): adds the node as a learner, waits until it caught
@@ -265,7 +277,7 @@ pub async fn leave(
                 .client
                 .delete(format!(
                     "{}/cluster/members/{}",
-                    base_url(&addr),
+                    app.identity.base_url(&addr),
                     app.node_id
                 ))
                 .timeout(app.config.write_timeout());

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::forward::{leader, LeaderIs};
 use super::raft::ReadIndex;
-use crate::identity::{base_url, Identity};
+use crate::identity::Identity;
 use crate::raft::Raft;
 
 /// The core's read barrier.
@@ -64,7 +64,7 @@ impl LeaderBarrier {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let req = self
                         .client
-                        .post(format!("{}/raft/read-index", base_url(&addr)))
+                        .post(format!("{}/raft/read-index", self.identity.base_url(&addr)))
                         .timeout(left);
                     match self.identity.sign(req).send().await {
                         Err(e) if e.is_connect() => {

@@ -25,7 +25,7 @@ use openraft::ServerState;
 use tokio::time::Instant;
 
 use super::AppState;
-use crate::identity::{base_url, CLUSTER_ID_HEADER};
+use crate::identity::CLUSTER_ID_HEADER;
 use crate::raft::types::NodeId;
 use crate::raft::Raft;
 
@@ -203,7 +203,10 @@ async fn send(
     };
     let mut builder = app
         .client
-        .request(parts.method.clone(), format!("{}{path}", base_url(addr)))
+        .request(
+            parts.method.clone(),
+            format!("{}{path}", app.identity.base_url(addr)),
+        )
         .timeout(timeout)
         .header(FORWARDED_HEADER, app.node_id.to_string())
         .body(body);

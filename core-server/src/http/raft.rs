@@ -38,11 +38,14 @@ use crate::stages::{Stage, STAGES};
 /// to a file, unbounded.
 pub const MAX_RAFT_BODY: usize = 2 * crate::config::MAX_BODY_LIMIT;
 
-/// Middleware on `/raft/*`: refuses RPCs without the secret or from another cluster.
+/// Middleware on `/raft/*`: refuses RPCs without the secret, from another cluster, or (with
+/// `--peer-ca`) without a peer certificate.
 pub async fn peer_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     // `/raft/identity` answers nodes that do not know the cluster id yet (formation).
-    let checked = if path == "/raft/identity" {
+    let checked = if let Err(e) = app.identity.check_certificate(req.extensions()) {
+        Err(e)
+    } else if path == "/raft/identity" {
         app.identity.check_secret(req.headers())
     } else {
         app.identity.check_rpc_async(req.headers()).await

@@ -40,6 +40,11 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>, auth: Arc<Auth>) -> Router
             app.clone(),
             forward::to_leader,
         ))
+        // Before forwarding: a join is peer traffic (a peer certificate with --peer-ca).
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            cluster::join_guard,
+        ))
         .route("/cluster", get(cluster::get_cluster))
         .route("/cluster/leave", post(cluster::leave))
         .route("/health", get(handlers::health))

@@ -27,11 +27,12 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_rustls::TlsConnector;
 
 use super::peer_stream::{self, ConnectError, PeerStream, Rpc};
 use super::snapshot_file;
 use super::types::{entry_len, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
-use crate::identity::{base_url, Identity};
+use crate::identity::Identity;
 use crate::stages::{Stage, STAGES};
 
 /// Header carrying the sender's vote on a streamed snapshot.
@@ -50,16 +51,24 @@ pub struct Network {
     client: reqwest::Client,
     identity: Arc<Identity>,
     local_ip: Option<IpAddr>,
+    tls: Option<TlsConnector>,
 }
 
 impl Network {
     /// A network using `client`, signing every RPC with `identity`; its streams connect
-    /// from `local_ip` when given (the address the node listens on, as for the client).
-    pub fn new(client: reqwest::Client, identity: Arc<Identity>, local_ip: Option<IpAddr>) -> Self {
+    /// from `local_ip` when given (the address the node listens on, as for the client), over
+    /// TLS with `tls` (`--peer-ca`).
+    pub fn new(
+        client: reqwest::Client,
+        identity: Arc<Identity>,
+        local_ip: Option<IpAddr>,
+        tls: Option<TlsConnector>,
+    ) -> Self {
         Network {
             client,
             identity,
             local_ip,
+            tls,
         }
     }
 }
@@ -72,8 +81,9 @@ pub struct Connection {
     target: NodeId,
     base: String,
     /// `host:port` for a stream; `None` when the address names a scheme streams do not
-    /// speak (https), or the target answered that it serves none.
+    /// speak here (https without `--peer-ca`), or the target answered that it serves none.
     stream_addr: Option<Arc<str>>,
+    tls: Option<TlsConnector>,
     /// The open stream, taken out while an RPC uses it: an RPC that fails or is dropped
     /// half-way leaves none, and the next one opens a new stream.
     stream: Option<PeerStream>,
@@ -85,17 +95,18 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
         let addr = node.addr.trim_end_matches('/');
-        let stream_addr = match addr.strip_prefix("http://") {
-            Some(plain) => Some(plain.into()),
-            None if addr.contains("://") => None,
-            None => Some(addr.into()),
+        let stream_addr = match (addr.split_once("://"), &self.tls) {
+            (None, _) => Some(addr.into()),
+            (Some(("http", plain)), None) | (Some(("https", plain)), Some(_)) => Some(plain.into()),
+            (Some(_), _) => None,
         };
         Connection {
             client: self.client.clone(),
             identity: self.identity.clone(),
             target,
-            base: base_url(&node.addr),
+            base: self.identity.base_url(&node.addr),
             stream_addr,
+            tls: self.tls.clone(),
             stream: None,
             local_ip: self.local_ip,
         }
@@ -186,7 +197,14 @@ impl Connection {
             let fresh = reused.is_none();
             let mut stream = match reused.take() {
                 Some(stream) => stream,
-                None => match PeerStream::connect(addr, self.local_ip, &self.identity).await {
+                None => match PeerStream::connect(
+                    addr,
+                    self.local_ip,
+                    &self.identity,
+                    self.tls.as_ref(),
+                )
+                .await
+                {
                     Ok(stream) => stream,
                     Err(ConnectError::Unsupported { .. }) => return None,
                     Err(e @ ConnectError::Unreachable { .. }) => {

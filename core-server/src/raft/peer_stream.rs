@@ -33,7 +33,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
+
+use changeagent_api::tls::{self, ClientStream};
 
 use super::types::TypeConfig;
 use super::Raft;
@@ -212,7 +215,7 @@ pub enum ConnectError {
 
 /// The client end of a stream to one peer.
 pub struct PeerStream {
-    io: BufReader<TcpStream>,
+    io: BufReader<ClientStream>,
     /// The cluster id this node sent when it opened the stream. A stream opened before
     /// this node learned its cluster id is reopened, so the peer checks (or adopts) it.
     pub cluster_id: Option<Arc<str>>,
@@ -220,11 +223,12 @@ pub struct PeerStream {
 
 impl PeerStream {
     /// Opens a stream to `addr` (`host:port`) from `local_ip` (any when `None`), signed
-    /// with `identity`.
+    /// with `identity`, over TLS with `tls`.
     pub async fn connect(
         addr: &str,
         local_ip: Option<IpAddr>,
         identity: &Identity,
+        tls: Option<&TlsConnector>,
     ) -> Result<PeerStream, ConnectError> {
         let unreachable = |source| ConnectError::Unreachable {
             addr: addr.to_owned(),
@@ -248,11 +252,13 @@ impl PeerStream {
         request.push_str("\r\n");
         let tcp = connect_tcp(addr, local_ip).await.map_err(unreachable)?;
         tcp.set_nodelay(true).map_err(unreachable)?;
+        let tcp = tls::connect(tls, addr, tcp).await.map_err(unreachable)?;
         let mut io = BufReader::new(tcp);
         io.get_mut()
             .write_all(request.as_bytes())
             .await
             .map_err(unreachable)?;
+        io.get_mut().flush().await.map_err(unreachable)?;
         let head = read_head(&mut io).await.map_err(unreachable)?;
         if head.status == 101 && head.upgrade.eq_ignore_ascii_case(PROTOCOL) {
             return Ok(PeerStream { io, cluster_id });
@@ -279,6 +285,7 @@ impl PeerStream {
         frame: &[u8],
     ) -> io::Result<Result<Result<Resp, RaftError<TypeConfig>>, String>> {
         self.io.get_mut().write_all(frame).await?;
+        self.io.get_mut().flush().await?;
         let (tag, body) = read_frame(&mut self.io, MAX_ANSWER_BYTES)
             .await?
             .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
@@ -406,6 +413,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     .get_mut()
                     .write_all(&raw_frame(REFUSED, message.as_bytes()))
                     .await;
+                let _ = io.get_mut().flush().await;
                 return;
             }
         };
@@ -423,7 +431,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 (raw_frame(REFUSED, message.as_bytes()), true)
             }
         };
-        if io.get_mut().write_all(&frame).await.is_err() || close {
+        // Flushed: over TLS the record may wait in the session otherwise.
+        let sent = io.get_mut().write_all(&frame).await;
+        if sent.is_err() || io.get_mut().flush().await.is_err() || close {
             return;
         }
     }
