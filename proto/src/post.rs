@@ -1,0 +1,306 @@
+//! What a client posts to `POST /changes` (and what travels in Raft entries): the parsed
+//! and validated [`ChangeInput`], the body forms ([`PostBody`]), and the compaction that
+//! keeps the client's JSON bytes. Servers parse with [`parse_post_body`]; a refusal is a
+//! [`Rejection::Invalid`] saying why.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::limits::{MAX_BATCH, MAX_KEY_BYTES, MAX_TAGS, MAX_TAG_BYTES};
+use crate::rejection::Rejection;
+
+/// Result of parsing a posted change.
+pub type Result<T> = std::result::Result<T, Rejection>;
+
+fn invalid(message: impl Into<String>) -> Rejection {
+    Rejection::Invalid(message.into())
+}
+
+/// One change as a client asked for it, validated, with `data` already compacted.
+/// This is also what travels in Raft entries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChangeInput {
+    #[serde(rename = "type", default)]
+    pub change_type: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+}
+
+/// A parsed `POST /changes` body.
+#[derive(Debug, Clone)]
+pub enum PostBody {
+    One(ChangeInput),
+    Batch(Vec<ChangeInput>),
+}
+
+impl PostBody {
+    /// The changes, in order.
+    pub fn into_changes(self) -> Vec<ChangeInput> {
+        match self {
+            PostBody::One(c) => vec![c],
+            PostBody::Batch(v) => v,
+        }
+    }
+}
+
+/// Keys of the structured `{"data": …}` form.
+const KNOWN_FIELDS: [&str; 7] = [
+    "data",
+    "tags",
+    "type",
+    "tenant",
+    "collection",
+    "key",
+    "deleted",
+];
+
+/// Parses and validates a `POST /changes` body: an object in the `{"data": …}` form, any other
+/// JSON value (taken whole as data), or an array of those (a batch).
+pub fn parse_post_body(body: &[u8]) -> Result<PostBody> {
+    let raw: &RawValue = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+    let text = raw.get();
+    if text.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text)
+            .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+        if items.is_empty() {
+            return Err(invalid("a batch must hold at least one change"));
+        }
+        if items.len() > MAX_BATCH {
+            return Err(invalid(format!(
+                "a batch holds at most {MAX_BATCH} changes, this one has {}",
+                items.len()
+            )));
+        }
+        let changes = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                parse_one(item).map_err(|e| match e {
+                    Rejection::Invalid(m) => invalid(format!("batch item {i}: {m}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PostBody::Batch(changes))
+    } else {
+        Ok(PostBody::One(parse_one(raw)?))
+    }
+}
+
+fn parse_one(raw: &RawValue) -> Result<ChangeInput> {
+    let text = raw.get();
+    if text.starts_with('{') {
+        let fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| invalid(format!("invalid JSON object: {e}")))?;
+        let structured = !fields.is_empty()
+            && (fields.contains_key("data")
+                || fields.keys().all(|k| KNOWN_FIELDS.contains(&k.as_str())));
+        if structured {
+            #[derive(Deserialize)]
+            struct Structured<'a> {
+                #[serde(borrow, default)]
+                data: Option<&'a RawValue>,
+                #[serde(default)]
+                tags: Option<Vec<String>>,
+                #[serde(rename = "type", default)]
+                change_type: Option<i64>,
+                #[serde(default)]
+                tenant: Option<String>,
+                #[serde(default)]
+                collection: Option<serde_json::Value>,
+                #[serde(default)]
+                key: Option<String>,
+                #[serde(default)]
+                deleted: Option<bool>,
+            }
+            let s: Structured =
+                serde_json::from_str(text).map_err(|e| invalid(format!("invalid change: {e}")))?;
+            let change_type = match s.change_type {
+                None => 0,
+                Some(t) if (0..=i64::from(i32::MAX)).contains(&t) => t as i32,
+                Some(t) if t < 0 => {
+                    return Err(invalid(format!(
+                        "type {t} is reserved: negative types are internal records"
+                    )))
+                }
+                Some(t) => return Err(invalid(format!("type {t} is out of range"))),
+            };
+            let collection = match s.collection {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(c)) => Some(c),
+                Some(serde_json::Value::Number(n)) if n.is_u64() => Some(n.to_string()),
+                Some(_) => return Err(invalid("collection must be a name or a numeric id")),
+            };
+            let input = ChangeInput {
+                change_type,
+                tags: s.tags.unwrap_or_default(),
+                tenant: s.tenant,
+                collection,
+                key: s.key,
+                deleted: s.deleted.unwrap_or(false),
+                data: s.data.map(compact_raw).transpose()?,
+            };
+            input.validate()?;
+            return Ok(input);
+        }
+    }
+    Ok(ChangeInput {
+        data: Some(compact_raw(raw)?),
+        ..ChangeInput::default()
+    })
+}
+
+impl ChangeInput {
+    /// Checks the limits every change must meet, whoever built it.
+    pub fn validate(&self) -> Result<()> {
+        if self.tags.len() > MAX_TAGS {
+            return Err(invalid(format!(
+                "a change has at most {MAX_TAGS} tags, this one has {}",
+                self.tags.len()
+            )));
+        }
+        for tag in &self.tags {
+            if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+                return Err(invalid(format!(
+                    "tags must be 1 to {MAX_TAG_BYTES} bytes long"
+                )));
+            }
+        }
+        match (&self.collection, &self.key) {
+            (Some(_), None) => return Err(invalid("a change with a collection needs a key")),
+            (None, Some(_)) => return Err(invalid("a change with a key needs a collection")),
+            _ => {}
+        }
+        if let Some(key) = &self.key {
+            if key.is_empty() || key.len() > MAX_KEY_BYTES {
+                return Err(invalid(format!(
+                    "keys must be 1 to {MAX_KEY_BYTES} bytes long"
+                )));
+            }
+        }
+        if self.deleted && self.key.is_none() {
+            return Err(invalid("\"deleted\" applies to keyed changes only"));
+        }
+        if self.deleted && self.data.is_some() {
+            return Err(invalid("a delete carries no data"));
+        }
+        Ok(())
+    }
+}
+
+/// The client's JSON with insignificant whitespace removed; key order, number spelling and
+/// string escapes are kept exactly as sent.
+pub fn compact_raw(raw: &RawValue) -> Result<Box<RawValue>> {
+    let text = raw.get();
+    let compacted = compact_json(text);
+    RawValue::from_string(compacted).map_err(|e| invalid(format!("invalid JSON value: {e}")))
+}
+
+/// Removes whitespace outside strings from valid JSON text.
+pub fn compact_json(text: &str) -> String {
+    let bytes = text.as_bytes();
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
+    {
+        return text.to_owned();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+            out.push(b);
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push(b);
+        }
+    }
+    // Only ASCII whitespace bytes outside strings were removed, so the text stays UTF-8.
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_keeps_order_and_strings() {
+        assert_eq!(
+            compact_json("{ \"b\" : 1,\n \"a\" : [1, 2], \"s\": \"x y\\\" z\" }"),
+            "{\"b\":1,\"a\":[1,2],\"s\":\"x y\\\" z\"}"
+        );
+        assert_eq!(compact_json("12"), "12");
+    }
+
+    #[test]
+    fn structured_and_raw_forms() {
+        let PostBody::One(c) =
+            parse_post_body(br#"{"data": {"x": 1}, "tags": ["a"], "type": 3}"#).unwrap()
+        else {
+            panic!("expected one change")
+        };
+        assert_eq!(c.data.unwrap().get(), r#"{"x":1}"#);
+        assert_eq!(c.tags, vec!["a"]);
+        assert_eq!(c.change_type, 3);
+
+        let PostBody::One(c) = parse_post_body(br#"{"hello": "world"}"#).unwrap() else {
+            panic!("expected one change")
+        };
+        assert_eq!(c.data.unwrap().get(), r#"{"hello":"world"}"#);
+
+        let PostBody::One(c) = parse_post_body(b" 42 ").unwrap() else {
+            panic!("expected one change")
+        };
+        assert_eq!(c.data.unwrap().get(), "42");
+
+        let PostBody::Batch(v) =
+            parse_post_body(br#"[{"data":1},{"data":2,"tags":["t"]}]"#).unwrap()
+        else {
+            panic!("expected a batch")
+        };
+        assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        for body in [
+            &br#"{"data":1,"type":-1}"#[..],
+            br#"{"data":1,"tags":[""]}"#,
+            br#"{"data":1,"key":"k"}"#,
+            br#"{"data":1,"collection":"c"}"#,
+            br#"[]"#,
+            br#"{"data":1"#,
+            br#"{"data":1,"tags":"a"}"#,
+        ] {
+            assert!(
+                matches!(parse_post_body(body), Err(Rejection::Invalid(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let many: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
+        let body = serde_json::json!({"data": 1, "tags": many}).to_string();
+        assert!(parse_post_body(body.as_bytes()).is_err());
+    }
+}
