@@ -32,8 +32,24 @@ pub struct ChangeInput {
     pub key: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `None`: the change has no data. `Some` may hold JSON `null` (a posted `null`), which
+    /// must come back out of a Raft entry as it went in: followers apply the decoded entry,
+    /// the leader the one it built.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_raw"
+    )]
     pub data: Option<Box<RawValue>>,
+}
+
+/// Reads a field that is present as `Some`, `null` included (serde reads a present `null`
+/// into an `Option` as `None`); an absent one is `None` through `default`.
+fn present_raw<'de, D>(deserializer: D) -> std::result::Result<Option<Box<RawValue>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// A parsed `POST /changes` body.
@@ -302,5 +318,32 @@ mod tests {
         let many: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
         let body = serde_json::json!({"data": 1, "tags": many}).to_string();
         assert!(parse_post_body(body.as_bytes()).is_err());
+    }
+
+    /// What the leader applies (the parsed change) and what followers apply (the change
+    /// after the entry's JSON round trip) must be the same change, `null` data included.
+    #[test]
+    fn a_change_survives_the_raft_entry_round_trip() {
+        for body in [
+            &b"null"[..],
+            br#"[null, {"data": null, "tags": ["t"]}, {"data": [null]}]"#,
+            br#"{"data": {"a": null}, "key": "k", "collection": "c"}"#,
+            br#"{"collection": "c", "key": "k", "deleted": true}"#,
+        ] {
+            for parsed in parse_post_body(body).unwrap().into_changes() {
+                let json = serde_json::to_string(&parsed).unwrap();
+                let decoded: ChangeInput = serde_json::from_str(&json).unwrap();
+                assert_eq!(
+                    decoded.data.as_ref().map(|d| d.get()),
+                    parsed.data.as_ref().map(|d| d.get()),
+                    "{json}"
+                );
+                assert_eq!(serde_json::to_string(&decoded).unwrap(), json);
+            }
+        }
+        let PostBody::One(c) = parse_post_body(b"null").unwrap() else {
+            panic!("expected one change")
+        };
+        assert_eq!(c.data.map(|d| d.get().to_owned()).as_deref(), Some("null"));
     }
 }
