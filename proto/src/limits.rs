@@ -10,6 +10,10 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Most changes in one posted batch.
 pub const MAX_BATCH: usize = 10_000;
+/// Deepest nesting of arrays and objects in a change's data. A page puts data three levels
+/// down (`{"changes":[{"data":…}]}`), and serde_json, which Rust clients decode with,
+/// stops at 128 levels; this leaves room for whatever a client wraps pages in.
+pub const MAX_DATA_DEPTH: usize = 100;
 /// Longest accepted `Idempotency-Key`: room for a UUID or a hash with a prefix, while the
 /// remembered keys stay small.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;

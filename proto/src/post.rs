@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::limits::{MAX_BATCH, MAX_KEY_BYTES, MAX_TAGS, MAX_TAG_BYTES};
+use crate::limits::{MAX_BATCH, MAX_DATA_DEPTH, MAX_KEY_BYTES, MAX_TAGS, MAX_TAG_BYTES};
 use crate::rejection::Rejection;
 
 /// Result of parsing a posted change.
@@ -216,11 +216,107 @@ impl ChangeInput {
 }
 
 /// The client's JSON with insignificant whitespace removed; key order, number spelling and
-/// string escapes are kept exactly as sent.
+/// string escapes are kept exactly as sent. Refuses data that clients could not decode
+/// (see [`check_decodable`]).
 pub fn compact_raw(raw: &RawValue) -> Result<Box<RawValue>> {
     let text = raw.get();
+    check_decodable(text)?;
     let compacted = compact_json(text);
     RawValue::from_string(compacted).map_err(|e| invalid(format!("invalid JSON value: {e}")))
+}
+
+/// Checks that JSON text (already known to be well formed) decodes into values, as every
+/// client reading it back does. Reading raw JSON only checks its grammar, which lets
+/// through a lone surrogate escape (`"\ud800"`, no string holds it), a number out of the
+/// range of a double (`1e400`) and nesting deeper than a client's decoder goes once the
+/// value sits in a page; stored, any of these would make every page holding the change
+/// unreadable.
+pub fn check_decodable(text: &str) -> Result<()> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    Decodable { depth: 0 }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| invalid(format!("data cannot be decoded by JSON clients: {e}")))
+}
+
+/// A JSON value decoded and thrown away: strings are unescaped and numbers converted, which
+/// is where an undecodable value fails; `depth` counts the arrays and objects around it.
+#[derive(Clone, Copy)]
+struct Decodable {
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Decodable {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Decodable {
+    /// The seed for a value inside this array or object.
+    fn inner<E: serde::de::Error>(self) -> std::result::Result<Decodable, E> {
+        if self.depth >= MAX_DATA_DEPTH {
+            return Err(E::custom(format_args!(
+                "arrays and objects nest more than {MAX_DATA_DEPTH} levels deep"
+            )));
+        }
+        Ok(Decodable {
+            depth: self.depth + 1,
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Decodable {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        let inner = self.inner()?;
+        while map.next_entry_seed(inner, inner)?.is_some() {}
+        Ok(())
+    }
 }
 
 /// Removes whitespace outside strings from valid JSON text.
@@ -345,5 +441,51 @@ mod tests {
             panic!("expected one change")
         };
         assert_eq!(c.data.map(|d| d.get().to_owned()).as_deref(), Some("null"));
+    }
+
+    /// Data a client's JSON decoder cannot read back is refused when posted, not stored
+    /// (it would make every page holding it unreadable).
+    #[test]
+    fn data_no_client_can_decode_is_refused() {
+        for body in [
+            &br#""\ud800""#[..],
+            br#"{"data": "a\udc00b"}"#,
+            br#"{"data": {"\ud800": 1}}"#,
+            br#"[{"data": 1}, {"data": [1e400]}]"#,
+            br#"-1e400"#,
+            br#"{"x": 123e999}"#,
+        ] {
+            let err = parse_post_body(body).unwrap_err();
+            let Rejection::Invalid(message) = &err else {
+                panic!("{err:?}")
+            };
+            assert!(
+                ["surrogate", "hex escape", "number out of range"]
+                    .iter()
+                    .any(|cause| message.contains(cause)),
+                "{}: {message}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let deep = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+        let err = parse_post_body(format!(r#"{{"data":{}}}"#, deep(MAX_DATA_DEPTH + 1)).as_bytes())
+            .unwrap_err();
+        assert!(err.to_string().contains("nest"), "{err}");
+        // A batch of one change whose data nests one level too deep, then just deep enough.
+        assert!(parse_post_body(deep(MAX_DATA_DEPTH + 2).as_bytes()).is_err());
+        assert!(parse_post_body(deep(MAX_DATA_DEPTH + 1).as_bytes()).is_ok());
+        // Paired surrogates, tiny and huge-but-finite numbers are fine.
+        for body in [
+            &br#""\ud83d\ude00""#[..],
+            br#"1e-400"#,
+            br#"{"data": 1.7976931348623157e308}"#,
+            br#"12345678901234567890123"#,
+        ] {
+            assert!(
+                parse_post_body(body).is_ok(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }
