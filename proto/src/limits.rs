@@ -51,3 +51,29 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Checks a change's tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_BYTES`] bytes. Stores
+/// count tags and their lengths in 16 bits, so these limits also keep them exact.
+pub fn check_tags(tags: &[String]) -> Result<(), String> {
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "a change has at most {MAX_TAGS} tags, this one has {}",
+            tags.len()
+        ));
+    }
+    if tags
+        .iter()
+        .any(|tag| tag.is_empty() || tag.len() > MAX_TAG_BYTES)
+    {
+        return Err(format!("tags must be 1 to {MAX_TAG_BYTES} bytes long"));
+    }
+    Ok(())
+}
+
+/// Checks a change's key: 1 to [`MAX_KEY_BYTES`] bytes.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(format!("keys must be 1 to {MAX_KEY_BYTES} bytes long"));
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::limits::{MAX_BATCH, MAX_DATA_DEPTH, MAX_KEY_BYTES, MAX_TAGS, MAX_TAG_BYTES};
+use crate::limits::{check_key, check_tags, MAX_BATCH, MAX_DATA_DEPTH};
 use crate::rejection::Rejection;
 
 /// Result of parsing a posted change.
@@ -180,30 +180,14 @@ fn parse_one(raw: &RawValue) -> Result<ChangeInput> {
 impl ChangeInput {
     /// Checks the limits every change must meet, whoever built it.
     pub fn validate(&self) -> Result<()> {
-        if self.tags.len() > MAX_TAGS {
-            return Err(invalid(format!(
-                "a change has at most {MAX_TAGS} tags, this one has {}",
-                self.tags.len()
-            )));
-        }
-        for tag in &self.tags {
-            if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
-                return Err(invalid(format!(
-                    "tags must be 1 to {MAX_TAG_BYTES} bytes long"
-                )));
-            }
-        }
+        check_tags(&self.tags).map_err(invalid)?;
         match (&self.collection, &self.key) {
             (Some(_), None) => return Err(invalid("a change with a collection needs a key")),
             (None, Some(_)) => return Err(invalid("a change with a key needs a collection")),
             _ => {}
         }
         if let Some(key) = &self.key {
-            if key.is_empty() || key.len() > MAX_KEY_BYTES {
-                return Err(invalid(format!(
-                    "keys must be 1 to {MAX_KEY_BYTES} bytes long"
-                )));
-            }
+            check_key(key).map_err(invalid)?;
         }
         if self.deleted && self.key.is_none() {
             return Err(invalid("\"deleted\" applies to keyed changes only"));
@@ -355,6 +339,7 @@ pub fn compact_json(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MAX_TAGS;
 
     #[test]
     fn compaction_keeps_order_and_strings() {
