@@ -516,7 +516,8 @@ impl Txn<'_> {
     /// Applies a change with the `_id` it was given elsewhere (an upstream's feed, a
     /// checkpoint), keeping its wire JSON byte for byte. Catalog records update the catalog;
     /// keyed changes the key's state; the change joins the list when `list`. Returns its
-    /// `_id`. The `_id` must be past the last one applied.
+    /// `_id`. The `_id` must be past the last one applied, and the change must meet the
+    /// limits of a posted one (tags, key).
     pub fn apply_record(&mut self, line: &[u8], list: bool) -> Result<u64> {
         let f = parse_record(line)?;
         self.apply_fields(&f, line, if list { Rows::All } else { Rows::State })?;
@@ -585,6 +586,7 @@ impl Txn<'_> {
 
     fn apply_fields(&mut self, f: &RecordFields<'_>, line: &[u8], rows: Rows) -> Result<()> {
         let bad = |detail: String| Error::BadRecord { id: f.id, detail };
+        f.check_limits().map_err(bad)?;
         if rows != Rows::List && f.id <= self.state.last_id {
             return Err(bad(format!(
                 "it is not past the last applied _id {}",

@@ -1000,3 +1000,75 @@ fn a_replica_starts_its_list_where_the_upstream_does_and_follows_its_housekeepin
     edge.commit(txn).unwrap();
     assert_eq!(edge.manifests(None).unwrap(), up.manifests(None).unwrap());
 }
+
+/// Record lines from elsewhere (a checkpoint file, an upstream's feed) meet the limits of a
+/// posted change: the stored header keeps tag counts and lengths in 16 bits, so a longer
+/// tag would be stored cut.
+#[test]
+fn records_over_the_change_limits_are_refused_from_files_and_upstreams() {
+    let long_tag = "t".repeat(65_536 + 10);
+    let too_many: Vec<String> = (0..=changeagent_proto::limits::MAX_TAGS)
+        .map(|i| format!("t{i}"))
+        .collect();
+    let bad_tags = [
+        serde_json::to_string(&[&long_tag]).unwrap(),
+        serde_json::to_string(&too_many).unwrap(),
+        r#"[""]"#.to_owned(),
+    ];
+    let (_d, s) = open();
+    append(&s, 1, &[r#"{"data":1,"tags":["short"]}"#]);
+    let good = feed(&s).pop().unwrap();
+    for tags in &bad_tags {
+        let line = good.replace(r#"["short"]"#, tags);
+        assert_ne!(line, good);
+        let (_d, t) = open();
+        let mut txn = t.begin();
+        for result in [
+            txn.apply_record(line.as_bytes(), true),
+            txn.apply_upstream(line.as_bytes()).map(|_| 1),
+            txn.apply_next(1, line.as_bytes(), changeagent_store::Follow::Copy)
+                .map(|_| 1),
+        ] {
+            match result {
+                Err(Error::BadRecord { id: 1, detail }) => {
+                    assert!(detail.contains("tags"), "{detail}")
+                }
+                other => panic!("a record with tags {:.40} was not refused: {other:?}", tags),
+            }
+        }
+        drop(txn);
+        assert!(feed(&t).is_empty());
+
+        // The same record in a checkpoint file: the import fails and changes nothing.
+        let (_, lines) = export(&s, &ExportOptions::default());
+        let text: String = lines
+            .iter()
+            .map(|l| if *l == good { line.clone() } else { l.clone() } + "\n")
+            .collect();
+        let file = zstd::encode_all(text.as_bytes(), 1).unwrap();
+        let err = t
+            .import(&file[..], ImportMode::Everything, &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("tags"), "{err}");
+        assert!(feed(&t).is_empty());
+    }
+
+    // A key over the limit, in a keyed record of a replica that has the catalog.
+    let (_d, k) = populated();
+    let lines = feed(&k);
+    let keyed = lines.iter().find(|l| l.contains(r#""key":"k1""#)).unwrap();
+    let long_key = format!(
+        r#""key":"{}""#,
+        "k".repeat(changeagent_proto::limits::MAX_KEY_BYTES + 1)
+    );
+    let line = keyed.replace(r#""key":"k1""#, &long_key);
+    let (_d, t) = open();
+    let mut txn = t.begin();
+    for catalog in &lines[..4] {
+        txn.apply_record(catalog.as_bytes(), true).unwrap();
+    }
+    match txn.apply_record(line.as_bytes(), true) {
+        Err(Error::BadRecord { detail, .. }) => assert!(detail.contains("key"), "{detail}"),
+        other => panic!("a record with a key over the limit was not refused: {other:?}"),
+    }
+}

@@ -13,6 +13,8 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::limits::{check_key, check_tags};
+
 /// The `format` field of every header line.
 pub const FORMAT: &str = "changeagent-checkpoint";
 /// The version of the line format this build writes and reads.
@@ -407,6 +409,19 @@ pub struct RecordFields<'a> {
     pub deleted: bool,
     #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
+}
+
+impl RecordFields<'_> {
+    /// Checks the limits every posted change meets (its tags and key). A record from a
+    /// checkpoint file or an upstream's feed is stored like a posted change, whose header
+    /// holds tag counts and lengths in 16 bits: past these limits they would be cut.
+    pub fn check_limits(&self) -> Result<(), String> {
+        check_tags(&self.tags)?;
+        if let Some(key) = &self.key {
+            check_key(key)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -11,15 +11,22 @@
 //!   of a checkpoint file.
 //! - [`headers`]: names of the HTTP headers ChangeAgent defines.
 //! - [`limits`]: the limits every change and request must meet.
+//! - [`post`]: what a client posts to `POST /changes`, parsed and validated
+//!   ([`ChangeInput`], [`PostBody`]).
+//! - [`rejection`]: [`Rejection`], why a server refused an operation because of its input.
 
 pub mod checkpoint;
 pub mod headers;
 pub mod limits;
+pub mod post;
 pub mod query;
+pub mod rejection;
 pub mod types;
 
 pub use checkpoint::{Manifest, Scope};
+pub use post::{parse_post_body, ChangeInput, PostBody};
 pub use query::{ChangesQuery, Query, QueryError};
+pub use rejection::Rejection;
 pub use types::{
     Change, ChangeList, Collection, ErrorBody, Health, KeyWrite, NameRequest, NewChange, Posted,
     Tenant,

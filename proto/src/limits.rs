@@ -10,6 +10,10 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Most changes in one posted batch.
 pub const MAX_BATCH: usize = 10_000;
+/// Deepest nesting of arrays and objects in a change's data. A page puts data three levels
+/// down (`{"changes":[{"data":…}]}`), and serde_json, which Rust clients decode with,
+/// stops at 128 levels; this leaves room for whatever a client wraps pages in.
+pub const MAX_DATA_DEPTH: usize = 100;
 /// Longest accepted `Idempotency-Key`: room for a UUID or a hash with a prefix, while the
 /// remembered keys stay small.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -44,6 +48,32 @@ pub fn check_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "name {name:?} is all digits, which would read as an id"
         ));
+    }
+    Ok(())
+}
+
+/// Checks a change's tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG_BYTES`] bytes. Stores
+/// count tags and their lengths in 16 bits, so these limits also keep them exact.
+pub fn check_tags(tags: &[String]) -> Result<(), String> {
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "a change has at most {MAX_TAGS} tags, this one has {}",
+            tags.len()
+        ));
+    }
+    if tags
+        .iter()
+        .any(|tag| tag.is_empty() || tag.len() > MAX_TAG_BYTES)
+    {
+        return Err(format!("tags must be 1 to {MAX_TAG_BYTES} bytes long"));
+    }
+    Ok(())
+}
+
+/// Checks a change's key: 1 to [`MAX_KEY_BYTES`] bytes.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(format!("keys must be 1 to {MAX_KEY_BYTES} bytes long"));
     }
     Ok(())
 }

@@ -678,3 +678,94 @@ async fn oversize_bodies_get_413() {
         "chunked over-size body appended"
     );
 }
+
+/// Data that is valid JSON grammar but that no JSON client can decode (a lone surrogate
+/// escape, a number beyond a double, nesting deeper than a decoder goes once the change sits
+/// in a page) is refused with 400 and the reason, wherever data enters; stored, it would
+/// make every page holding it unreadable. Data just inside those bounds is stored and pages
+/// holding it decode.
+#[tokio::test]
+async fn data_no_client_can_decode_is_refused() {
+    let (_server, api) = seeded_server(ServerOptions::default()).await;
+    let deep = |levels: usize| format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+    let too_deep = deep(changeagent_proto::limits::MAX_DATA_DEPTH + 1);
+    let cases = vec![
+        post("/changes", r#""\ud800""#, 400, "lone leading surrogate"),
+        post("/changes", r#""a\udc00""#, 400, "lone trailing surrogate"),
+        post("/changes", "1e400", 400, "number beyond a double"),
+        post("/changes", "-1e400", 400, "negative number beyond a double"),
+        post(
+            "/changes",
+            r#"[{"data":1},"\ud800"]"#,
+            400,
+            "batch item with a lone surrogate",
+        ),
+        post(
+            "/changes",
+            r#"[1,1e999]"#,
+            400,
+            "batch item beyond a double",
+        ),
+        post(
+            "/changes",
+            format!(r#"{{"data":{too_deep}}}"#),
+            400,
+            "data nested too deep",
+        ),
+        post(
+            "/tenants/acme/changes",
+            r#""\ud800""#,
+            400,
+            "tenant post with a lone surrogate",
+        ),
+        case(
+            "PUT",
+            "/collections/flags/keys/k2",
+            JSON,
+            Some(br#"{"v":"\ud800"}"#.to_vec()),
+            400,
+            "key value with a lone surrogate",
+        ),
+        post(
+            "/collections/flags/keys",
+            r#"{"key":"k2","data":1e400}"#,
+            400,
+            "key write beyond a double",
+        ),
+    ];
+    for c in &cases {
+        let r = api
+            .request(c.method, &c.path, c.content_type, c.body.clone(), &[])
+            .await;
+        let error = serde_json::from_slice::<Value>(&r.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        assert!(
+            error.contains("cannot be decoded by JSON clients"),
+            "{} {} ({}): status {}, error {error:?}",
+            c.method,
+            c.path,
+            c.why,
+            r.status
+        );
+    }
+    run_cases(&api, cases).await;
+
+    // Inside the bounds: stored, and every page holding it decodes.
+    let since = api.last_index().await;
+    api.post_change(r#""\ud83d\ude00""#).await;
+    api.post_change("1.7976931348623157e308").await;
+    api.post_change(&format!(
+        r#"{{"data":{}}}"#,
+        deep(changeagent_proto::limits::MAX_DATA_DEPTH)
+    ))
+    .await;
+    let page = api.get(&format!("/changes?since={since}")).await.ok_json();
+    let changes = page["changes"].as_array().expect("changes");
+    assert_eq!(changes.len(), 3, "{page}");
+    assert_eq!(changes[0]["data"], "\u{1f600}");
+    let list: changeagent_proto::ChangeList =
+        serde_json::from_value(page).expect("a client decodes the page");
+    assert_eq!(list.changes.len(), 3);
+}

@@ -7,15 +7,11 @@
 //! `Upgrade: changeagent-raft/1`, carrying the cluster id and secret like every Raft RPC, so
 //! the peer's checks (and its routing of member connections to Raft's runtime) are the
 //! same. The peer answers `101 Switching Protocols`; from then on both sides exchange
-//! frames, strictly one request then its answer:
-//!
-//! ```text
-//! frame = length: u32 big-endian (of the body) | tag: u8 | body: `length` bytes
-//! ```
-//!
-//! A request's tag names the RPC ([`Rpc`]), its body is the openraft request as JSON. An
-//! answer's tag is [`ANSWER`] (body: openraft's `Result` as JSON, exactly what the HTTP
-//! endpoints answer) or [`REFUSED`] (body: why, as text; the peer closes the stream).
+//! frames (the raft-wire crate's [`frame`](changeagent_raft_wire::frame) codec), strictly
+//! one request then its answer. A request's tag names the RPC ([`Rpc`]), its body is the
+//! openraft request as JSON. An answer's tag is [`ANSWER`] (body: openraft's `Result` as
+//! JSON, exactly what the HTTP endpoints answer) or [`REFUSED`] (body: why, as text; the
+//! peer closes the stream).
 //!
 //! A peer that does not know the path (404) is an older version: the caller falls back to
 //! one HTTP request per RPC.
@@ -30,7 +26,6 @@ use std::time::Instant;
 use openraft::error::RaftError;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -42,18 +37,14 @@ use super::types::TypeConfig;
 use super::Raft;
 use crate::identity::Identity;
 use crate::stages::{Stage, STAGES};
+pub use changeagent_raft_wire::frame::{encode_frame, frame_body, Rpc, ANSWER, REFUSED};
+use changeagent_raft_wire::frame::{raw_frame, read_frame};
 
 /// Where a peer stream starts.
 pub const STREAM_PATH: &str = "/raft/stream";
 /// The `Upgrade` token of a peer stream.
 pub const PROTOCOL: &str = "changeagent-raft/1";
 
-/// Length and tag.
-const HEADER_LEN: usize = 5;
-/// Tag of an answer frame: openraft's `Result` as JSON.
-pub const ANSWER: u8 = 0;
-/// Tag of a refusal: the request could not be read; the body says why.
-pub const REFUSED: u8 = 1;
 /// Largest answer a node reads (answers are a few hundred bytes).
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// Largest handshake answer (status line and headers, or a refusal's body).
@@ -100,103 +91,6 @@ impl Received {
             self.streams.load(Ordering::Relaxed),
         );
     }
-}
-
-/// The RPC a request frame carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Rpc {
-    Append = 1,
-    Vote = 2,
-    TransferLeader = 3,
-}
-
-impl Rpc {
-    fn from_tag(tag: u8) -> Option<Rpc> {
-        match tag {
-            1 => Some(Rpc::Append),
-            2 => Some(Rpc::Vote),
-            3 => Some(Rpc::TransferLeader),
-            _ => None,
-        }
-    }
-
-    /// The RPC's name in messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Rpc::Append => "AppendEntries",
-            Rpc::Vote => "Vote",
-            Rpc::TransferLeader => "TransferLeader",
-        }
-    }
-
-    /// The HTTP endpoint serving the same RPC (for peers without streams).
-    pub fn path(self) -> &'static str {
-        match self {
-            Rpc::Append => "/raft/append",
-            Rpc::Vote => "/raft/vote",
-            Rpc::TransferLeader => "/raft/transfer-leader",
-        }
-    }
-}
-
-/// A frame holding `value` as JSON, ready to write in one call.
-pub fn encode_frame(tag: u8, value: &impl Serialize) -> serde_json::Result<Vec<u8>> {
-    let mut frame = vec![0u8; HEADER_LEN];
-    serde_json::to_writer(&mut frame, value)?;
-    set_header(&mut frame, tag);
-    Ok(frame)
-}
-
-/// A frame holding `body` as it is.
-fn raw_frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
-    frame.extend_from_slice(&[0u8; HEADER_LEN]);
-    frame.extend_from_slice(body);
-    set_header(&mut frame, tag);
-    frame
-}
-
-fn set_header(frame: &mut [u8], tag: u8) {
-    // Frames are bounded by the Raft request limit, far below 4 GiB.
-    let len = u32::try_from(frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
-    frame[..4].copy_from_slice(&len.to_be_bytes());
-    frame[4] = tag;
-}
-
-/// The body of a frame made by [`encode_frame`].
-pub fn frame_body(frame: &[u8]) -> &[u8] {
-    &frame[HEADER_LEN..]
-}
-
-/// Reads one frame: `None` at a clean end of the stream (between frames).
-async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> io::Result<Option<(u8, Vec<u8>)>> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut filled = 0;
-    while filled < HEADER_LEN {
-        let n = r.read(&mut header[filled..]).await?;
-        if n == 0 {
-            return if filled == 0 {
-                Ok(None)
-            } else {
-                Err(io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-        filled += n;
-    }
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a frame of {len} bytes is over the limit of {max} bytes"),
-        ));
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(Some((header[4], body)))
 }
 
 /// Why a stream could not be opened.
@@ -474,9 +368,7 @@ where
     T: DeserializeOwned + Send + 'static,
     B: AsRef<[u8]> + Send + 'static,
 {
-    let parse = move |body: &[u8]| {
-        serde_json::from_slice(body).map_err(|e| format!("invalid {} request: {e}", rpc.name()))
-    };
+    let parse = move |body: &[u8]| changeagent_raft_wire::frame::decode_body(rpc, body);
     if body.as_ref().len() <= DECODE_INLINE_BYTES {
         parse(body.as_ref())
     } else {
@@ -489,31 +381,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn frames_round_trip_and_respect_the_limit() {
-        let frame = encode_frame(7, &serde_json::json!({"a": [1, 2, 3]})).unwrap();
-        assert_eq!(frame_body(&frame), br#"{"a":[1,2,3]}"#);
-        let mut stream = Vec::new();
-        stream.extend_from_slice(&frame);
-        stream.extend_from_slice(&raw_frame(REFUSED, b"no"));
-        let mut r = &stream[..];
-        let (tag, body) = read_frame(&mut r, 1024).await.unwrap().unwrap();
-        assert_eq!((tag, &body[..]), (7, frame_body(&frame)));
-        let (tag, body) = read_frame(&mut r, 1024).await.unwrap().unwrap();
-        assert_eq!((tag, &body[..]), (REFUSED, &b"no"[..]));
-        assert!(read_frame(&mut r, 1024).await.unwrap().is_none());
-
-        let mut r = &frame[..];
-        let err = read_frame(&mut r, 4).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        let mut cut = &frame[..frame.len() - 1];
-        let err = read_frame(&mut cut, 1024).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        let mut cut = &frame[..3];
-        let err = read_frame(&mut cut, 1024).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
 
     #[tokio::test]
     async fn reads_the_handshake_head() {
