@@ -1,9 +1,10 @@
 //! Serving a router on a listener until shutdown, then draining: the listener stops
 //! accepting, waiting long-polls answer at once (they watch the same shutdown token), and
-//! requests still running after the drain timeout are cut. Either with hyper (`axum::serve`,
-//! HTTP/1 and HTTP/2; or [`Serving::start_on`], which serves each connection on the runtime
-//! picked for its peer's address) or with the [`lean`](crate::lean) HTTP/1.1 server for
-//! fleets.
+//! requests still running after the drain timeout are cut. Either with hyper (HTTP/1 and
+//! HTTP/2; [`Serving::start_on`] serves each connection on the runtime picked for its peer's
+//! address) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets. Both enforce the
+//! listener's [`ListenerLimits`]: a connection over `max_connections` is closed at accept,
+//! one without a whole first request head within `header_read_timeout` is closed.
 
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -11,17 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::serve::ListenerExt;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::limits::{ListenerLimits, KEEP_ALIVE_IDLE};
+use crate::metrics::{ConnectionGuard, HttpMetrics};
 
 /// Picks the runtime that serves a connection from a peer address; `None` is the runtime
 /// the server runs on.
@@ -32,52 +35,69 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// A server task started by [`Serving::start`].
 pub struct Serving {
-    /// The axum server; ends after `shutdown` is cancelled and every connection closed.
+    /// The accept loop (or the lean server); ends after `shutdown` is cancelled and every
+    /// connection closed.
     task: JoinHandle<std::io::Result<()>>,
     shutdown: CancellationToken,
 }
 
 impl Serving {
     /// Serves `router` on `listener` (TCP_NODELAY on every accepted connection: answers are
-    /// small and latency-bound) until `shutdown` is cancelled.
-    pub fn start(listener: TcpListener, router: Router, shutdown: CancellationToken) -> Serving {
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    /// small and latency-bound) until `shutdown` is cancelled, within `limits`; connections
+    /// are counted in `metrics`.
+    pub fn start(
+        listener: TcpListener,
+        router: Router,
+        shutdown: CancellationToken,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
+    ) -> Serving {
+        let listen = Listen {
+            limits,
+            metrics,
+            runtime_for: Arc::new(|_| None),
+        };
         Serving {
-            task: tokio::spawn(async move { server.await }),
+            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), listen)),
             shutdown,
         }
     }
 
     /// [`Serving::start`], but each connection is served on the runtime `runtime_for` picks
     /// for its peer's address: a core serves its peers' Raft RPCs on Raft's own runtime, so
-    /// a flood of client requests never delays reading a heartbeat.
+    /// a flood of client requests never delays reading a heartbeat. A connection given a
+    /// runtime is a member's: it is never refused over `max_connections` (it still counts).
     pub fn start_on(
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
         runtime_for: RuntimeFor,
     ) -> Serving {
+        let listen = Listen {
+            limits,
+            metrics,
+            runtime_for,
+        };
         Serving {
-            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), runtime_for)),
+            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), listen)),
             shutdown,
         }
     }
 
     /// Serves `router` with the [`lean`](crate::lean) HTTP/1.1 server until `shutdown` is
-    /// cancelled.
+    /// cancelled, within `limits`; connections are counted in `metrics`.
     pub fn start_lean(
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
         options: crate::lean::LeanOptions,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
     ) -> Serving {
-        let server = crate::lean::serve(listener, router, shutdown.clone(), options);
+        let server =
+            crate::lean::serve(listener, router, shutdown.clone(), options, limits, metrics);
         Serving {
             task: tokio::spawn(server),
             shutdown,
@@ -119,18 +139,26 @@ pub enum ServeError {
     Task(String),
 }
 
+/// How a hyper listener treats its connections.
+struct Listen {
+    limits: ListenerLimits,
+    metrics: Arc<HttpMetrics>,
+    runtime_for: RuntimeFor,
+}
+
 /// Accepts connections until `shutdown`, each served on its picked runtime; then asks every
 /// connection to finish (hyper's graceful shutdown) and waits until all have.
 async fn accept_loop(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
-    runtime_for: RuntimeFor,
+    listen: Listen,
 ) -> std::io::Result<()> {
     // Dropping `signal_rx` tells the connections to finish; each holds a `close_rx` until
     // it has, so `close_tx.closed()` waits for the last one.
     let (signal_tx, signal_rx) = watch::channel(());
     let (close_tx, close_rx) = watch::channel(());
+    let builder = http_builder();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -144,20 +172,35 @@ async fn accept_loop(
                 continue;
             }
         };
+        let runtime = (listen.runtime_for)(peer);
+        // Over the limit the socket is dropped (closed) before anything is read from it.
+        let Some(open) = listen
+            .metrics
+            .connection(listen.limits.max_connections, runtime.is_some())
+        else {
+            tracing::debug!(%peer, "--max-connections reached; closing a new connection");
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (router, signal_tx, close_rx) = (router.clone(), signal_tx.clone(), close_rx.clone());
-        match runtime_for(peer) {
-            None => drop(tokio::spawn(serve_connection(
-                tcp, router, signal_tx, close_rx,
-            ))),
+        let connection = Connection {
+            router: router.clone(),
+            builder: builder.clone(),
+            header_read_timeout: listen.limits.header_read_timeout,
+            metrics: listen.metrics.clone(),
+            signal_tx: signal_tx.clone(),
+            _close_rx: close_rx.clone(),
+            _open: open,
+        };
+        match runtime {
+            None => drop(tokio::spawn(connection.serve(tcp))),
             // The socket moves to the other runtime's I/O driver too, so its readiness is
             // delivered there, not by this (possibly busy) runtime.
             Some(runtime) => match tcp.into_std() {
                 Ok(std) => drop(runtime.spawn(async move {
                     match TcpStream::from_std(std) {
-                        Ok(tcp) => serve_connection(tcp, router, signal_tx, close_rx).await,
+                        Ok(tcp) => connection.serve(tcp).await,
                         Err(e) => tracing::warn!(error = %e, "cannot move a connection"),
                     }
                 })),
@@ -170,32 +213,74 @@ async fn accept_loop(
     Ok(())
 }
 
-/// Serves one connection (HTTP/1 or HTTP/2) until it ends; when told to finish, lets its
-/// running requests answer and closes it.
-async fn serve_connection(
-    tcp: TcpStream,
+/// hyper's HTTP/1 and HTTP/2 server. Its own header read timeout runs from the moment a
+/// connection waits for a request head, idle keep-alive included, so it is set to
+/// [`KEEP_ALIVE_IDLE`] (the idle limit); the first head's tighter limit is
+/// [`Connection::serve`]'s own timer.
+fn http_builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(KEEP_ALIVE_IDLE);
+    builder
+}
+
+/// One accepted hyper connection.
+struct Connection {
     router: Router,
+    builder: Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    metrics: Arc<HttpMetrics>,
+    /// Closed (by the accept loop dropping the receiver) when the server stops: finish.
     signal_tx: watch::Sender<()>,
-    close_rx: watch::Receiver<()>,
-) {
-    let service = TowerToHyperService::new(
-        router.map_request(|req: hyper::Request<Incoming>| req.map(Body::new)),
-    );
-    let builder = Builder::new(TokioExecutor::new());
-    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(tcp), service));
-    let finishing = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        _ = signal_tx.closed() => None,
-    };
-    let result = match finishing {
-        Some(result) => result,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    /// Dropped when this connection ended; the accept loop waits for all of them.
+    _close_rx: watch::Receiver<()>,
+    /// Counts this connection as open until hyper is done with it (a member's peer stream
+    /// leaves the count once upgraded; members are never refused anyway).
+    _open: ConnectionGuard,
+}
+
+impl Connection {
+    /// Serves one connection (HTTP/1 or HTTP/2) until it ends; closes it when its first
+    /// request head has not arrived within the header read timeout (from accept, so an
+    /// HTTP/2 preface that never comes is covered too); when told to finish, lets its
+    /// running requests answer and closes it.
+    async fn serve(self, tcp: TcpStream) {
+        let head = Arc::new(Notify::new());
+        let seen = head.clone();
+        let service = TowerToHyperService::new(self.router.map_request(
+            move |req: hyper::Request<Incoming>| {
+                seen.notify_one();
+                req.map(Body::new)
+            },
+        ));
+        let mut conn = pin!(self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service));
+        let mut head_by = pin!(tokio::time::sleep(self.header_read_timeout));
+        let mut waiting_head = true;
+        let finishing = loop {
+            tokio::select! {
+                result = conn.as_mut() => break Some(result),
+                _ = self.signal_tx.closed() => break None,
+                _ = head.notified(), if waiting_head => waiting_head = false,
+                _ = head_by.as_mut(), if waiting_head => {
+                    self.metrics.header_timeout();
+                    tracing::debug!("no request head within --header-read-timeout; closing");
+                    return;
+                }
+            }
+        };
+        let result = match finishing {
+            Some(result) => result,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::trace!(error = %e, "connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        tracing::trace!(error = %e, "connection ended with an error");
     }
-    drop(close_rx);
 }

@@ -3,7 +3,18 @@
 
 use std::path::PathBuf;
 
+use changeagent_api::limits::{ListenerDefaults, ListenerFlags};
 use changeagent_proto::Scope;
+
+/// The checkpointer's listener defaults.
+#[derive(Debug, Clone)]
+pub struct CheckpointerListener;
+
+impl ListenerDefaults for CheckpointerListener {
+    /// A checkpointer serves only `/health` and `/metrics` to probes and scrapers; a
+    /// thousand connections is far more than they open.
+    const MAX_CONNECTIONS: &'static str = "1000";
+}
 
 /// Steps at which `--stop-at` stops the process (a test hook).
 pub const STOP_STEPS: [&str; 5] = ["started", "uploading", "written", "verified", "ended"];
@@ -100,6 +111,9 @@ pub struct Config {
     /// The tokens this checkpointer's own API (`/metrics`) accepts; `/health` stays open.
     #[command(flatten)]
     pub auth: changeagent_api::auth::AuthFlags,
+
+    #[command(flatten)]
+    pub listener: ListenerFlags<CheckpointerListener>,
 }
 
 impl Config {
@@ -137,6 +151,6 @@ impl Config {
                 return Err(format!("--stop-at must be one of {STOP_STEPS:?}"));
             }
         }
-        Ok(())
+        self.listener.validate()
     }
 }

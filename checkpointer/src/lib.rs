@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use changeagent_api::serve::Serving;
+use changeagent_api::HttpMetrics;
 use changeagent_client::Client;
 use changeagent_store::{Objects, Store};
 use tokio::net::TcpListener;
@@ -133,12 +135,17 @@ pub async fn run(
     ));
     let auth = Arc::new(config.auth.load()?);
     auth.clone().watch(shutdown.clone());
-    let router = status::router(status.clone(), store.clone()).layer(
+    let http = Arc::new(HttpMetrics::default());
+    let router = status::router(status.clone(), store.clone(), http.clone()).layer(
         axum::middleware::from_fn_with_state(auth, changeagent_api::auth::layer),
     );
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let server = Serving::start(
+        listener,
+        router,
+        shutdown.clone(),
+        config.listener.limits(),
+        http,
+    );
     tracing::info!(%id, scope = %config.scope, "listening on {addr}");
 
     let Some(health) = cycle::retry_until(&shutdown, "the cluster id", || async {
@@ -196,10 +203,8 @@ pub async fn run(
     workers.cancel();
     let _ = tail.await;
     shutdown.cancel();
-    match tokio::time::timeout(DRAIN, server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP server failed"),
-        Err(_) => tracing::warn!("/health requests still running at exit"),
-        _ => {}
+    if let Err(e) = server.until_shutdown(DRAIN).await {
+        tracing::warn!(error = %e, "the HTTP server failed");
     }
     store.sync()?;
     result?;
