@@ -870,7 +870,7 @@ POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\
         assert!(text.contains("{\"error\":\"the request head"), "{text}");
         // A connection that sends nothing is closed too, without an answer.
         let mut silent = TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 4096];
         let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
             .await
             .expect("a silent connection is closed")
