@@ -170,7 +170,19 @@ pub async fn serve_changes(
         // Nothing to answer yet: wait holding no page buffer and no turn, so an idle
         // long-poll costs only its connection and this small future.
         drop((body, turn));
-        waiting.get_or_insert_with(|| api.metrics.long_poll());
+        if waiting.is_none() {
+            let Some(guard) = api.metrics.long_poll(api.limits.max_long_polls) else {
+                return Err(ApiError::Unavailable {
+                    message: format!(
+                        "{} long-polls are waiting already, the most this server takes; \
+                         retry later",
+                        api.limits.max_long_polls
+                    ),
+                    retry_after_secs: crate::limits::LONG_POLL_RETRY_AFTER_SECS,
+                });
+            };
+            waiting = Some(guard);
+        }
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}

@@ -5,7 +5,10 @@
 //!
 //! Rules:
 //! 1. A request head (request line and headers) is read into a buffer that is dropped once
-//!    the head is parsed into owned values; at most `max_head_bytes`, else `431`.
+//!    the head is parsed into owned values; at most `max_head_bytes`, else `431`. The first
+//!    head must be whole within the header read timeout from accept, a later one within it
+//!    from its first byte, else `408` (a connection that sent nothing is just closed); a
+//!    connection idle between requests for `idle_timeout` is closed.
 //! 2. A body is read whole before the handler runs, at most `max_body_bytes` (`413` without
 //!    reading it when `Content-Length` says more); `Content-Length` or chunked, never both.
 //! 3. While the handler runs, the socket is watched: a client that closes its side drops the
@@ -33,6 +36,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::limits::{ListenerLimits, KEEP_ALIVE_IDLE};
+use crate::metrics::{ConnectionGuard, HttpMetrics};
 use crate::tls::{ServerTls, Stream};
 
 /// Headers a request may have at most; more is a `431`.
@@ -52,8 +57,9 @@ pub struct LeanOptions {
     pub max_head_bytes: usize,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
-    /// Once a request's first byte arrived, the rest of its head and its body must arrive
-    /// within this (a client that trickles its request in does not hold a task forever).
+    /// Once a request's head arrived, its body must arrive within this (a client that
+    /// trickles its body in does not hold a task forever). The head's own limit is the
+    /// listener's header read timeout.
     pub request_timeout: Duration,
     /// A keep-alive connection with no request for this long is closed.
     pub idle_timeout: Duration,
@@ -65,20 +71,23 @@ impl Default for LeanOptions {
             max_head_bytes: 16 * 1024,
             max_body_bytes: changeagent_proto::limits::DEFAULT_MAX_BODY_BYTES,
             request_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: KEEP_ALIVE_IDLE,
         }
     }
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then until every running
-/// request finished (rule 5). Dropping (aborting) the returned future closes every
-/// connection.
+/// request finished (rule 5). A new connection over `limits.max_connections` is closed as
+/// soon as it is accepted; connections are counted in `metrics`. Dropping (aborting) the
+/// returned future closes every connection.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
     tls: Option<ServerTls>,
     options: LeanOptions,
+    limits: ListenerLimits,
+    metrics: Arc<HttpMetrics>,
 ) -> io::Result<()> {
     let options = Arc::new(options);
     // Owns every connection task: aborting the server aborts them all.
@@ -86,13 +95,25 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    // Over the limit the socket is dropped (closed) before anything is read.
+                    let Some(open) = metrics.connection(limits.max_connections, false) else {
+                        tracing::debug!(%peer, "--max-connections reached; closing a new connection");
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    let (tls, router, shutdown, options) =
-                        (tls.clone(), router.clone(), shutdown.clone(), options.clone());
+                    let first_head_by = Instant::now() + limits.header_read_timeout;
+                    let (tls, router, shutdown, options, metrics) = (
+                        tls.clone(),
+                        router.clone(),
+                        shutdown.clone(),
+                        options.clone(),
+                        metrics.clone(),
+                    );
                     connections.spawn(async move {
+                        // The handshake counts against the first head's time.
                         let stream = tokio::select! {
                             accepted = crate::tls::accept(tls.as_ref(), stream) => match accepted {
                                 Ok((stream, _)) => stream,
@@ -101,6 +122,10 @@ pub async fn serve(
                                     return;
                                 }
                             },
+                            _ = tokio::time::sleep_until(first_head_by) => {
+                                metrics.header_timeout();
+                                return;
+                            }
                             _ = shutdown.cancelled() => return,
                         };
                         Connection {
@@ -109,6 +134,10 @@ pub async fn serve(
                             router,
                             shutdown,
                             options,
+                            header_read_timeout: limits.header_read_timeout,
+                            first_head_by: Some(first_head_by),
+                            metrics,
+                            _open: open,
                         }
                         .run()
                         .await
@@ -168,13 +197,23 @@ struct Connection {
     router: Router,
     shutdown: CancellationToken,
     options: Arc<LeanOptions>,
+    header_read_timeout: Duration,
+    /// When the first request's head must be whole (from accept); `None` after it.
+    first_head_by: Option<Instant>,
+    /// Counts header timeouts.
+    metrics: Arc<HttpMetrics>,
+    /// Counts this connection as open until it ends.
+    _open: ConnectionGuard,
 }
 
 impl Connection {
     async fn run(mut self) {
         loop {
             let head = match self.read_head().await {
-                Ok(Some(head)) => head,
+                Ok(Some(head)) => {
+                    self.first_head_by = None;
+                    head
+                }
                 Ok(None) => return,
                 Err(Some(refusal)) => return self.refuse(refusal).await,
                 Err(None) => return,
@@ -210,7 +249,7 @@ impl Connection {
     /// Rule 1: the next request's head; `None` when the client closed, went idle too long,
     /// or the server shuts down between requests.
     async fn read_head(&mut self) -> Result<Option<Head>, Option<Refusal>> {
-        let mut deadline = None;
+        let mut deadline = self.first_head_by;
         loop {
             if let Some(end) = find_head_end(&self.pending) {
                 let raw = self.pending.split_to(end);
@@ -234,13 +273,17 @@ impl Connection {
             let wait = match deadline {
                 Some(at) => at,
                 None if idle => Instant::now() + self.options.idle_timeout,
-                None => *deadline.insert(Instant::now() + self.options.request_timeout),
+                None => *deadline.insert(Instant::now() + self.header_read_timeout),
             };
             let read = tokio::select! {
                 read = read_some(&mut self.stream, &mut self.pending) => read,
                 _ = tokio::time::sleep_until(wait) => {
+                    if deadline.is_none() {
+                        return Ok(None);
+                    }
+                    self.metrics.header_timeout();
                     return if idle {
-                        Ok(None)
+                        Err(None)
                     } else {
                         Err(Some(refuse(StatusCode::REQUEST_TIMEOUT, "the request head did not arrive in time")))
                     };
@@ -256,7 +299,7 @@ impl Connection {
                         let _ = self.pending.split_to(2);
                     }
                     if deadline.is_none() && !self.pending.is_empty() {
-                        deadline = Some(Instant::now() + self.options.request_timeout);
+                        deadline = Some(Instant::now() + self.header_read_timeout);
                     }
                 }
             }
@@ -679,6 +722,20 @@ mod tests {
         CancellationToken,
         Arc<tokio::sync::Notify>,
     ) {
+        let (addr, shutdown, release, _) = limited(options, ListenerLimits::default()).await;
+        (addr, shutdown, release)
+    }
+
+    /// [`server`] within `limits`, with its metrics.
+    async fn limited(
+        options: LeanOptions,
+        limits: ListenerLimits,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        Arc<tokio::sync::Notify>,
+        Arc<HttpMetrics>,
+    ) {
         let release = Arc::new(tokio::sync::Notify::new());
         let waiting = release.clone();
         let router = Router::new()
@@ -705,8 +762,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, router, shutdown.clone(), None, options));
-        (addr, shutdown, release)
+        let metrics = Arc::new(HttpMetrics::default());
+        tokio::spawn(serve(
+            listener,
+            router,
+            shutdown.clone(),
+            None,
+            options,
+            limits,
+            metrics.clone(),
+        ));
+        (addr, shutdown, release, metrics)
     }
 
     /// Sends `raw`, then reads until the server closes or `until` appears.
@@ -823,6 +889,62 @@ POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\
             .expect("an idle connection closes at shutdown")
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn heads_must_arrive_in_time_but_idle_kept_alive_connections_stay() {
+        let limits = ListenerLimits {
+            header_read_timeout: Duration::from_millis(200),
+            max_connections: 2,
+        };
+        let (addr, _shutdown, _, metrics) = limited(LeanOptions::default(), limits).await;
+        // A head that never ends gets a 408 with a JSON error once the timeout passed.
+        let text = exchange(addr, b"GET /echo HTTP/1.1\r\nHost: x\r\n", "}").await;
+        assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+        assert!(text.contains("{\"error\":\"the request head"), "{text}");
+        // A connection that sends nothing is closed too, without an answer.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("a silent connection is closed")
+            .unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(metrics.header_timeouts(), 2);
+
+        // A kept-alive connection idle after its first request is not cut by the head
+        // timeout (clients pool connections far longer), only after `idle_timeout`.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        for body in ["hi", "ho"] {
+            let request = format!("POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\n{body}");
+            kept.write_all(request.as_bytes()).await.unwrap();
+            let n = kept.read(&mut buf).await.unwrap();
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+            assert!(text.ends_with(body), "{text}");
+            // Five head timeouts idle: a bounded wait for nothing to happen.
+            let idle = tokio::time::timeout(Duration::from_secs(1), kept.peek(&mut buf)).await;
+            assert!(
+                idle.is_err(),
+                "the idle connection was closed or written to"
+            );
+        }
+
+        // With `kept` and one more open the listener is full: a third is closed unanswered.
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let n = second.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+        assert_eq!(metrics.connections_open(), 2);
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+            .await
+            .expect("the third connection is closed");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        assert_eq!(metrics.connections_refused(), 1);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`body`]: reading request bodies (415, 413).
 //! - [`metrics`]: Prometheus metrics of the HTTP layer.
 //! - [`lean`]: a lean HTTP/1.1 server that holds no buffer while a long-poll waits.
+//! - [`limits`]: the operator's limits of a listener (head timeout, connections), their
+//!   flags, and the open-file limit they need.
 //! - [`serve`]: serving a router until shutdown, then draining.
 
 pub mod auth;
@@ -19,6 +21,7 @@ pub mod checkpoints;
 pub mod error;
 pub mod handlers;
 pub mod lean;
+pub mod limits;
 pub mod metrics;
 pub mod serve;
 pub mod tls;
@@ -42,12 +45,15 @@ pub use metrics::HttpMetrics;
 pub struct ReadLimits {
     /// Longest `block` a client may ask for, in seconds.
     pub max_block_secs: u64,
+    /// Long-polls waiting at once at most (`--max-long-polls`); one more is answered 503.
+    pub max_long_polls: usize,
 }
 
 impl Default for ReadLimits {
     fn default() -> Self {
         ReadLimits {
             max_block_secs: changeagent_proto::limits::DEFAULT_MAX_BLOCK_SECS,
+            max_long_polls: usize::MAX,
         }
     }
 }

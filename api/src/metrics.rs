@@ -1,5 +1,6 @@
 //! Prometheus metrics of the HTTP layer (requests by route and status, latency histograms,
-//! open long-polls) and the text renderer the owner adds its own gauges to.
+//! open long-polls, connections and what the operator limits refused) and the text renderer
+//! the owner adds its own gauges to.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -32,6 +33,14 @@ pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     long_polls: AtomicI64,
+    /// Long-polls answered 503 over `--max-long-polls`.
+    long_polls_refused: AtomicU64,
+    /// Connections open on the listener.
+    connections: AtomicI64,
+    /// Connections closed at accept over `--max-connections`.
+    connections_refused: AtomicU64,
+    /// Connections closed because their request head did not arrive in time.
+    header_timeouts: AtomicU64,
     /// Pages of changes built from the store's tail cache, and read from RocksDB.
     pages_from_cache: AtomicU64,
     pages_from_store: AtomicU64,
@@ -53,11 +62,60 @@ impl Drop for LongPollGuard {
     }
 }
 
+/// Counts one open connection while alive.
+pub struct ConnectionGuard(Arc<HttpMetrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl HttpMetrics {
-    /// Marks a long-poll as waiting until the guard drops.
-    pub fn long_poll(self: &Arc<Self>) -> LongPollGuard {
-        self.long_polls.fetch_add(1, Ordering::Relaxed);
-        LongPollGuard(self.clone())
+    /// Marks a long-poll as waiting until the guard drops; `None` (counted as refused) when
+    /// `max` are waiting already.
+    pub fn long_poll(self: &Arc<Self>, max: usize) -> Option<LongPollGuard> {
+        let before = self.long_polls.fetch_add(1, Ordering::Relaxed);
+        let guard = LongPollGuard(self.clone());
+        if at_least(before, max) {
+            drop(guard);
+            self.long_polls_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Counts a new connection as open until the guard drops; `None` (counted as refused)
+    /// when `max` are open already and the connection is not `exempt`.
+    pub fn connection(self: &Arc<Self>, max: usize, exempt: bool) -> Option<ConnectionGuard> {
+        let before = self.connections.fetch_add(1, Ordering::Relaxed);
+        let guard = ConnectionGuard(self.clone());
+        if !exempt && at_least(before, max) {
+            drop(guard);
+            self.connections_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Counts a connection closed because its request head did not arrive in time.
+    pub fn header_timeout(&self) {
+        self.header_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections open right now.
+    pub fn connections_open(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed so far for a late request head.
+    pub fn header_timeouts(&self) -> u64 {
+        self.header_timeouts.load(Ordering::Relaxed)
     }
 
     /// Counts one page of changes read from `source`.
@@ -145,6 +203,13 @@ impl HttpMetrics {
             "Long-polls waiting for changes.",
             self.long_polls_open(),
         );
+        counter(
+            out,
+            "changeagent_long_polls_refused_total",
+            "Long-polls answered 503 because --max-long-polls were waiting.",
+            self.long_polls_refused.load(Ordering::Relaxed),
+        );
+        self.render_connections(out);
         out.push_str(
             "# HELP changeagent_change_pages_total Pages of changes answered, by where they \
              were read (a woken long-poll reads the tail cache).\n",
@@ -161,6 +226,42 @@ impl HttpMetrics {
             );
         }
     }
+
+    /// Writes the listener's metrics only (a server whose requests are not tracked).
+    pub fn render_connections(&self, out: &mut String) {
+        gauge(
+            out,
+            "changeagent_connections_open",
+            "Connections open on the listener.",
+            self.connections_open(),
+        );
+        counter(
+            out,
+            "changeagent_connections_refused_total",
+            "Connections closed at accept because --max-connections were open.",
+            self.connections_refused(),
+        );
+        counter(
+            out,
+            "changeagent_header_timeouts_total",
+            "Connections closed because a request head did not arrive within \
+             --header-read-timeout.",
+            self.header_timeouts(),
+        );
+    }
+}
+
+/// Whether a count read before an increment had already reached `max`.
+fn at_least(before: i64, max: usize) -> bool {
+    usize::try_from(before).is_ok_and(|b| b >= max)
+}
+
+/// Writes one counter with its help line.
+pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
 /// Writes one gauge with its help line.
@@ -187,4 +288,39 @@ pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: 
         started.elapsed().as_secs_f64(),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_and_refuse_but_exempt_connections_always_get_in() {
+        let m = Arc::new(HttpMetrics::default());
+        let a = m.connection(2, false).unwrap();
+        let _b = m.connection(2, false).unwrap();
+        assert!(m.connection(2, false).is_none());
+        let member = m.connection(2, true).unwrap();
+        assert_eq!((m.connections_open(), m.connections_refused()), (3, 1));
+        drop((a, member));
+        assert!(m.connection(2, false).is_some());
+
+        let waiting = m.long_poll(1).unwrap();
+        assert!(m.long_poll(1).is_none());
+        assert_eq!(m.long_polls_open(), 1);
+        drop(waiting);
+        assert!(m.long_poll(1).is_some());
+
+        m.header_timeout();
+        let mut out = String::new();
+        m.render(&mut out);
+        for line in [
+            "changeagent_connections_open 1",
+            "changeagent_connections_refused_total 1",
+            "changeagent_header_timeouts_total 1",
+            "changeagent_long_polls_refused_total 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in {out}");
+        }
+    }
 }

@@ -2,8 +2,10 @@
 //! accepting, waiting long-polls answer at once (they watch the same shutdown token), and
 //! requests still running after the drain timeout are cut. Either with hyper (HTTP/1 and
 //! HTTP/2; [`Serving::start_on`] serves each connection on the runtime picked for its peer's
-//! address) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets; either one over
-//! TLS when given a [`ServerTls`].
+//! address) or with the [`lean`](crate::lean) HTTP/1.1 server for fleets. Both enforce the
+//! listener's [`ListenerLimits`]: a connection over `max_connections` is closed at accept,
+//! one without a whole first request head within `header_read_timeout` (TLS handshake
+//! included) is closed. Either one speaks TLS when given a [`ServerTls`].
 
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -13,15 +15,17 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::limits::{ListenerLimits, KEEP_ALIVE_IDLE};
+use crate::metrics::{ConnectionGuard, HttpMetrics};
 use crate::tls::{PeerCertificate, ServerTls};
 
 /// Picks the runtime that serves a connection from a peer address; `None` is the runtime
@@ -33,7 +37,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// A server task started by [`Serving::start`].
 pub struct Serving {
-    /// The axum server; ends after `shutdown` is cancelled and every connection closed.
+    /// The accept loop (or the lean server); ends after `shutdown` is cancelled and every
+    /// connection closed.
     task: JoinHandle<std::io::Result<()>>,
     shutdown: CancellationToken,
 }
@@ -41,48 +46,72 @@ pub struct Serving {
 impl Serving {
     /// Serves `router` on `listener` (TCP_NODELAY on every accepted connection: answers are
     /// small and latency-bound; through `tls`'s handshake when given) until `shutdown` is
-    /// cancelled.
+    /// cancelled, within `limits`; connections are counted in `metrics`.
     pub fn start(
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
         tls: Option<ServerTls>,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
     ) -> Serving {
-        Serving::start_on(listener, router, shutdown, tls, Arc::new(|_| None))
+        let listen = Listen {
+            tls,
+            limits,
+            metrics,
+            runtime_for: Arc::new(|_| None),
+        };
+        Serving {
+            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), listen)),
+            shutdown,
+        }
     }
 
     /// [`Serving::start`], but each connection is served on the runtime `runtime_for` picks
     /// for its peer's address: a core serves its peers' Raft RPCs on Raft's own runtime, so
-    /// a flood of client requests never delays reading a heartbeat.
+    /// a flood of client requests never delays reading a heartbeat. A connection given a
+    /// runtime is a member's: it is never refused over `max_connections` (it still counts).
     pub fn start_on(
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
         tls: Option<ServerTls>,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
         runtime_for: RuntimeFor,
     ) -> Serving {
+        let listen = Listen {
+            tls,
+            limits,
+            metrics,
+            runtime_for,
+        };
         Serving {
-            task: tokio::spawn(accept_loop(
-                listener,
-                router,
-                shutdown.clone(),
-                tls,
-                runtime_for,
-            )),
+            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), listen)),
             shutdown,
         }
     }
 
     /// Serves `router` with the [`lean`](crate::lean) HTTP/1.1 server until `shutdown` is
-    /// cancelled.
+    /// cancelled, within `limits`; connections are counted in `metrics`.
     pub fn start_lean(
         listener: TcpListener,
         router: Router,
         shutdown: CancellationToken,
         tls: Option<ServerTls>,
         options: crate::lean::LeanOptions,
+        limits: ListenerLimits,
+        metrics: Arc<HttpMetrics>,
     ) -> Serving {
-        let server = crate::lean::serve(listener, router, shutdown.clone(), tls, options);
+        let server = crate::lean::serve(
+            listener,
+            router,
+            shutdown.clone(),
+            tls,
+            options,
+            limits,
+            metrics,
+        );
         Serving {
             task: tokio::spawn(server),
             shutdown,
@@ -124,19 +153,27 @@ pub enum ServeError {
     Task(String),
 }
 
+/// How a hyper listener treats its connections.
+struct Listen {
+    tls: Option<ServerTls>,
+    limits: ListenerLimits,
+    metrics: Arc<HttpMetrics>,
+    runtime_for: RuntimeFor,
+}
+
 /// Accepts connections until `shutdown`, each served on its picked runtime; then asks every
 /// connection to finish (hyper's graceful shutdown) and waits until all have.
 async fn accept_loop(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
-    tls: Option<ServerTls>,
-    runtime_for: RuntimeFor,
+    listen: Listen,
 ) -> std::io::Result<()> {
     // Dropping `signal_rx` tells the connections to finish; each holds a `close_rx` until
     // it has, so `close_tx.closed()` waits for the last one.
     let (signal_tx, signal_rx) = watch::channel(());
     let (close_tx, close_rx) = watch::channel(());
+    let builder = http_builder();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -150,21 +187,36 @@ async fn accept_loop(
                 continue;
             }
         };
+        let runtime = (listen.runtime_for)(peer);
+        // Over the limit the socket is dropped (closed) before anything is read from it.
+        let Some(open) = listen
+            .metrics
+            .connection(listen.limits.max_connections, runtime.is_some())
+        else {
+            tracing::debug!(%peer, "--max-connections reached; closing a new connection");
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (router, signal_tx, close_rx) = (router.clone(), signal_tx.clone(), close_rx.clone());
-        let tls = tls.clone();
-        match runtime_for(peer) {
-            None => drop(tokio::spawn(serve_connection(
-                tcp, tls, router, signal_tx, close_rx,
-            ))),
+        let connection = Connection {
+            tls: listen.tls.clone(),
+            router: router.clone(),
+            builder: builder.clone(),
+            header_read_timeout: listen.limits.header_read_timeout,
+            metrics: listen.metrics.clone(),
+            signal_tx: signal_tx.clone(),
+            _close_rx: close_rx.clone(),
+            _open: open,
+        };
+        match runtime {
+            None => drop(tokio::spawn(connection.serve(tcp))),
             // The socket moves to the other runtime's I/O driver too, so its readiness is
             // delivered there, not by this (possibly busy) runtime.
             Some(runtime) => match tcp.into_std() {
                 Ok(std) => drop(runtime.spawn(async move {
                     match TcpStream::from_std(std) {
-                        Ok(tcp) => serve_connection(tcp, tls, router, signal_tx, close_rx).await,
+                        Ok(tcp) => connection.serve(tcp).await,
                         Err(e) => tracing::warn!(error = %e, "cannot move a connection"),
                     }
                 })),
@@ -177,49 +229,96 @@ async fn accept_loop(
     Ok(())
 }
 
-/// Serves one connection (HTTP/1 or HTTP/2, after the TLS handshake when the listener has
-/// TLS) until it ends; when told to finish, lets its running requests answer and closes it.
-async fn serve_connection(
-    tcp: TcpStream,
+/// hyper's HTTP/1 and HTTP/2 server. Its own header read timeout runs from the moment a
+/// connection waits for a request head, idle keep-alive included, so it is set to
+/// [`KEEP_ALIVE_IDLE`] (the idle limit); the first head's tighter limit is
+/// [`Connection::serve`]'s own timer.
+fn http_builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(KEEP_ALIVE_IDLE);
+    builder
+}
+
+/// One accepted hyper connection.
+struct Connection {
     tls: Option<ServerTls>,
     router: Router,
+    builder: Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    metrics: Arc<HttpMetrics>,
+    /// Closed (by the accept loop dropping the receiver) when the server stops: finish.
     signal_tx: watch::Sender<()>,
-    close_rx: watch::Receiver<()>,
-) {
-    let handshake = tokio::select! {
-        accepted = crate::tls::accept(tls.as_ref(), tcp) => accepted,
-        _ = signal_tx.closed() => return,
-    };
-    let (stream, peer) = match handshake {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            tracing::debug!(error = %e, "TLS handshake failed");
-            return;
-        }
-    };
-    let service =
-        TowerToHyperService::new(router.map_request(move |req: hyper::Request<Incoming>| {
-            let mut req = req.map(Body::new);
-            if peer {
-                req.extensions_mut().insert(PeerCertificate);
+    /// Dropped when this connection ended; the accept loop waits for all of them.
+    _close_rx: watch::Receiver<()>,
+    /// Counts this connection as open until hyper is done with it (a member's peer stream
+    /// leaves the count once upgraded; members are never refused anyway).
+    _open: ConnectionGuard,
+}
+
+impl Connection {
+    /// Serves one connection (HTTP/1 or HTTP/2, after the TLS handshake when the listener
+    /// has TLS) until it ends; closes it when its first request head has not arrived within
+    /// the header read timeout (from accept, so a TLS handshake or an HTTP/2 preface that
+    /// never comes is covered too); when told to finish, lets its running requests answer
+    /// and closes it.
+    async fn serve(self, tcp: TcpStream) {
+        let mut head_by = pin!(tokio::time::sleep(self.header_read_timeout));
+        let handshake = tokio::select! {
+            accepted = crate::tls::accept(self.tls.as_ref(), tcp) => accepted,
+            _ = self.signal_tx.closed() => return,
+            _ = head_by.as_mut() => {
+                self.metrics.header_timeout();
+                tracing::debug!("no TLS handshake within --header-read-timeout; closing");
+                return;
             }
-            req
-        }));
-    let builder = Builder::new(TokioExecutor::new());
-    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), service));
-    let finishing = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        _ = signal_tx.closed() => None,
-    };
-    let result = match finishing {
-        Some(result) => result,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        };
+        let (stream, peer) = match handshake {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+        };
+        let head = Arc::new(Notify::new());
+        let seen = head.clone();
+        let service = TowerToHyperService::new(self.router.map_request(
+            move |req: hyper::Request<Incoming>| {
+                seen.notify_one();
+                let mut req = req.map(Body::new);
+                if peer {
+                    req.extensions_mut().insert(PeerCertificate);
+                }
+                req
+            },
+        ));
+        let mut conn = pin!(self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service));
+        let mut waiting_head = true;
+        let finishing = loop {
+            tokio::select! {
+                result = conn.as_mut() => break Some(result),
+                _ = self.signal_tx.closed() => break None,
+                _ = head.notified(), if waiting_head => waiting_head = false,
+                _ = head_by.as_mut(), if waiting_head => {
+                    self.metrics.header_timeout();
+                    tracing::debug!("no request head within --header-read-timeout; closing");
+                    return;
+                }
+            }
+        };
+        let result = match finishing {
+            Some(result) => result,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::trace!(error = %e, "connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        tracing::trace!(error = %e, "connection ended with an error");
     }
-    drop(close_rx);
 }

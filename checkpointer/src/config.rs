@@ -3,7 +3,18 @@
 
 use std::path::PathBuf;
 
+use changeagent_api::limits::{ListenerDefaults, ListenerFlags};
 use changeagent_proto::Scope;
+
+/// The checkpointer's listener defaults.
+#[derive(Debug, Clone)]
+pub struct CheckpointerListener;
+
+impl ListenerDefaults for CheckpointerListener {
+    /// A checkpointer serves only `/health` and `/metrics` to probes and scrapers; a
+    /// thousand connections is far more than they open.
+    const MAX_CONNECTIONS: &'static str = "1000";
+}
 
 /// Steps at which `--stop-at` stops the process (a test hook).
 pub const STOP_STEPS: [&str; 5] = ["started", "uploading", "written", "verified", "ended"];
@@ -108,6 +119,9 @@ pub struct Config {
     /// The certificate of this checkpointer's own API (HTTPS).
     #[command(flatten)]
     pub tls: changeagent_api::tls::TlsFlags,
+
+    #[command(flatten)]
+    pub listener: ListenerFlags<CheckpointerListener>,
 }
 
 impl Config {
@@ -145,6 +159,6 @@ impl Config {
                 return Err(format!("--stop-at must be one of {STOP_STEPS:?}"));
             }
         }
-        Ok(())
+        self.listener.validate()
     }
 }

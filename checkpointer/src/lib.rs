@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use changeagent_api::serve::Serving;
 use changeagent_api::tls::ServerTls;
+use changeagent_api::HttpMetrics;
 use changeagent_client::Client;
 use changeagent_store::{Objects, Store};
 use tokio::net::TcpListener;
@@ -136,7 +137,8 @@ pub async fn run(
     ));
     let auth = Arc::new(config.auth.load()?);
     auth.clone().watch(shutdown.clone());
-    let router = status::router(status.clone(), store.clone()).layer(
+    let http = Arc::new(HttpMetrics::default());
+    let router = status::router(status.clone(), store.clone(), http.clone()).layer(
         axum::middleware::from_fn_with_state(auth, changeagent_api::auth::layer),
     );
     let tls = match config.tls.load()? {
@@ -146,7 +148,14 @@ pub async fn run(
         }
         None => None,
     };
-    let server = Serving::start(listener, router, shutdown.clone(), tls);
+    let server = Serving::start(
+        listener,
+        router,
+        shutdown.clone(),
+        tls,
+        config.listener.limits(),
+        http,
+    );
     tracing::info!(%id, scope = %config.scope, "listening on {addr}");
 
     let Some(health) = cycle::retry_until(&shutdown, "the cluster id", || async {
@@ -205,7 +214,7 @@ pub async fn run(
     let _ = tail.await;
     shutdown.cancel();
     if let Err(e) = server.until_shutdown(DRAIN).await {
-        tracing::warn!("{e}");
+        tracing::warn!(error = %e, "the HTTP server failed");
     }
     store.sync()?;
     result?;

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use changeagent_api::HttpMetrics;
 use changeagent_proto::{Manifest, Scope};
 use changeagent_store::Store;
 use serde_json::json;
@@ -68,14 +69,20 @@ impl Status {
 struct Shared {
     status: Arc<Status>,
     store: Arc<Store>,
+    /// The listener's connections.
+    http: Arc<HttpMetrics>,
 }
 
 /// `/health` and `/metrics`.
-pub fn router(status: Arc<Status>, store: Arc<Store>) -> Router {
+pub fn router(status: Arc<Status>, store: Arc<Store>, http: Arc<HttpMetrics>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(Arc::new(Shared { status, store }))
+        .with_state(Arc::new(Shared {
+            status,
+            store,
+            http,
+        }))
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
@@ -174,6 +181,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             value.load(Ordering::Relaxed)
         );
     }
+    s.http.render_connections(&mut out);
     let mut resp = out.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -4,6 +4,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use changeagent_api::limits::{parse_duration, ListenerDefaults, ListenerFlags};
+
+/// The core's listener defaults.
+#[derive(Debug, Clone)]
+pub struct CoreListener;
+
+impl ListenerDefaults for CoreListener {
+    /// A core's clients are edges, checkpointers and direct consumers, not whole fleets
+    /// (those go through edges); at hyper's two 8 KiB buffers per connection 20,000
+    /// connections stay under a gigabyte.
+    const MAX_CONNECTIONS: &'static str = "20000";
+}
+
+/// Default `--max-long-polls` of a core: three quarters of its default `--max-connections`,
+/// so a flood of long-polls still leaves 5,000 connections for writes, reads and the cluster.
+pub const MAX_LONG_POLLS: usize = 15_000;
+
 /// Configuration of one core node.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "changeagent-server", version, about = "ChangeAgent core node")]
@@ -27,6 +44,10 @@ pub struct Config {
     /// Longest long-poll a client may ask for with `block`, in seconds.
     #[arg(long, env = "CHANGEAGENT_MAX_BLOCK_SECS", default_value_t = 300)]
     pub max_block_secs: u64,
+
+    /// Long-polls waiting at once at most; one more is answered 503 with `Retry-After: 5`.
+    #[arg(long, env = "CHANGEAGENT_MAX_LONG_POLLS", default_value_t = MAX_LONG_POLLS)]
+    pub max_long_polls: usize,
 
     /// How long a write may wait for commit before it answers 503.
     #[arg(long, env = "CHANGEAGENT_WRITE_TIMEOUT_MS", default_value_t = 5000)]
@@ -121,33 +142,14 @@ pub struct Config {
     /// signed. Needs `--tls-cert`; every node of the cluster needs it.
     #[arg(long, env = "CHANGEAGENT_PEER_CA", requires = "tls_cert")]
     pub peer_ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub listener: ListenerFlags<CoreListener>,
 }
 
 /// Largest `--max-body-bytes`: one request is at most one Raft entry, which must fit in one
 /// AppendEntries request (see the router's limit on `/raft/append`).
 pub const MAX_BODY_LIMIT: usize = 64 << 20;
-
-/// Parses a duration: seconds (`600`) or a number with `ms`, `s`, `m` or `h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 600, 90s, 10m or 1h"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: the unit must be ms, s, m or h"
-            ))
-        }
-    };
-    Ok(Duration::from_millis(ms))
-}
 
 impl Config {
     /// The maximum election timeout (also openraft's leader lease).
@@ -217,7 +219,10 @@ impl Config {
                     .into(),
             );
         }
-        Ok(())
+        if self.max_long_polls == 0 {
+            return Err("--max-long-polls must be at least 1".into());
+        }
+        self.listener.validate()
     }
 }
 
@@ -253,20 +258,7 @@ pub fn parse_peers(text: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_duration, parse_peers};
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("600").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        for bad in ["", "m", "10d", "-5s", "1.5m"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
+    use super::parse_peers;
 
     #[test]
     fn peers_file_lines() {

@@ -90,6 +90,7 @@ pub async fn run(
         store: node.store.clone(),
         limits: ReadLimits {
             max_block_secs: config.max_block_secs,
+            max_long_polls: config.max_long_polls,
         },
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
@@ -106,7 +107,7 @@ pub async fn run(
         proposer: proposer.clone(),
         store: node.store.clone(),
         config: config.clone(),
-        metrics,
+        metrics: metrics.clone(),
         client: client.clone(),
         snapshot_dir: node.snapshot_dir.clone(),
         shutdown: shutdown.clone(),
@@ -132,7 +133,8 @@ pub async fn run(
     };
     auth.clone().watch(shutdown.clone());
     let router = http::routes::router(app, read, auth);
-    // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime.
+    // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime,
+    // and never refused over `--max-connections`: a full listener must not cut the cluster.
     let member_ips = Arc::new(MemberIps::default());
     tokio::spawn(watch_member_ips(
         node.raft.clone(),
@@ -144,6 +146,8 @@ pub async fn run(
         router,
         serving.clone(),
         tls.server,
+        config.listener.limits(),
+        metrics,
         member_ips.runtime_for(raft_runtime.handle().clone()),
     );
     let stopping = tokio::spawn({

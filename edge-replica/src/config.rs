@@ -3,7 +3,22 @@
 
 use std::path::PathBuf;
 
+use changeagent_api::limits::{ListenerDefaults, ListenerFlags};
 use changeagent_proto::limits;
+
+/// The edge's listener defaults.
+#[derive(Debug, Clone)]
+pub struct EdgeListener;
+
+impl ListenerDefaults for EdgeListener {
+    /// Edges serve the fleets, and the lean server holds a few KB per idle connection, so
+    /// 100,000 connections cost a few hundred MB.
+    const MAX_CONNECTIONS: &'static str = "100000";
+}
+
+/// Default `--max-long-polls` of an edge: nine tenths of its default `--max-connections`, so
+/// a fleet of long-polls still leaves 10,000 connections for reads and forwarded writes.
+pub const MAX_LONG_POLLS: usize = 90_000;
 
 /// Configuration of one edge.
 #[derive(Debug, Clone, clap::Parser)]
@@ -43,6 +58,10 @@ pub struct Config {
     #[arg(long, env = "CHANGEAGENT_MAX_BLOCK_SECS", default_value_t = limits::DEFAULT_MAX_BLOCK_SECS)]
     pub max_block_secs: u64,
 
+    /// Long-polls waiting at once at most; one more is answered 503 with `Retry-After: 5`.
+    #[arg(long, env = "CHANGEAGENT_MAX_LONG_POLLS", default_value_t = MAX_LONG_POLLS)]
+    pub max_long_polls: usize,
+
     /// Largest request body forwarded upstream, in bytes.
     #[arg(long, env = "CHANGEAGENT_MAX_BODY_BYTES", default_value_t = limits::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -67,6 +86,9 @@ pub struct Config {
     /// The certificate this edge serves its clients with (HTTPS).
     #[command(flatten)]
     pub tls: changeagent_api::tls::TlsFlags,
+
+    #[command(flatten)]
+    pub listener: ListenerFlags<EdgeListener>,
 }
 
 impl Config {
@@ -86,7 +108,10 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be at least 1".into());
         }
-        Ok(())
+        if self.max_long_polls == 0 {
+            return Err("--max-long-polls must be at least 1".into());
+        }
+        self.listener.validate()
     }
 }
 

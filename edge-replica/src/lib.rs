@@ -135,6 +135,7 @@ pub async fn run(
         store: store.clone(),
         limits: ReadLimits {
             max_block_secs: ctx.config.max_block_secs,
+            max_long_polls: ctx.config.max_long_polls,
         },
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
@@ -152,7 +153,7 @@ pub async fn run(
         changeagent_api::with_fallbacks(changeagent_api::read_router(api).merge(ops)).layer(
             axum::middleware::from_fn_with_state(ctx.clone(), forward::writes_upstream),
         );
-    let router = changeagent_api::outer_layers(router, auth, store.clone(), metrics);
+    let router = changeagent_api::outer_layers(router, auth, store.clone(), metrics.clone());
 
     // An empty store serves nothing until it holds the upstream's state: answering an empty
     // list would tell consumers that nothing exists.
@@ -170,6 +171,8 @@ pub async fn run(
             max_body_bytes: ctx.config.max_body_bytes,
             ..LeanOptions::default()
         },
+        ctx.config.listener.limits(),
+        metrics,
     );
     tracing::info!(upstream = ?ctx.config.upstream, "listening on {addr}");
     let result = serving

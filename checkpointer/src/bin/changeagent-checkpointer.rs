@@ -20,6 +20,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     config.validate().map_err(anyhow::Error::msg)?;
+    changeagent_api::limits::raise_open_files(config.listener.max_connections);
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| {

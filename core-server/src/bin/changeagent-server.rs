@@ -36,6 +36,7 @@ async fn serve(config: changeagent_server::Config) -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     config.validate().map_err(anyhow::Error::msg)?;
+    changeagent_api::limits::raise_open_files(config.listener.max_connections);
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| {
