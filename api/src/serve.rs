@@ -55,16 +55,16 @@ impl Serving {
         limits: ListenerLimits,
         metrics: Arc<HttpMetrics>,
     ) -> Serving {
-        let listen = Listen {
+        let everyone_here: RuntimeFor = Arc::new(|_| None);
+        Serving::start_on(
+            listener,
+            router,
+            shutdown,
             tls,
             limits,
             metrics,
-            runtime_for: Arc::new(|_| None),
-        };
-        Serving {
-            task: tokio::spawn(accept_loop(listener, router, shutdown.clone(), listen)),
-            shutdown,
-        }
+            everyone_here,
+        )
     }
 
     /// [`Serving::start`], but each connection is served on the runtime `runtime_for` picks
