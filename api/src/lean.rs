@@ -275,7 +275,11 @@ impl Connection {
                 None if idle => Instant::now() + self.options.idle_timeout,
                 None => *deadline.insert(Instant::now() + self.header_read_timeout),
             };
+            // Bytes already waiting are read before a deadline that passed while this task
+            // was not scheduled (10,000 connections accepted at once) is acted on: a client
+            // that sent part of a head gets its 408, not a silent close.
             let read = tokio::select! {
+                biased;
                 read = read_some(&mut self.stream, &mut self.pending) => read,
                 _ = tokio::time::sleep_until(wait) => {
                     if deadline.is_none() {
