@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use changeagent_testkit::cluster::next_ip;
@@ -28,17 +28,23 @@ const HEADER_TIMEOUT: &str = "2s";
 const CLOSED_WITHIN: Duration = Duration::from_secs(30);
 /// The start of a request head that never ends (no empty line).
 const PARTIAL_HEAD: &[u8] = b"GET /changes HTTP/1.1\r\nHost: slow\r\nX-Slow: 1\r\n";
-/// The client opens its connections from here: not the address of a cluster member.
-const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Source addresses the slow connections are spread over: each has its own ephemeral ports.
+/// From one address, the two tests of this file running at once (20,000 bound sockets, with
+/// the suite's other clients) once ran out of them (`AddrInUse`).
+const SOURCES: usize = 4;
 
-/// Opens [`SLOW`] connections to `to`, each sending [`PARTIAL_HEAD`]; fails if one cannot be
-/// opened.
+/// Opens [`SLOW`] connections to `to`, each sending [`PARTIAL_HEAD`], from fresh loopback
+/// addresses (none is a cluster member's); fails if one cannot be opened.
 async fn open_slow(to: SocketAddr) -> Vec<TcpStream> {
+    let sources: Vec<IpAddr> = (0..SOURCES).map(|_| IpAddr::V4(next_ip())).collect();
     futures::stream::iter(0..SLOW)
-        .map(|_| async move {
-            let mut s = connect_from(CLIENT_IP, to).await?;
-            s.write_all(PARTIAL_HEAD).await?;
-            Ok::<_, std::io::Error>(s)
+        .map(|i| {
+            let from = sources[i % SOURCES];
+            async move {
+                let mut s = connect_from(from, to).await?;
+                s.write_all(PARTIAL_HEAD).await?;
+                Ok::<_, std::io::Error>(s)
+            }
         })
         .buffer_unordered(OPENING)
         .map(|s| s.expect("open a slow connection"))
@@ -89,7 +95,7 @@ async fn attack(target: SocketAddr, writes: &str, reads: &str) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_slow_connections_do_not_stop_a_core_from_serving() {
-    // On its own IP, so the client's 127.0.0.1 is not a member's address.
+    // On its own IP, so none of the slow connections' sources is a member's address.
     let core = ServerProcess::start_leader(
         ServerOptions::default()
             .listen(SocketAddr::new(next_ip().into(), 0))
