@@ -15,6 +15,7 @@ use tempfile::TempDir;
 use crate::error::{Error, OrPanic, Result};
 use crate::http::Api;
 use crate::process::LOG_TAIL_LINES;
+use crate::tools::Tool;
 use crate::wait::wait_until;
 
 /// The Garage release `scripts/install-garage` installs and this module
@@ -25,8 +26,15 @@ pub const GARAGE_VERSION: &str = "2.5.0";
 /// Overrides where the `garage` binary is.
 pub const GARAGE_BIN_ENV: &str = "CHANGEAGENT_GARAGE_BIN";
 
-/// Overrides the directory `scripts/install-garage` installs tools into.
-pub const TOOLS_DIR_ENV: &str = "CHANGEAGENT_TOOLS_DIR";
+pub use crate::tools::TOOLS_DIR_ENV;
+
+/// Garage as `scripts/install-garage` installs it.
+pub const GARAGE: Tool = Tool {
+    name: "garage",
+    version: GARAGE_VERSION,
+    bin_env: GARAGE_BIN_ENV,
+    script: "install-garage",
+};
 
 /// The S3 region Garage is configured with; requests must be signed for it.
 pub const REGION: &str = "garage";
@@ -386,45 +394,22 @@ fn causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Where `scripts/install-garage` puts the binary:
-/// `$CHANGEAGENT_TOOLS_DIR` (default `$HOME/.cache/changeagent-tools`, the
-/// temp dir standing in for an unset `HOME`) `/garage-VERSION/bin/garage`.
+/// Where `scripts/install-garage` puts the binary (see [`Tool::default_bin`]).
 pub fn default_bin() -> PathBuf {
-    let tools = match std::env::var_os(TOOLS_DIR_ENV) {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
-            .map_or_else(std::env::temp_dir, PathBuf::from)
-            .join(".cache")
-            .join("changeagent-tools"),
-    };
-    tools
-        .join(format!("garage-{GARAGE_VERSION}"))
-        .join("bin")
-        .join("garage")
+    GARAGE.default_bin()
 }
 
 /// The binary to run: `from_env` (the value of [`GARAGE_BIN_ENV`]) when set,
 /// else `default`; an error saying how to install it when that file is
 /// missing.
 fn locate(from_env: Option<OsString>, default: &Path) -> Result<PathBuf> {
-    let (path, how) = match from_env {
-        Some(path) => (
-            PathBuf::from(path),
-            format!("{GARAGE_BIN_ENV} names a missing file; unset it to use the one scripts/install-garage installs"),
-        ),
-        None => (
-            default.to_path_buf(),
-            format!("run scripts/install-garage to install garage {GARAGE_VERSION} there, or set {GARAGE_BIN_ENV} to a garage binary"),
-        ),
-    };
-    if path.is_file() {
-        return Ok(path);
-    }
-    Err(Error::Io {
-        action: "finding the garage binary at",
-        path,
-        cause: std::io::Error::new(std::io::ErrorKind::NotFound, how),
-    })
+    GARAGE
+        .locate_in(from_env, default)
+        .map_err(|how| Error::Io {
+            action: "finding",
+            path: PathBuf::from("the garage binary"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, how),
+        })
 }
 
 /// Three distinct ports free on 127.0.0.1 now (all bound at once, then

@@ -59,6 +59,7 @@ pub mod process;
 pub mod proxy;
 pub mod state;
 pub mod tls;
+pub mod tools;
 pub mod wait;
 pub mod workload;
 

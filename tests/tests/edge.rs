@@ -29,16 +29,6 @@ use changeagent_testkit::{wait_until, Api, ServerOptions, ServerProcess};
 use common::*;
 use serde_json::Value;
 
-/// A counter or gauge from `/metrics` (0 when absent).
-async fn metric(api: &Api, name: &str) -> u64 {
-    let text = api.get("/metrics").await.text();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
 /// Waits until the edge holds exactly the range `upstream` holds.
 async fn wait_caught_up(edge: &Api, upstream: &Api) {
     wait_until(DEADLINE, "the edge to catch up", || async {
@@ -105,7 +95,10 @@ async fn an_edge_bootstraps_from_a_checkpoint_and_answers_with_the_cores_bytes()
         assert_eq!(h["role"], "edge", "{h}");
         assert_eq!(h["firstIndex"].as_u64(), Some(first), "{h}");
         assert_eq!(h["connected"], true, "{h}");
-        assert_eq!(metric(&api, "changeagent_edge_bootstraps_total").await, 1);
+        assert_eq!(
+            metric_sum(&api, "changeagent_edge_bootstraps_total").await,
+            1
+        );
         // It never read the list from 1: the core no longer has it.
         assert!(e.log().contains("bootstrapped; tailing from there"));
     }
@@ -184,7 +177,7 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
         });
     }
     wait_until(DEADLINE, "every long-poll to wait on the edge", || async {
-        let open = metric(&edge_api, "changeagent_long_polls_open").await;
+        let open = metric_sum(&edge_api, "changeagent_long_polls_open").await;
         if open as usize >= POLLS {
             Ok(())
         } else {
@@ -193,7 +186,7 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
     })
     .await
     .unwrap();
-    let from_store = metric(
+    let from_store = metric_sum(
         &edge_api,
         "changeagent_change_pages_total{source=\"store\"}",
     )
@@ -212,7 +205,7 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
     assert_eq!(woken, POLLS);
     // Every woken long-poll built its answer from the tail cache, none read RocksDB.
     assert_eq!(
-        metric(
+        metric_sum(
             &edge_api,
             "changeagent_change_pages_total{source=\"store\"}"
         )
@@ -220,7 +213,7 @@ async fn two_thousand_long_polls_on_an_edge_are_woken_by_one_post_on_the_core() 
         from_store
     );
     assert!(
-        metric(
+        metric_sum(
             &edge_api,
             "changeagent_change_pages_total{source=\"tail_cache\"}"
         )
@@ -363,7 +356,7 @@ async fn an_edge_killed_with_sigkill_resumes_without_a_new_bootstrap() {
     let edge_api = e.api();
     wait_caught_up(&edge_api, &core_api).await;
     assert_eq!(
-        metric(&edge_api, "changeagent_edge_bootstraps_total").await,
+        metric_sum(&edge_api, "changeagent_edge_bootstraps_total").await,
         1
     );
 
@@ -384,7 +377,7 @@ async fn an_edge_killed_with_sigkill_resumes_without_a_new_bootstrap() {
     let edge_api = e.api();
     wait_caught_up(&edge_api, &core_api).await;
     assert_eq!(
-        metric(&edge_api, "changeagent_edge_bootstraps_total").await,
+        metric_sum(&edge_api, "changeagent_edge_bootstraps_total").await,
         0,
         "a restart resumes from the applied index"
     );
@@ -451,7 +444,7 @@ async fn a_paused_edge_left_behind_a_truncation_bootstraps_again_and_keeps_answe
         })
     };
     wait_until(DEADLINE, "a second bootstrap", || async {
-        let n = metric(&edge_api, "changeagent_edge_bootstraps_total").await;
+        let n = metric_sum(&edge_api, "changeagent_edge_bootstraps_total").await;
         if n == 2 {
             Ok(())
         } else {
@@ -519,11 +512,11 @@ async fn a_consumer_following_an_edge_across_a_truncation_ends_with_the_cores_st
         core_api.retained_raw_changes("").await
     );
     assert_eq!(
-        metric(&edge_api, "changeagent_edge_bootstraps_total").await,
+        metric_sum(&edge_api, "changeagent_edge_bootstraps_total").await,
         0
     );
     assert!(
-        metric(
+        metric_sum(
             &edge_api,
             "changeagent_http_requests_total{route=\"/checkpoints/{index}/data\""
         )

@@ -9,10 +9,11 @@
 //! workspace's own build is left alone. `scripts/install-cargo-fuzz` installs cargo-fuzz
 //! (`scripts/test` runs it); without it the test fails saying so.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
+
+use changeagent_testkit::tools::Tool;
 
 /// The cargo-fuzz release `scripts/install-cargo-fuzz` installs; its flags are the ones
 /// passed below. A test checks that the script pins the same one.
@@ -21,8 +22,13 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Overrides where the `cargo-fuzz` binary is.
 const CARGO_FUZZ_BIN_ENV: &str = "CHANGEAGENT_CARGO_FUZZ_BIN";
 
-/// Overrides the directory `scripts/install-cargo-fuzz` installs tools into.
-const TOOLS_DIR_ENV: &str = "CHANGEAGENT_TOOLS_DIR";
+/// cargo-fuzz as `scripts/install-cargo-fuzz` installs it.
+const CARGO_FUZZ: Tool = Tool {
+    name: "cargo-fuzz",
+    version: CARGO_FUZZ_VERSION,
+    bin_env: CARGO_FUZZ_BIN_ENV,
+    script: "install-cargo-fuzz",
+};
 
 /// The targets, as named in `fuzz/Cargo.toml`; each has a corpus in `fuzz/corpus/<target>`.
 const TARGETS: [&str; 5] = [
@@ -49,8 +55,7 @@ const OUTPUT_TAIL_BYTES: usize = 6000;
 
 #[test]
 fn every_fuzz_target_survives_its_corpus_and_a_short_run() {
-    let bin = locate(std::env::var_os(CARGO_FUZZ_BIN_ENV), &default_bin())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let bin = CARGO_FUZZ.locate().unwrap_or_else(|e| panic!("{e}"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is in the workspace root")
@@ -171,40 +176,6 @@ fn fuzz_target_dir() -> PathBuf {
         .join("fuzz")
 }
 
-/// Where `scripts/install-cargo-fuzz` puts the binary.
-fn default_bin() -> PathBuf {
-    let tools = match std::env::var_os(TOOLS_DIR_ENV) {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
-            .map_or_else(std::env::temp_dir, PathBuf::from)
-            .join(".cache")
-            .join("changeagent-tools"),
-    };
-    tools
-        .join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"))
-        .join("bin")
-        .join("cargo-fuzz")
-}
-
-/// The binary to run: `from_env` (the value of [`CARGO_FUZZ_BIN_ENV`]) when set, else
-/// `default`; an error saying how to install it when that file is missing.
-fn locate(from_env: Option<OsString>, default: &Path) -> Result<PathBuf, String> {
-    let (path, how) = match from_env {
-        Some(path) => (
-            PathBuf::from(path),
-            format!("{CARGO_FUZZ_BIN_ENV} names a missing file; unset it to use the one scripts/install-cargo-fuzz installs"),
-        ),
-        None => (
-            default.to_path_buf(),
-            format!("run scripts/install-cargo-fuzz to install cargo-fuzz {CARGO_FUZZ_VERSION} there, or set {CARGO_FUZZ_BIN_ENV} to a cargo-fuzz binary"),
-        ),
-    };
-    if path.is_file() {
-        return Ok(path);
-    }
-    Err(format!("cargo-fuzz is not at {}: {how}", path.display()))
-}
-
 /// The end of a command's stdout and stderr.
 fn tail(output: &Output) -> String {
     let text = format!(
@@ -232,7 +203,7 @@ fn the_install_script_pins_this_version() {
 #[test]
 fn a_missing_cargo_fuzz_says_how_to_install_it() {
     let default = Path::new("/nonexistent/cargo-fuzz-x/bin/cargo-fuzz");
-    let text = locate(None, default).unwrap_err();
+    let text = CARGO_FUZZ.locate_in(None, default).unwrap_err();
     assert!(text.contains("run scripts/install-cargo-fuzz"), "{text}");
     assert!(text.contains(CARGO_FUZZ_BIN_ENV), "{text}");
     assert!(
@@ -240,7 +211,9 @@ fn a_missing_cargo_fuzz_says_how_to_install_it() {
         "{text}"
     );
 
-    let text = locate(Some("/nonexistent/other".into()), default).unwrap_err();
+    let text = CARGO_FUZZ
+        .locate_in(Some("/nonexistent/other".into()), default)
+        .unwrap_err();
     assert!(text.contains(CARGO_FUZZ_BIN_ENV), "{text}");
     assert!(text.contains("/nonexistent/other"), "{text}");
 }
