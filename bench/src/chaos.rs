@@ -133,6 +133,9 @@ pub struct ChaosArgs {
     /// How long the fleet may take to converge and check after SIGTERM.
     #[arg(long, env = "CHANGEAGENT_BENCH_FLEET_STOP_SECS", default_value_t = 600)]
     pub fleet_stop_secs: u64,
+    /// The CA to trust for `https://` URLs (a topology started with `deploy/compose up --tls`).
+    #[command(flatten)]
+    pub ca: changeagent_client::CaFlags,
 }
 
 impl ChaosArgs {
@@ -279,7 +282,10 @@ impl Summary {
 async fn drive(t: &Topology, args: &ChaosArgs) -> Summary {
     let started = Instant::now();
     let within = Duration::from_secs(args.settle_secs);
-    let writer = Writer::start(&args.cores, args.write_rate);
+    let writer = Writer::start(
+        t.cores.iter().map(|n| n.api.clone()).collect(),
+        args.write_rate,
+    );
     let mut outcomes = Vec::new();
 
     eprintln!("chaos: preflight: waiting until the system is healthy and writes flow");

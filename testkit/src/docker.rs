@@ -193,9 +193,31 @@ pub async fn try_start(id: &str) -> Result<()> {
     try_docker(&["start", id]).await.map(drop)
 }
 
-/// `docker pause`: every process of the container frozen (cgroup freezer).
+/// How often [`try_pause`] asks again after the freezer gave up.
+const PAUSE_ATTEMPTS: u32 = 5;
+
+/// `docker pause`: every process of the container frozen (cgroup freezer). With cgroup v1
+/// the freezer gives up on a container whose processes keep it from settling (one busy in
+/// the kernel, such as an `fsync` on a loaded disk): runc thaws it again and Docker answers
+/// "unable to freeze", leaving it running. That is asked again, up to [`PAUSE_ATTEMPTS`]
+/// times in all, as an operator would.
 pub async fn try_pause(id: &str) -> Result<()> {
-    try_docker(&["pause", id]).await.map(drop)
+    let mut attempt = 1;
+    loop {
+        match try_docker(&["pause", id]).await {
+            Ok(_) => return Ok(()),
+            Err(Error::Docker { ref stderr, .. })
+                if stderr.contains("unable to freeze") && attempt < PAUSE_ATTEMPTS =>
+            {
+                eprintln!("docker pause {id}: the freezer gave up (attempt {attempt}); again");
+                attempt += 1;
+                // A pace between attempts, not a synchronisation: the load that kept the
+                // freezer from settling may pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// `docker unpause`.

@@ -1,14 +1,15 @@
 //! `deploy/compose`: the whole topology in containers (three cores, Garage, a checkpointer,
 //! two edges and the fleet simulator) under a project of its own, then `deploy/compose
 //! chaos`: faults across the containers while the fleet runs, the fleet's verdict, and the
-//! checks of replicas, checkpoints and writes. Skipped, with a line saying why, where Docker
-//! or compose is not available.
+//! checks of replicas, checkpoints and writes. Once in plain HTTP, once with `up --tls`
+//! (HTTPS everywhere, mutual TLS between the cores). Skipped, with a line saying why, where
+//! Docker or compose is not available.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use changeagent_testkit::{docker, Binary};
+use changeagent_testkit::{docker, Api, Binary};
 use serde_json::Value;
 
 /// The published ports `deploy/compose` moves with `CHANGEAGENT_PORT_<NAME>`.
@@ -25,11 +26,19 @@ const PORTS: [&str; 7] = [
 /// Consumers of the fleet: enough to exercise the edges, few enough for a 2-core host.
 const FLEET_CONSUMERS: &str = "200";
 
-fn script() -> PathBuf {
+fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("deploy")
-        .join("compose")
+}
+
+fn script() -> PathBuf {
+    deploy_dir().join("compose")
+}
+
+/// The CA `deploy/compose up --tls` makes (kept across runs of this checkout).
+fn compose_ca() -> PathBuf {
+    deploy_dir().join(".local").join("tls").join("ca.pem")
 }
 
 /// `n` distinct ports free on 127.0.0.1 right now: all bound at once, then released.
@@ -50,8 +59,8 @@ struct Project {
 }
 
 impl Project {
-    fn new(bin_dir: &Path) -> Project {
-        let name = format!("changeagent-test-{}", std::process::id());
+    fn new(bin_dir: &Path, tag: &str) -> Project {
+        let name = format!("changeagent-test-{tag}-{}", std::process::id());
         let mut env = vec![
             ("CHANGEAGENT_COMPOSE_PROJECT".to_string(), name.clone()),
             // Tags of its own, so a topology running from the default tags keeps its images.
@@ -80,6 +89,16 @@ impl Project {
             env.push(("CHANGEAGENT_GARAGE_BIN".to_string(), garage));
         }
         Project { name, env }
+    }
+
+    /// The published port of `name` (one of [`PORTS`]).
+    fn port(&self, name: &str) -> u16 {
+        let key = format!("CHANGEAGENT_PORT_{name}");
+        self.env
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no port for {name}"))
     }
 
     /// `deploy/compose ARGS`; its progress (stderr) shows as it goes, stdout is kept.
@@ -125,6 +144,24 @@ fn stdout(o: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_across_containers() {
+    chaos_in(Mode::Plain).await;
+}
+
+/// The same with `up --tls`. Before the chaos: every server answers HTTPS with the compose
+/// CA as trust root on its published port and nothing over plain HTTP; the cores formed their
+/// cluster, and so spoke mutual TLS among them (their listeners speak nothing else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_across_containers_over_tls() {
+    chaos_in(Mode::Tls).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Tls,
+}
+
+async fn chaos_in(mode: Mode) {
     if let Err(why) = docker::daemon_version().await {
         eprintln!("skipped: Docker is not available ({why})");
         return;
@@ -147,19 +184,30 @@ async fn chaos_across_containers() {
         .expect("the server binary lives in a directory")
         .to_path_buf();
 
-    let project = Project::new(&bin_dir);
+    let tag = match mode {
+        Mode::Plain => "plain",
+        Mode::Tls => "tls",
+    };
+    let project = Project::new(&bin_dir, tag);
     eprintln!(
-        "deploy_compose: project {} with the binaries of {}",
+        "deploy_compose: project {} ({mode:?}) with the binaries of {}",
         project.name,
         bin_dir.display()
     );
-    let up = project.run(&["up"]);
+    let up_args: &[&str] = match mode {
+        Mode::Plain => &["up"],
+        Mode::Tls => &["up", "--tls"],
+    };
+    let up = project.run(up_args);
     assert!(
         up.status.success(),
         "deploy/compose up failed ({}); its progress is above; stdout:\n{}",
         up.status,
         stdout(&up)
     );
+    if mode == Mode::Tls {
+        assert_tls_only(&project).await;
+    }
 
     let chaos = project.run(&["chaos"]);
     let out = stdout(&chaos);
@@ -204,4 +252,28 @@ async fn chaos_across_containers() {
         Value::Bool(true),
         "the fleet's report:\n{summary:#}"
     );
+}
+
+/// Every server of a `--tls` project: `/health` answers over HTTPS trusting the compose CA,
+/// and a plain HTTP request gets no HTTP answer.
+async fn assert_tls_only(project: &Project) {
+    let ca = compose_ca();
+    for name in ["CORE1", "CORE2", "CORE3", "EDGE1", "EDGE2", "CHECKPOINTER"] {
+        let port = project.port(name);
+        let https = Api::new(format!("https://127.0.0.1:{port}")).with_tls(&ca, None);
+        let health = https
+            .try_get("/health")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: GET https://127.0.0.1:{port}/health: {e}"));
+        health.expect_status(200);
+        let plain = Api::new(format!("http://127.0.0.1:{port}"));
+        if let Ok(reply) = plain.try_get("/health").await {
+            panic!(
+                "{name} answered plain HTTP with {} on port {port}: {}",
+                reply.status,
+                reply.text()
+            );
+        }
+    }
+    eprintln!("deploy_compose: every server answers HTTPS only");
 }

@@ -299,7 +299,7 @@ async fn next_record(
 async fn restart_checkpointer(t: &Topology, within: Duration) -> Result<Value> {
     let before = t.newest_checkpoint().await?;
     let (leader, since) = t.wait_leader(&[], within).await?;
-    let core = Api::new(t.cores[leader].url.clone());
+    let core = t.cores[leader].reads.clone();
     let cp = &t.checkpointer;
     // 1. Between two rounds: one has ended, and the log has moved on past it.
     let ended = next_record(

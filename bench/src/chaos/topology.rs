@@ -40,6 +40,8 @@ pub struct Node {
     pub url: String,
     /// For `/health`, `/metrics` and single pages ([`PROBE_TIMEOUT`]).
     pub api: Api,
+    /// For long reads (many pages, blocking long-polls): the client's default timeout.
+    pub reads: Api,
 }
 
 impl Node {
@@ -60,6 +62,8 @@ pub struct Topology {
     pub s3: Container,
     /// `None` when the project has no fleet container (not even an exited one).
     pub fleet: Option<Container>,
+    /// The CA trusted for `https://` URLs (`--ca`); the system's roots without it.
+    pub roots: Option<Vec<reqwest::Certificate>>,
 }
 
 impl Topology {
@@ -67,6 +71,12 @@ impl Topology {
     /// `edge1`… for `--edges`, the checkpointer, `s3` and (if there is one) the fleet.
     pub async fn discover(args: &ChaosArgs) -> Result<Topology> {
         let project = &args.project;
+        let roots = args.ca.certificates()?;
+        // Checked above: a --ca that reads fine also builds the test kit's clients.
+        let trusted = |api: Api| match &args.ca.ca {
+            Some(ca) => api.with_tls(ca, None),
+            None => api,
+        };
         let container = |service: String| async move {
             let id = docker::try_compose_container(project, &service)
                 .await?
@@ -83,7 +93,8 @@ impl Topology {
             async move {
                 anyhow::Ok(Node {
                     container: container(service).await?,
-                    api: Api::with_timeout(url.clone(), PROBE_TIMEOUT),
+                    api: trusted(Api::with_timeout(url.clone(), PROBE_TIMEOUT)),
+                    reads: trusted(Api::new(url.clone())),
                     url,
                 })
             }
@@ -115,6 +126,7 @@ impl Topology {
             checkpointer,
             s3,
             fleet,
+            roots,
         })
     }
 

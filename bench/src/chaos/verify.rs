@@ -10,7 +10,6 @@ use anyhow::{anyhow, Result};
 use changeagent_client::{Client, Manifest, Scope};
 use changeagent_testkit::docker;
 use changeagent_testkit::health::node_health;
-use changeagent_testkit::Api;
 use serde_json::{json, Value};
 
 use super::topology::{Container, Node, Topology};
@@ -214,7 +213,7 @@ impl Retained {
 /// moved the start meanwhile.
 async fn retained(node: &Node) -> Result<Retained> {
     // Pages may be large; the probe client's short timeout is for health checks.
-    let api = Api::new(node.url.clone());
+    let api = &node.reads;
     let mut last_error = String::new();
     for _ in 0..READ_ATTEMPTS {
         let first = match node_health(&node.api).await {
@@ -355,7 +354,11 @@ pub struct Marked {
 /// keeps only the newest few) is skipped, not failed.
 pub async fn checkpoints(t: &Topology, run_id: &str) -> (Check, Option<Marked>) {
     let urls: Vec<&str> = t.cores.iter().map(|n| n.url.as_str()).collect();
-    let client = match Client::builder(urls).timeout(DOWNLOAD_TIMEOUT).build() {
+    let client = match Client::builder(urls)
+        .timeout(DOWNLOAD_TIMEOUT)
+        .root_certificates(t.roots.clone())
+        .build()
+    {
         Ok(c) => c,
         Err(e) => return (Check::failed("checkpoints", e.to_string(), &[]), None),
     };

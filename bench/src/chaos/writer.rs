@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use changeagent_testkit::health::PROBE_TIMEOUT;
 use changeagent_testkit::Api;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -69,20 +68,17 @@ pub struct WriterLog {
 }
 
 impl Writer {
-    /// Starts posting `rate` changes per second through `cores`.
-    pub fn start(cores: &[String], rate: u32) -> Writer {
+    /// Starts posting `rate` changes per second through `cores` (each a client with a
+    /// probe's short timeout).
+    pub fn start(cores: Vec<Api>, rate: u32) -> Writer {
         let run_id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default()
             .to_string();
-        let apis: Vec<Api> = cores
-            .iter()
-            .map(|url| Api::with_timeout(url.clone(), PROBE_TIMEOUT))
-            .collect();
         let shared = Arc::new(Shared::default());
         let task = tokio::spawn(write_loop(
-            apis,
+            cores,
             Arc::clone(&shared),
             run_id.clone(),
             rate.max(1),

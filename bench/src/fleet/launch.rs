@@ -38,8 +38,28 @@ pub struct Setting<'a> {
     pub data_dir: &'a Path,
     /// Where checkpoint downloads go.
     pub spool: &'a Path,
-    pub secret: Option<String>,
+    pub access: Access,
     pub stats: &'a Arc<Stats>,
+}
+
+/// What every client of the fleet is built with besides its URLs.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// The cluster's secret, sent by the writers and the setup to the cores.
+    pub secret: Option<String>,
+    /// The CA trusted for `https://` URLs (`--ca`); the system's roots without it.
+    pub roots: Option<Vec<reqwest::Certificate>>,
+}
+
+impl Access {
+    /// A client builder for `urls` trusting [`Access::roots`].
+    fn builder<I, S>(&self, urls: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        ClientBuilder::new(urls).root_certificates(self.roots.clone())
+    }
 }
 
 /// Every task of the fleet, and what the end needs of them.
@@ -69,10 +89,11 @@ pub struct Fleet {
 /// A client of the cores that sends each request once: the writers retry
 /// (and count) failures themselves. Each runtime needs its own, as a
 /// client's connections are driven by the runtime that opened them.
-pub fn cores_client(cores: &[String], secret: Option<String>) -> Result<Client> {
-    ClientBuilder::new(cores)
+pub fn cores_client(cores: &[String], access: &Access) -> Result<Client> {
+    access
+        .builder(cores)
         .max_attempts(1)
-        .cluster_secret(secret)
+        .cluster_secret(access.secret.clone())
         .build()
         .context("the cores' client")
 }
@@ -85,7 +106,7 @@ pub async fn launch(args: &FleetArgs, setting: Setting<'_>, rng: &mut Rng) -> Re
         run,
         data_dir,
         spool,
-        secret,
+        access,
         stats,
     } = setting;
     let keys = args.key_space();
@@ -94,7 +115,8 @@ pub async fn launch(args: &FleetArgs, setting: Setting<'_>, rng: &mut Rng) -> Re
         cores
             .iter()
             .map(|core| {
-                ClientBuilder::new([core])
+                access
+                    .builder([core])
                     .max_attempts(1)
                     .timeout(HEALTH_TIMEOUT)
                     .build()
@@ -123,7 +145,8 @@ pub async fn launch(args: &FleetArgs, setting: Setting<'_>, rng: &mut Rng) -> Re
         offline_secs: args.offline_secs,
     });
     let follow_client = |urls: Vec<String>| {
-        ClientBuilder::new(urls)
+        access
+            .builder(urls)
             .checkpoint_dir(spool)
             .follow_block_secs(args.block_secs)
             .build()
@@ -187,7 +210,7 @@ pub async fn launch(args: &FleetArgs, setting: Setting<'_>, rng: &mut Rng) -> Re
             .build()
             .context("starting the writers' runtime")?,
     ));
-    let client = cores_client(cores, secret)?;
+    let client = cores_client(cores, &access)?;
     let writers_total = args.writers + args.outbox_writers;
     let writers = Arc::new(Writers {
         client: client.clone(),

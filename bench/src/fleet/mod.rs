@@ -118,7 +118,7 @@ use clap::Args;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::fleet::launch::{pending, Setting};
+use crate::fleet::launch::{pending, Access, Setting};
 use crate::fleet::names::{KeySpace, COLLECTIONS_PER_TENANT, MAX_KEYS};
 use crate::fleet::schedule::{Rng, SecsRange};
 use crate::fleet::stats::Stats;
@@ -204,6 +204,9 @@ pub struct FleetArgs {
     /// Seconds each long poll waits on the server.
     #[arg(long, env = "CHANGEAGENT_FLEET_BLOCK_SECS", default_value_t = 30)]
     pub block_secs: u32,
+    /// The CA to trust for `https://` cores and edges.
+    #[command(flatten)]
+    pub ca: changeagent_client::CaFlags,
 }
 
 impl FleetArgs {
@@ -300,6 +303,10 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         ),
         None => args.cluster_secret.clone(),
     };
+    let access = Access {
+        secret,
+        roots: args.ca.certificates()?,
+    };
     let sockets = args.consumers as u64 + u64::from(args.writers + args.outbox_writers) * 2;
     open_files::ensure(sockets + 2 * cores.len() as u64 + 16, None)?;
 
@@ -341,7 +348,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         args.key_space().len(),
         data_dir.display()
     );
-    let setup_client = launch::cores_client(&cores, secret.clone())?;
+    let setup_client = launch::cores_client(&cores, &access)?;
     setup::setup(&setup_client, args.key_space(), &stats, &ending).await?;
     let setting = Setting {
         cores: &cores,
@@ -349,7 +356,7 @@ pub async fn run(args: FleetArgs) -> Result<Summary> {
         run: &run,
         data_dir: &data_dir,
         spool: &spool,
-        secret,
+        access,
         stats: &stats,
     };
     let fleet = launch::launch(&args, setting, &mut rng).await?;
