@@ -274,6 +274,23 @@ impl Api {
         posted_id(&r.json())
     }
 
+    /// Waits up to `timeout` until `GET /changes/{id}` answers 200 here (the change
+    /// replicated, tailed or forwarded to this server) and returns that answer; panics with
+    /// the last answer otherwise.
+    pub async fn wait_for_change(&self, id: u64, timeout: Duration) -> Reply {
+        let what = format!("change {id} at {}", self.base);
+        crate::wait::wait_until(timeout, &what, || async {
+            let r = self.get(&format!("/changes/{id}")).await;
+            if r.status == 200 {
+                Ok(r)
+            } else {
+                Err(r.text())
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// `lastIndex` as reported by `GET /changes`.
     pub async fn last_index(&self) -> u64 {
         let r = self.get("/changes?limit=1").await;

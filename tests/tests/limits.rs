@@ -203,20 +203,7 @@ async fn a_full_leader_refuses_clients_but_serves_its_cluster() {
     fill(leader_addr, MAX, &mut held).await;
     cluster.restart(f).await;
     let id = cluster.api(f).post_change(r#"{"data":"via f"}"#).await;
-    wait_until(
-        CLOSE_DEADLINE,
-        "the write on the other follower",
-        || async {
-            let r = cluster.api(g).get(&format!("/changes/{id}")).await;
-            if r.status == 200 {
-                Ok(())
-            } else {
-                Err(r.text())
-            }
-        },
-    )
-    .await
-    .unwrap();
+    cluster.api(g).wait_for_change(id, CLOSE_DEADLINE).await;
     // Still full for clients.
     let mut s = connect_from(CLIENT_IP, leader_addr).await.unwrap();
     let _ = s

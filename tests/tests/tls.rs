@@ -97,19 +97,7 @@ async fn core_edge_and_checkpointer_serve_https_and_refuse_other_cas() {
         .ok_json()["_id"]
         .as_u64()
         .unwrap();
-    wait_until(DEADLINE, "the edge to serve the forwarded write", || {
-        let at_edge = at_edge.clone();
-        async move {
-            let r = at_edge.get(&format!("/changes/{id}")).await;
-            if r.status == 200 {
-                Ok(())
-            } else {
-                Err(r.text())
-            }
-        }
-    })
-    .await
-    .unwrap();
+    at_edge.wait_for_change(id, DEADLINE).await;
     assert_eq!(
         at_edge.get("/changes").await.body,
         api.get("/changes").await.body,
