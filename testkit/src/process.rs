@@ -335,6 +335,22 @@ impl ServerProcess {
         read_from(&self.log_path(), 0)
     }
 
+    /// Waits up to `timeout` until the log holds one of `any_of`; panics with the log's
+    /// last lines otherwise.
+    pub async fn wait_for_log(&self, any_of: &[&str], timeout: Duration) {
+        let what = format!("{} to log one of {any_of:?}", self.opts.bin.name());
+        crate::wait::wait_until(timeout, &what, || async {
+            let log = self.log();
+            if any_of.iter().any(|s| log.contains(s)) {
+                Ok(())
+            } else {
+                Err(tail_of(&log, 3))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The last `lines` lines of the log, indented, for error messages.
     pub fn log_tail(&self, lines: usize) -> String {
         tail_of(&self.log(), lines)

@@ -328,20 +328,8 @@ async fn a_corrupted_checkpoint_is_refused_by_its_sha256() {
     bytes[0] ^= 0xff;
     std::fs::write(&written, &bytes).unwrap();
     ckpt.resume();
-    wait_until(
-        DEADLINE,
-        "the checkpointer to refuse the object",
-        || async {
-            let log = ckpt.log();
-            if log.contains("failed verification") {
-                Ok(())
-            } else {
-                Err(ckpt.log_tail(3))
-            }
-        },
-    )
-    .await
-    .unwrap();
+    // The checkpointer refuses the object.
+    ckpt.wait_for_log(&["failed verification"], DEADLINE).await;
     // No manifest names the bad object; the next round uploads it again and completes (the
     // core lists the checkpoint once its end record is in, a moment before the
     // checkpointer's log says so).

@@ -117,22 +117,10 @@ async fn core_edge_and_checkpointer_serve_https_and_refuse_other_cas() {
     // An edge that does not trust the core's CA cannot bootstrap: it says so and serves
     // nothing.
     let blind = ServerProcess::launch(edge(&core.url(), &[]).tls(&edge_pair, ours.ca()));
-    wait_until(
-        DEADLINE,
-        "the edge without --ca to log the TLS failure",
-        || {
-            let log = blind.log();
-            async move {
-                if log.contains("certificate") || log.contains("Certificate") {
-                    Ok(())
-                } else {
-                    Err(log.lines().last().unwrap_or("").to_owned())
-                }
-            }
-        },
-    )
-    .await
-    .unwrap();
+    // The edge without --ca logs the TLS failure.
+    blind
+        .wait_for_log(&["certificate", "Certificate"], DEADLINE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -150,18 +138,8 @@ async fn a_new_certificate_is_served_without_a_restart() {
 
     // A pair that does not load is logged; the previous one stays.
     std::fs::write(&pair.cert, "not a certificate\n").unwrap();
-    wait_until(DEADLINE, "the node to log the bad pair", || {
-        let log = core.log();
-        async move {
-            if log.contains("TLS certificate not reloaded") {
-                Ok(())
-            } else {
-                Err("not yet")
-            }
-        }
-    })
-    .await
-    .unwrap();
+    core.wait_for_log(&["TLS certificate not reloaded"], DEADLINE)
+        .await;
     // A new client (a new connection: open ones keep the pair they started with).
     core.api().get("/health").await.expect_status(200);
 
@@ -251,18 +229,10 @@ async fn peer_links_are_mutual_tls() {
             .arg("--join")
             .arg(cluster.node(leader).advertise_url()),
     );
-    wait_until(DEADLINE, "the stranger to fail its join attempts", || {
-        let log = stranger_node.log();
-        async move {
-            if log.contains("still trying to join") || log.contains("cannot join") {
-                Ok(())
-            } else {
-                Err(log.lines().last().unwrap_or("").to_owned())
-            }
-        }
-    })
-    .await
-    .unwrap();
+    // The stranger fails its join attempts.
+    stranger_node
+        .wait_for_log(&["still trying to join", "cannot join"], DEADLINE)
+        .await;
     stranger_node.kill9();
     assert_eq!(
         cluster.cluster_doc(leader).await["members"],
