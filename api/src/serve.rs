@@ -204,6 +204,7 @@ async fn accept_loop(
             router: router.clone(),
             builder: builder.clone(),
             header_read_timeout: listen.limits.header_read_timeout,
+            client: peer,
             metrics: listen.metrics.clone(),
             signal_tx: signal_tx.clone(),
             _close_rx: close_rx.clone(),
@@ -242,12 +243,18 @@ fn http_builder() -> Builder<TokioExecutor> {
     builder
 }
 
+/// The address a request's connection came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
 /// One accepted hyper connection.
 struct Connection {
     tls: Option<ServerTls>,
     router: Router,
     builder: Builder<TokioExecutor>,
     header_read_timeout: Duration,
+    /// The client's address, given to every request as [`ClientAddr`].
+    client: SocketAddr,
     metrics: Arc<HttpMetrics>,
     /// Closed (by the accept loop dropping the receiver) when the server stops: finish.
     signal_tx: watch::Sender<()>,
@@ -284,6 +291,7 @@ impl Connection {
         };
         let head = Arc::new(Notify::new());
         let seen = head.clone();
+        let client = self.client;
         let service = TowerToHyperService::new(self.router.map_request(
             move |req: hyper::Request<Incoming>| {
                 seen.notify_one();
@@ -291,6 +299,7 @@ impl Connection {
                 if peer {
                     req.extensions_mut().insert(PeerCertificate);
                 }
+                req.extensions_mut().insert(ClientAddr(client));
                 req
             },
         ));

@@ -97,6 +97,25 @@ pub async fn run(
         barrier: Some(Arc::new(barrier)),
         objects: Some(node.objects.clone()),
     });
+    // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime,
+    // and never refused over `--max-connections`: a full listener must not cut the cluster.
+    let member_ips = Arc::new(MemberIps::default());
+    let configured = configured_members(&config)?;
+    let first = member_addrs(
+        &node
+            .raft
+            .server_metrics()
+            .borrow_watched()
+            .membership_config,
+        &configured,
+    );
+    member_ips.set(resolve_ips(&first).await);
+    tokio::spawn(watch_member_ips(
+        node.raft.clone(),
+        member_ips.clone(),
+        configured,
+        shutdown.clone(),
+    ));
     // Serving stops after a stopping leader has handed over (see `hand_over`).
     let serving = CancellationToken::new();
     let peer_streams = TaskTracker::new();
@@ -114,6 +133,10 @@ pub async fn run(
         serving: serving.clone(),
         peer_streams: peer_streams.clone(),
         applied: node.applied.clone(),
+        is_member: {
+            let ips = member_ips.clone();
+            Arc::new(move |ip| ips.contains(ip))
+        },
     });
     let auth = {
         let identity = node.identity.clone();
@@ -133,14 +156,6 @@ pub async fn run(
     };
     auth.clone().watch(shutdown.clone());
     let router = http::routes::router(app, read, auth);
-    // Connections from members (Raft RPCs, forwarded writes) are served on Raft's runtime,
-    // and never refused over `--max-connections`: a full listener must not cut the cluster.
-    let member_ips = Arc::new(MemberIps::default());
-    tokio::spawn(watch_member_ips(
-        node.raft.clone(),
-        member_ips.clone(),
-        shutdown.clone(),
-    ));
     let server = Serving::start_on(
         listener,
         router,
@@ -340,14 +355,7 @@ impl MemberIps {
     /// Picks `raft` for connections from a member, the main runtime for everyone else.
     fn runtime_for(self: &Arc<Self>, raft: tokio::runtime::Handle) -> RuntimeFor {
         let ips = self.clone();
-        Arc::new(move |peer: SocketAddr| {
-            let member = ips
-                .0
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&peer.ip());
-            member.then(|| raft.clone())
-        })
+        Arc::new(move |peer: SocketAddr| ips.contains(peer.ip()).then(|| raft.clone()))
     }
 }
 
@@ -355,14 +363,75 @@ impl MemberIps {
 /// name in it may point elsewhere after a restart).
 const MEMBER_ADDRESS_REFRESH: Duration = Duration::from_secs(30);
 
-/// Keeps `ips` at the addresses the membership's names resolve to: at each membership change
-/// and every [`MEMBER_ADDRESS_REFRESH`].
-async fn watch_member_ips(raft: raft::Raft, ips: Arc<MemberIps>, shutdown: CancellationToken) {
-    let mut metrics = raft.metrics();
+/// The addresses of members this node is configured with (the peers file, the node it
+/// joins through): who its members are until Raft's membership names them.
+fn configured_members(config: &Config) -> anyhow::Result<Vec<String>> {
+    let mut addrs = config.peer_list()?.unwrap_or_default();
+    addrs.extend(config.join.clone());
+    Ok(addrs)
+}
+
+/// The members' addresses: the membership's, or the configured ones while it has none.
+fn member_addrs(membership: &raft::types::StoredMembership, configured: &[String]) -> Vec<String> {
+    let named: Vec<String> = membership
+        .membership()
+        .nodes()
+        .map(|(_, n)| n.addr.clone())
+        .collect();
+    if named.is_empty() {
+        configured.to_vec()
+    } else {
+        named
+    }
+}
+
+/// The IP addresses `addrs` (`host:port`, or URLs) resolve to; unresolvable ones are skipped.
+async fn resolve_ips(addrs: &[String]) -> HashSet<IpAddr> {
+    let mut found = HashSet::new();
+    for addr in addrs {
+        let host_port = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        let host_port = host_port.split('/').next().unwrap_or(host_port);
+        match tokio::net::lookup_host(host_port).await {
+            Ok(resolved) => found.extend(resolved.map(|a| a.ip())),
+            Err(e) => tracing::debug!(%addr, error = %e, "cannot resolve a member's address"),
+        }
+    }
+    found
+}
+
+impl MemberIps {
+    fn set(&self, ips: HashSet<IpAddr>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ips;
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+}
+
+/// Keeps `ips` at the addresses the members' names resolve to: at each membership change
+/// and every [`MEMBER_ADDRESS_REFRESH`]. The caller resolves them once before the listener
+/// opens: a member's peer stream stays on the runtime it was accepted on for good.
+///
+/// Long-lived watchers read openraft's server metrics (state, leader, membership), which
+/// change at elections and membership changes only: the full metrics change several times
+/// per write, and each change would wake every watcher (measured: about 10 context switches
+/// per write on an idle follower's runtime for two watchers).
+async fn watch_member_ips(
+    raft: raft::Raft,
+    ips: Arc<MemberIps>,
+    configured: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let mut metrics = raft.server_metrics();
     let mut resolved_for = None;
     let mut refresh = tokio::time::interval(MEMBER_ADDRESS_REFRESH);
     loop {
-        // Metrics change at every commit: only the membership's log id is read then.
         let membership = *metrics.borrow_and_update().membership_config.log_id();
         tokio::select! {
             changed = metrics.changed(), if resolved_for == Some(membership) => {
@@ -376,28 +445,21 @@ async fn watch_member_ips(raft: raft::Raft, ips: Arc<MemberIps>, shutdown: Cance
             // A new membership is resolved at once.
             _ = std::future::ready(()), if resolved_for != Some(membership) => {}
         }
-        let addrs: Vec<String> = metrics
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(_, n)| n.addr.clone())
-            .collect();
-        let mut found = HashSet::new();
-        for addr in &addrs {
-            let host_port = addr
-                .trim_start_matches("http://")
-                .trim_start_matches("https://")
-                .trim_end_matches('/');
-            match tokio::net::lookup_host(host_port).await {
-                Ok(resolved) => found.extend(resolved.map(|a| a.ip())),
-                Err(e) => tracing::debug!(%addr, error = %e, "cannot resolve a member's address"),
-            }
-        }
-        *ips.0.write().unwrap_or_else(|p| p.into_inner()) = found;
+        let addrs = member_addrs(&metrics.borrow_watched().membership_config, &configured);
+        ips.set(resolve_ips(&addrs).await);
         resolved_for = Some(membership);
         // The addresses were read after `membership`: a change in between is seen next.
     }
+}
+
+thread_local! {
+    /// Set on the threads of Raft's runtime ([`RaftRuntime`]).
+    static ON_RAFT_RUNTIME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is one of Raft's runtime.
+pub(crate) fn on_raft_runtime() -> bool {
+    ON_RAFT_RUNTIME.with(std::cell::Cell::get)
 }
 
 /// Threads of Raft's runtime: the core, the replication streams and the proposer are
@@ -417,6 +479,7 @@ impl RaftRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(RAFT_RUNTIME_THREADS)
             .thread_name("raft")
+            .on_thread_start(|| ON_RAFT_RUNTIME.with(|on| on.set(true)))
             .enable_all()
             .build()
             .context("cannot start Raft's runtime")?;
@@ -548,10 +611,14 @@ async fn hand_over(
 }
 
 /// Waits until Raft reports a fatal error, then cancels `shutdown` and returns the error.
+/// Raft's core reports a fatal error in its full metrics as it stops, then drops its
+/// senders, which ends the wait on the server metrics (see [`watch_member_ips`]).
 async fn watch_fatal(raft: raft::Raft, shutdown: CancellationToken) -> Option<String> {
-    let mut metrics = raft.metrics();
+    let mut server = raft.server_metrics();
+    let metrics = raft.metrics();
+    let mut closed = false;
     loop {
-        if let Err(e) = &metrics.borrow_and_update().running_state {
+        if let Err(e) = &metrics.borrow_watched().running_state {
             let why = e.to_string();
             if !shutdown.is_cancelled() {
                 tracing::error!(error = %why, "Raft stopped; shutting the node down");
@@ -560,8 +627,12 @@ async fn watch_fatal(raft: raft::Raft, shutdown: CancellationToken) -> Option<St
             }
             return None;
         }
+        if closed {
+            return None;
+        }
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return None },
+            // Closed: the core has stopped; its last word is read once more above.
+            changed = server.changed() => closed = changed.is_err(),
             _ = shutdown.cancelled() => return None,
         }
     }

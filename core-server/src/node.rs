@@ -412,7 +412,7 @@ pub async fn ensure_cluster_id(
     store: Arc<Store>,
     proposer: Proposer,
 ) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     loop {
         if store.cluster_id().is_some() {
             return;

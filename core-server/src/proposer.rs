@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use changeagent_store::now_nanos;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::ClientWriteError;
-use openraft::impls::ProgressResponder;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::raft::types::{Command, NodeId, Outcome, Request};
+use crate::raft::types::{CallbackResponder, Command, NodeId, Outcome, Request, TypeConfig};
 use crate::raft::Raft;
 use crate::stages::{Stage, STAGES};
 
@@ -154,6 +153,7 @@ struct ProposeWorker {
 }
 
 type Reply = oneshot::Sender<Result<Outcome, ProposeError>>;
+type ClientWriteResult = openraft::raft::ClientWriteResult<TypeConfig>;
 
 impl ProposeWorker {
     /// A leader refuses entries until a quorum has answered it once in its term (openraft's
@@ -229,42 +229,33 @@ impl ProposeWorker {
                 ts: now_nanos(),
                 requests,
             };
-            let (responder, answer) = ProgressResponder::complete_only();
-            match self.raft.client_write_ff(cmd, Some(responder)).await {
-                Err(fatal) => answer_all(replies, ProposeError::Stopped(fatal.to_string())),
-                Ok(()) => {
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        let answer = answer.await;
-                        STAGES.since(Stage::Commit, proposed);
-                        match answer {
-                            Ok(Ok(resp)) => {
-                                let mut outcomes = resp.data.into_iter();
-                                for reply in replies {
-                                    let outcome = outcomes.next().ok_or_else(|| {
-                                        ProposeError::Stopped(
-                                            "state machine gave too few answers".into(),
-                                        )
-                                    });
-                                    let _ = reply.send(outcome);
-                                }
-                            }
-                            Ok(Err(ClientWriteError::ForwardToLeader(f))) => answer_all(
-                                replies,
-                                ProposeError::NotLeader {
-                                    leader: f.leader_id,
-                                },
-                            ),
-                            Ok(Err(other)) => {
-                                answer_all(replies, ProposeError::Stopped(other.to_string()))
-                            }
-                            Err(_) => answer_all(
-                                replies,
-                                ProposeError::Stopped("raft dropped the request".into()),
-                            ),
+            // Answered on the thread that applies the entry, straight to each poster.
+            let responder = CallbackResponder::new(move |answer: ClientWriteResult| {
+                let _slot = slot;
+                STAGES.since(Stage::Commit, proposed);
+                match answer {
+                    Ok(resp) => {
+                        let mut outcomes = resp.data.into_iter();
+                        for reply in replies {
+                            let outcome = outcomes.next().ok_or_else(|| {
+                                ProposeError::Stopped("state machine gave too few answers".into())
+                            });
+                            let _ = reply.send(outcome);
                         }
-                    });
+                    }
+                    Err(ClientWriteError::ForwardToLeader(f)) => answer_all(
+                        replies,
+                        ProposeError::NotLeader {
+                            leader: f.leader_id,
+                        },
+                    ),
+                    Err(other) => answer_all(replies, ProposeError::Stopped(other.to_string())),
                 }
+            });
+            // When Raft has stopped, the responder is dropped with the replies it holds and
+            // the posters hear that the proposer stopped.
+            if let Err(fatal) = self.raft.client_write_ff(cmd, Some(responder)).await {
+                tracing::warn!("raft refused a proposal: {fatal}");
             }
         }
     }

@@ -7,14 +7,54 @@ use changeagent_proto::{ChangeInput, Rejection};
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-openraft::declare_raft_types!(
-    /// ChangeAgent's Raft types.
-    pub TypeConfig:
-        D = Command,
-        R = Response,
-        NodeId = NodeId,
-        Node = BasicNode,
-);
+/// ChangeAgent's Raft types: openraft's defaults but for the payload, the answer and the
+/// [`CallbackResponder`] (which `declare_raft_types!` cannot name, being generic).
+#[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
+pub struct TypeConfig {}
+
+impl openraft::RaftTypeConfig for TypeConfig {
+    type D = Command;
+    type R = Response;
+    type NodeId = NodeId;
+    type Node = BasicNode;
+    type Term = u64;
+    type LeaderId = openraft::impls::leader_id_adv::LeaderId<Self::Term, Self::NodeId>;
+    type Vote = openraft::impls::Vote<Self::LeaderId>;
+    type Payload = openraft::EntryPayload<Self::D, Self::NodeId, Self::Node>;
+    type Entry =
+        openraft::Entry<<Self::LeaderId as openraft::vote::RaftLeaderId>::Committed, Self::Payload>;
+    type AsyncRuntime = openraft::impls::TokioRuntime;
+    type Responder<T>
+        = CallbackResponder<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
+
+/// Where openraft delivers a proposal's result: a closure, called on the thread that
+/// finished the proposal (the state machine's, once the entry is applied; Raft's core when
+/// it fails early). The proposer's closure answers each waiting poster from there, with no
+/// task in between to wake. Dropped uncalled (Raft stopped), it drops what it holds, which
+/// the posters see as the proposer stopping.
+pub struct CallbackResponder<T>(Box<dyn FnOnce(T) + Send>);
+
+impl<T> CallbackResponder<T> {
+    pub fn new(on_complete: impl FnOnce(T) + Send + 'static) -> Self {
+        CallbackResponder(Box::new(on_complete))
+    }
+}
+
+impl<T: openraft::OptionalSend + 'static> openraft::raft::responder::Responder<TypeConfig, T>
+    for CallbackResponder<T>
+{
+    fn on_complete(self, result: T) {
+        (self.0)(result)
+    }
+}
 
 /// A node's id, persisted in its data dir.
 pub type NodeId = u64;

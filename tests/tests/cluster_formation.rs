@@ -176,6 +176,35 @@ async fn joined_cluster_replicates_writes_through_every_node() {
     // The joiners took the first node's cluster id.
     let h = health(&cluster.api(n2)).await.expect("/health");
     assert_eq!(h["clusterId"], alone_id.as_str(), "{h}");
+
+    // n2 learned who the leader is from the leader's stream itself, which it accepted
+    // before it knew the leader as a member, off Raft's runtime. Once it knows, that stream
+    // ends and the leader reopens it on Raft's runtime, where every stream is served.
+    for i in 0..3 {
+        let api = cluster.node(i).probe_api();
+        wait_until(
+            CLUSTER_DEADLINE,
+            &format!("n{i} serves every peer stream on Raft's runtime"),
+            || {
+                let api = api.clone();
+                async move {
+                    let r = api.try_get("/metrics").await.map_err(|e| e.to_string())?;
+                    let text = String::from_utf8_lossy(&r.body).into_owned();
+                    let open = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("changeagent_raft_streams_off_raft_runtime "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .ok_or_else(|| format!("no off-runtime gauge in /metrics:\n{text}"))?;
+                    match open {
+                        0 => Ok(()),
+                        n => Err(format!("{n} open off Raft's runtime")),
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// A node whose data dir was wiped cannot form a second cluster from the peers

@@ -1,4 +1,5 @@
-//! Raft RPCs between nodes travel on persistent peer streams (`GET /raft/stream`, upgraded):
+//! Raft RPCs between nodes travel on persistent peer streams (`GET /raft/stream`, upgraded),
+//! served on Raft's own runtime:
 //! a write load reaches the followers on a handful of streams, not one request per RPC; and
 //! a stream that receives garbage refuses it, closes, and changes nothing.
 
@@ -27,6 +28,7 @@ async fn metric(api: &Api, name: &str) -> u64 {
 const ON_STREAMS: &str = "changeagent_raft_rpcs_received_total{transport=\"stream\"}";
 const OVER_HTTP: &str = "changeagent_raft_rpcs_received_total{transport=\"http\"}";
 const ACCEPTED: &str = "changeagent_raft_streams_accepted_total";
+const OFF_RAFT_RUNTIME: &str = "changeagent_raft_streams_off_raft_runtime";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raft_rpcs_travel_on_a_few_persistent_streams() {
@@ -58,6 +60,15 @@ async fn raft_rpcs_travel_on_a_few_persistent_streams() {
         assert!(
             (1..=16).contains(&accepted),
             "n{follower} accepted {accepted} streams for {on_streams} RPCs"
+        );
+    }
+    // Every node knew its members before it accepted the first stream (the votes of the
+    // first election included), so all of them are served on Raft's runtime.
+    for node in 0..3 {
+        let off = metric(&cluster.api(node), OFF_RAFT_RUNTIME).await;
+        assert_eq!(
+            off, 0,
+            "n{node} served {off} peer streams off Raft's runtime"
         );
     }
 }

@@ -47,4 +47,6 @@ pub struct AppState {
     pub peer_streams: TaskTracker,
     /// The Raft index applied to the store (what `/health` reports).
     pub applied: AppliedIndex,
+    /// Whether an address is a member's (whose connections are served on Raft's runtime).
+    pub is_member: Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
 }

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use changeagent_api::serve::ClientAddr;
 use changeagent_api::ApiError;
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
@@ -94,12 +95,22 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
         .into_response();
     }
     let upgrade = hyper::upgrade::on(&mut req);
+    let client = req.extensions().get::<ClientAddr>().map(|c| c.0.ip());
     let tasks = app.peer_streams.clone();
     tasks.spawn(async move {
         match upgrade.await {
             Ok(io) => {
                 let io = TokioIo::new(io);
-                peer_stream::serve(app.raft.clone(), io, MAX_RAFT_BODY, app.serving.clone()).await
+                // Accepted before this node knew the peer as a member, the stream is served
+                // off Raft's runtime; once it knows, the stream ends for the peer to reopen.
+                let is_member = app.is_member.clone();
+                let rehome = move || client.is_some_and(|ip| is_member(ip));
+                let limits = peer_stream::Serving {
+                    max_request: MAX_RAFT_BODY,
+                    until: app.serving.clone(),
+                    rehome: &rehome,
+                };
+                peer_stream::serve(app.raft.clone(), io, limits).await
             }
             Err(e) => tracing::debug!(error = %e, "a peer stream's upgrade failed"),
         }

@@ -56,6 +56,8 @@ const DECODE_INLINE_BYTES: usize = 64 * 1024;
 /// by transport and `changeagent_raft_streams_accepted_total`).
 pub struct Received {
     streams: AtomicU64,
+    /// Open streams served off Raft's runtime (see [`serve`]).
+    off_raft_runtime: AtomicU64,
     on_streams: AtomicU64,
     over_http: AtomicU64,
 }
@@ -63,6 +65,7 @@ pub struct Received {
 /// This process's count of received Raft RPCs.
 pub static RECEIVED: Received = Received {
     streams: AtomicU64::new(0),
+    off_raft_runtime: AtomicU64::new(0),
     on_streams: AtomicU64::new(0),
     over_http: AtomicU64::new(0),
 };
@@ -77,6 +80,7 @@ impl Received {
     pub fn render(&self, out: &mut String) {
         const RPCS: &str = "changeagent_raft_rpcs_received_total";
         const STREAMS: &str = "changeagent_raft_streams_accepted_total";
+        const OFF: &str = "changeagent_raft_streams_off_raft_runtime";
         let _ = writeln!(
             out,
             "# HELP {RPCS} Raft RPCs (AppendEntries, votes, transfers) this node answered.\n\
@@ -85,10 +89,15 @@ impl Received {
              {RPCS}{{transport=\"http\"}} {}\n\
              # HELP {STREAMS} Peer streams this node accepted.\n\
              # TYPE {STREAMS} counter\n\
-             {STREAMS} {}",
+             {STREAMS} {}\n\
+             # HELP {OFF} Open peer streams served on this node's client runtime, behind \
+             client work (accepted before it knew the peer as a member).\n\
+             # TYPE {OFF} gauge\n\
+             {OFF} {}",
             self.on_streams.load(Ordering::Relaxed),
             self.over_http.load(Ordering::Relaxed),
             self.streams.load(Ordering::Relaxed),
+            self.off_raft_runtime.load(Ordering::Relaxed),
         );
     }
 }
@@ -268,19 +277,52 @@ async fn read_head<R: AsyncRead + Unpin>(io: &mut BufReader<R>) -> io::Result<He
     }
 }
 
-/// Serves the RPCs of one stream, in order, until the peer closes it or `until` is
-/// cancelled (checked between requests). Requests over `max_request` bytes, or that cannot
-/// be read, are refused and end the stream.
+/// How a stream is served.
+pub struct Serving<'a> {
+    /// Requests over this many bytes are refused and end the stream.
+    pub max_request: usize,
+    /// Cancelled: the stream ends (checked between requests).
+    pub until: CancellationToken,
+    /// Whether the peer's connection would now be served on Raft's runtime: a stream served
+    /// off it ends after an answer once this says yes.
+    pub rehome: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+/// Counts a stream served off Raft's runtime while it lasts.
+struct OffRaftRuntime;
+
+impl OffRaftRuntime {
+    fn new() -> OffRaftRuntime {
+        RECEIVED.off_raft_runtime.fetch_add(1, Ordering::Relaxed);
+        OffRaftRuntime
+    }
+}
+
+impl Drop for OffRaftRuntime {
+    fn drop(&mut self) {
+        RECEIVED.off_raft_runtime.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the RPCs of one stream, in order, until the peer closes it or `how.until` is
+/// cancelled. Requests that cannot be read are refused and end the stream.
+///
+/// A member's connection is moved to Raft's runtime when it is accepted, so its RPCs never
+/// wait behind client work. One accepted before this node knew the peer as a member (a
+/// node that joined learns its members from the stream itself) is served where it is
+/// until this node knows: then it ends after an answer, and the peer sends its next RPC on
+/// a new stream, which lands on Raft's runtime.
 ///
 /// As on the HTTP endpoint, the first poll of `append_entries` hands the request to the
 /// Raft core, so an append finishes even when the peer has gone.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    raft: Raft,
-    io: S,
-    max_request: usize,
-    until: CancellationToken,
-) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(raft: Raft, io: S, how: Serving<'_>) {
+    let Serving {
+        max_request,
+        until,
+        rehome,
+    } = how;
     RECEIVED.streams.fetch_add(1, Ordering::Relaxed);
+    let off_raft_runtime = (!crate::on_raft_runtime()).then(OffRaftRuntime::new);
     let mut io = BufReader::new(io);
     loop {
         let frame = tokio::select! {
@@ -328,6 +370,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // Flushed: over TLS the record may wait in the session otherwise.
         let sent = io.get_mut().write_all(&frame).await;
         if sent.is_err() || io.get_mut().flush().await.is_err() || close {
+            return;
+        }
+        if off_raft_runtime.is_some() && rehome() {
+            tracing::debug!("ending a peer stream served off Raft's runtime; the peer reopens it");
             return;
         }
     }
