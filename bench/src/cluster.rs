@@ -166,7 +166,7 @@ pub fn servers(cluster: &Cluster) -> Result<Vec<Server>> {
     cluster
         .nodes
         .iter()
-        .map(|n| Server::new(&n.url()))
+        .map(|n| Ok(Server::new(&n.url())?.with_pid(n.server.pid())))
         .collect()
 }
 

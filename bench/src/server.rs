@@ -34,6 +34,9 @@ const ENFILE: i32 = 23;
 pub struct Server {
     client: reqwest::Client,
     base: String,
+    /// The server's process, when the bench started it (its CPU and context switches are
+    /// read from `/proc`).
+    pid: Option<u32>,
 }
 
 /// The head of a `GET /changes` answer: ids only, every other field skipped.
@@ -96,7 +99,21 @@ impl Server {
         Ok(Self {
             client,
             base: base.trim_end_matches('/').to_string(),
+            pid: None,
         })
+    }
+
+    /// The same server, known to run as process `pid`.
+    pub fn with_pid(self, pid: u32) -> Self {
+        Self {
+            pid: Some(pid),
+            ..self
+        }
+    }
+
+    /// The server's process, when known.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
     }
 
     /// The shared client.

@@ -20,6 +20,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
+use crate::cpu;
 use crate::report::{self, Latency, Progress};
 use crate::server::{self, Server};
 use crate::stages::{self, PhaseStages};
@@ -111,11 +112,27 @@ pub struct WriteRun {
     pub latency: Latency,
     /// The run's share of every watched node's write stages.
     pub stages: PhaseStages,
+    /// CPU and context switches of the watched nodes the bench started.
+    pub used: Option<cpu::Used>,
 }
 
 impl WriteRun {
+    /// The watched nodes' CPU (ms) and voluntary context switches per acknowledged change.
+    pub fn per_change(&self) -> Option<(f64, f64)> {
+        let used = self.used?;
+        let n = (self.changes > 0).then_some(self.changes as f64)?;
+        Some((
+            used.cpu.as_secs_f64() * 1e3 / n,
+            used.context_switches as f64 / n,
+        ))
+    }
+
     pub fn to_json(&self) -> Value {
+        let per_change = self.per_change().map(|(cpu_ms, switches)| {
+            json!({"cpu_ms": (cpu_ms * 1e4).round() / 1e4, "context_switches": (switches * 10.0).round() / 10.0})
+        });
         json!({
+            "per_change": per_change,
             "clients": self.clients,
             "targets": self.targets,
             "changes": self.changes,
@@ -269,6 +286,7 @@ async fn run_one(
         describe_targets(targets)
     ));
     let stages_before = stages::before(watched).await;
+    let load = cpu::Load::start(watched.iter().filter_map(Server::pid));
     let counters = Arc::new(Counters::default());
     let progress = counters.progress("write", 1);
 
@@ -289,6 +307,7 @@ async fn run_one(
     }
     let elapsed = started.elapsed();
     drop(progress);
+    let used = load.used();
     let stages = stages::after(watched, stages_before).await;
 
     let run = WriteRun {
@@ -299,6 +318,7 @@ async fn run_one(
         elapsed,
         latency: Latency::of(&hist),
         stages,
+        used,
     };
     println!(
         "{} client(s): {} changes in {:.1} s = {} changes/s, {} errors",
@@ -311,6 +331,13 @@ async fn run_one(
     println!("latency {}", run.latency.summary());
     if let Some(err) = first_error {
         println!("first error: {err}");
+    }
+    if let Some((cpu_ms, switches)) = run.per_change() {
+        let n = run.used.map_or(0, |u| u.processes);
+        println!(
+            "per change, {n} server process(es) together: {cpu_ms:.3} ms CPU, \
+             {switches:.1} voluntary context switches"
+        );
     }
     run.stages.print();
     if run.changes == 0 {
