@@ -243,7 +243,8 @@ fn http_builder() -> Builder<TokioExecutor> {
     builder
 }
 
-/// The address a request's connection came from (a request extension).
+/// The address a request's connection came from: an extension of requests that ask to
+/// upgrade the connection (a peer stream), the only ones that need it.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
@@ -253,7 +254,7 @@ struct Connection {
     router: Router,
     builder: Builder<TokioExecutor>,
     header_read_timeout: Duration,
-    /// The client's address, given to every request as [`ClientAddr`].
+    /// The client's address, given to upgrade requests as [`ClientAddr`].
     client: SocketAddr,
     metrics: Arc<HttpMetrics>,
     /// Closed (by the accept loop dropping the receiver) when the server stops: finish.
@@ -299,7 +300,10 @@ impl Connection {
                 if peer {
                     req.extensions_mut().insert(PeerCertificate);
                 }
-                req.extensions_mut().insert(ClientAddr(client));
+                // Only a request that takes the connection over needs to know whose it is.
+                if req.headers().contains_key(hyper::header::UPGRADE) {
+                    req.extensions_mut().insert(ClientAddr(client));
+                }
                 req
             },
         ));

@@ -105,12 +105,12 @@ pub async fn stream(State(app): State<Arc<AppState>>, mut req: Request) -> Respo
                 // off Raft's runtime; once it knows, the stream ends for the peer to reopen.
                 let is_member = app.is_member.clone();
                 let rehome = move || client.is_some_and(|ip| is_member(ip));
-                let limits = peer_stream::Serving {
+                let how = peer_stream::Serving {
                     max_request: MAX_RAFT_BODY,
                     until: app.serving.clone(),
                     rehome: &rehome,
                 };
-                peer_stream::serve(app.raft.clone(), io, limits).await
+                peer_stream::serve(app.raft.clone(), io, how).await
             }
             Err(e) => tracing::debug!(error = %e, "a peer stream's upgrade failed"),
         }
