@@ -412,7 +412,10 @@ pub async fn ensure_cluster_id(
     store: Arc<Store>,
     proposer: Proposer,
 ) {
-    let mut metrics = raft.server_metrics();
+    // The full metrics, as the proposer reads them: the server metrics name a new leader
+    // before the full metrics say it leads, and a proposal in between is refused. This
+    // watcher ends once the cluster id is set, so its wake-ups at every write do not last.
+    let mut metrics = raft.metrics();
     loop {
         if store.cluster_id().is_some() {
             return;
