@@ -291,6 +291,27 @@ impl Api {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The value of the metric line `name` (labels included, as in
+    /// `name{label="v"}`) in `GET /metrics`; `Err` says why there is none.
+    pub async fn metric(&self, name: &str) -> std::result::Result<u64, String> {
+        let r = self
+            .try_get("/metrics")
+            .await
+            .map_err(|e| format!("GET /metrics at {}: {e}", self.base))?;
+        let text = r.text();
+        if r.status != 200 {
+            return Err(format!("GET /metrics answered {}: {text}", r.status));
+        }
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .ok_or_else(|| format!("/metrics has no {name}:\n{text}"))?;
+        value
+            .trim()
+            .parse()
+            .map_err(|e| format!("{name} is not a count ({value}): {e}"))
+    }
+
     /// `lastIndex` as reported by `GET /changes`.
     pub async fn last_index(&self) -> u64 {
         let r = self.get("/changes?limit=1").await;

@@ -188,14 +188,10 @@ async fn joined_cluster_replicates_writes_through_every_node() {
             || {
                 let api = api.clone();
                 async move {
-                    let r = api.try_get("/metrics").await.map_err(|e| e.to_string())?;
-                    let text = String::from_utf8_lossy(&r.body).into_owned();
-                    let open = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("changeagent_raft_streams_off_raft_runtime "))
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .ok_or_else(|| format!("no off-runtime gauge in /metrics:\n{text}"))?;
-                    match open {
+                    match api
+                        .metric("changeagent_raft_streams_off_raft_runtime")
+                        .await?
+                    {
                         0 => Ok(()),
                         n => Err(format!("{n} open off Raft's runtime")),
                     }

@@ -16,13 +16,7 @@ const WRITES: usize = 100;
 
 /// The value of metric line `name` (with labels) in `/metrics` of `api`.
 async fn metric(api: &Api, name: &str) -> u64 {
-    let text = api.get("/metrics").await.expect_status(200).text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("/metrics has no {name}:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name} is not a count: {e}"))
+    api.metric(name).await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 const ON_STREAMS: &str = "changeagent_raft_rpcs_received_total{transport=\"stream\"}";

@@ -32,7 +32,7 @@ fn run(cmd: &mut Command) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{cmd:?}: {}{}",
+            "{cmd:?}: {} {}",
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
