@@ -339,14 +339,16 @@ impl Error {
     }
 
     /// The failure may go away by itself: the server was unreachable,
-    /// unavailable or failed internally, or a stream stalled. Retrying a
-    /// read is always safe; retrying a post is only safe with an
-    /// `Idempotency-Key`.
+    /// unavailable or failed internally, a stream stalled, or the server
+    /// gave up reading the request (`408`: its head or body did not arrive
+    /// in time, which a server that was itself stalled, say paused, also
+    /// answers; nothing was done). Retrying a read is always safe; retrying
+    /// a post is only safe with an `Idempotency-Key`.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Transport(e) => !e.is_builder(),
             Error::Unavailable { .. } | Error::TimedOut { .. } => true,
-            Error::Api { status, .. } => *status >= 500,
+            Error::Api { status, .. } => *status >= 500 || *status == 408,
             _ => false,
         }
     }
@@ -556,5 +558,12 @@ mod tests {
         );
         assert!(bad.is_bad_request());
         assert!(!bad.is_transient());
+        // The server gave up reading the request: nothing was done, ask again.
+        let timed_out = Error::from_response(
+            StatusCode::REQUEST_TIMEOUT,
+            &HeaderMap::new(),
+            br#"{"error":"request timeout","message":"the request head did not arrive in time"}"#,
+        );
+        assert!(timed_out.is_transient());
     }
 }

@@ -360,6 +360,15 @@ async fn restart_checkpointer(t: &Topology, within: Duration) -> Result<Value> {
     )
     .await?;
     let again_index = again.index().context("a start record without an index")?;
+    // Checked now, before the new round ends: the core truncates right after it, and may
+    // drop the records between the two starts.
+    if let Some(late) = end_of(&core, start.id, index, again.id).await? {
+        bail!(
+            "the killed round for index {index} ended after all (end record {late}, before the \
+             restarted checkpointer's start record {})",
+            again.id
+        );
+    }
     let end = next_record(
         &core,
         again.id,
@@ -382,12 +391,6 @@ async fn restart_checkpointer(t: &Topology, within: Duration) -> Result<Value> {
         },
     )
     .await?;
-    if let Some(late) = end_of(&core, start.id, index, again.id).await? {
-        bail!(
-            "the killed round for index {index} ended after all (end record {late}, before the              restarted checkpointer's start record {})",
-            again.id
-        );
-    }
     if again.data["by"] != start.data["by"] {
         bail!(
             "the restarted checkpointer started its round as {} instead of {}: it did not keep \

@@ -150,7 +150,7 @@ impl Writers {
 /// Whether a failed request may succeed later: the server was unreachable
 /// or unavailable, timed out, or asked to slow down.
 pub fn retry_later(error: &Error) -> bool {
-    error.is_transient() || matches!(error.status(), Some(408 | 429))
+    error.is_transient() || matches!(error.status(), Some(429))
 }
 
 /// An always-online writer, until `stop`; returns its log.
