@@ -468,13 +468,20 @@ fn bearer(value: &str) -> Option<&str> {
 /// Middleware deciding every request's [`Access`] (rules 1-4); outside the routes' own
 /// layers, so a follower or an edge checks a write's scope before it forwards it.
 pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
-    let need = need(req.method(), req.uri().path());
-    match auth.access(need, req.headers()) {
-        Ok(access) => {
-            req.extensions_mut().insert(access);
-            next.run(req).await
-        }
-        Err(e) => e.into_response(),
+    match auth.admit(&mut req) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+impl Auth {
+    /// Decides `req`'s [`Access`] from its route and puts it in the request's extensions;
+    /// why it is refused otherwise.
+    pub fn admit(&self, req: &mut Request) -> Result<(), ApiError> {
+        let need = need(req.method(), req.uri().path());
+        let access = self.access(need, req.headers())?;
+        req.extensions_mut().insert(access);
+        Ok(())
     }
 }
 

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -148,19 +148,46 @@ pub fn read_router(api: Arc<ReadApi>) -> Router {
         .with_state(api)
 }
 
-/// Middleware adding `X-Cluster-Id` to every answer once the cluster has an id.
-pub async fn cluster_id_header(
-    State(store): State<Arc<Store>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let mut resp = next.run(req).await;
-    if let Some(id) = store.cluster_id() {
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            resp.headers_mut()
-                .insert(changeagent_proto::headers::CLUSTER_ID, v);
-        }
+/// What every request passes through first, as one layer (a layer per concern cost a boxed
+/// future and a service clone each, on every write): metrics outermost, then `X-Cluster-Id`
+/// on every answer once the cluster has an id, then auth (every request's
+/// [`auth::Access`]), so refused requests are counted and carry the header too.
+struct Outer {
+    auth: Arc<auth::Auth>,
+    store: Arc<Store>,
+    metrics: Arc<metrics::HttpMetrics>,
+    /// The header for the id last seen, so an answer clones it instead of building it.
+    cluster_id: std::sync::Mutex<Option<(String, HeaderValue)>>,
+}
+
+impl Outer {
+    fn cluster_id_header(&self) -> Option<HeaderValue> {
+        self.store.with_cluster_id(|id| {
+            let id = id?;
+            let mut cached = self.cluster_id.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((seen, value)) = cached.as_ref() {
+                if seen == id {
+                    return Some(value.clone());
+                }
+            }
+            let value = HeaderValue::from_str(id).ok()?;
+            *cached = Some((id.to_owned(), value.clone()));
+            Some(value)
+        })
     }
+}
+
+async fn outer(State(outer): State<Arc<Outer>>, mut req: Request, next: Next) -> Response {
+    let tracked = metrics::Tracked::start(&req);
+    let mut resp = match outer.auth.admit(&mut req) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    };
+    if let Some(id) = outer.cluster_id_header() {
+        resp.headers_mut()
+            .insert(changeagent_proto::headers::CLUSTER_ID, id);
+    }
+    tracked.finish(&outer.metrics, resp.status().as_u16());
     resp
 }
 
@@ -182,22 +209,18 @@ pub fn with_fallbacks(router: Router) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
 }
 
-/// Auth (every request's [`auth::Access`]), then the cluster id header and metrics,
-/// outermost (refused requests are counted and carry the header too).
+/// The layer every request passes first: metrics, `X-Cluster-Id`, auth (see [`Outer`]).
 pub fn outer_layers(
     router: Router,
     auth: Arc<auth::Auth>,
     store: Arc<Store>,
     metrics: Arc<HttpMetrics>,
 ) -> Router {
-    router
-        .layer(axum::middleware::from_fn_with_state(auth, auth::layer))
-        .layer(axum::middleware::from_fn_with_state(
-            store,
-            cluster_id_header,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            metrics,
-            metrics::track,
-        ))
+    let outer_state = Arc::new(Outer {
+        auth,
+        store,
+        metrics,
+        cluster_id: std::sync::Mutex::new(None),
+    });
+    router.layer(axum::middleware::from_fn_with_state(outer_state, outer))
 }

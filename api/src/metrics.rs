@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use std::sync::Arc;
 
 /// Upper bounds of the latency buckets, in seconds: sub-millisecond writes up to 5-minute
@@ -27,11 +26,20 @@ struct Histogram {
     sum: f64,
 }
 
+/// One route's requests: its latency histogram and its counts by method and status (a
+/// route sees a handful of these, so a list searched in place, with no allocation once a
+/// pair was seen).
+#[derive(Default)]
+struct RouteStats {
+    latency: Histogram,
+    answers: Vec<(String, u16, u64)>,
+}
+
 /// Counters and histograms of the HTTP layer.
 #[derive(Default)]
 pub struct HttpMetrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    /// By route; looked up by `&str`, so a request allocates nothing here.
+    routes: Mutex<BTreeMap<String, RouteStats>>,
     long_polls: AtomicI64,
     /// Long-polls answered 503 over `--max-long-polls`.
     long_polls_refused: AtomicU64,
@@ -133,13 +141,20 @@ impl HttpMetrics {
     }
 
     fn record(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = match routes.get_mut(route) {
+            Some(stats) => stats,
+            None => routes.entry(route.to_owned()).or_default(),
+        };
+        match stats
+            .answers
+            .iter_mut()
+            .find(|(m, s, _)| *s == status && m == method)
         {
-            let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            *r.entry((route.to_owned(), method.to_owned(), status))
-                .or_default() += 1;
+            Some((_, _, n)) => *n += 1,
+            None => stats.answers.push((method.to_owned(), status, 1)),
         }
-        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let h = l.entry(route.to_owned()).or_default();
+        let h = &mut stats.latency;
         for (i, b) in BUCKETS.iter().enumerate() {
             if seconds <= *b {
                 h.counts[i] += 1;
@@ -151,29 +166,25 @@ impl HttpMetrics {
 
     /// Writes the HTTP metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         out.push_str(
             "# HELP changeagent_http_requests_total HTTP requests by route, method and status.\n",
         );
         out.push_str("# TYPE changeagent_http_requests_total counter\n");
-        for ((route, method, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "changeagent_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
-            );
+        for (route, stats) in routes.iter() {
+            let mut answers: Vec<&(String, u16, u64)> = stats.answers.iter().collect();
+            answers.sort();
+            for (method, status, n) in answers {
+                let _ = writeln!(
+                    out,
+                    "changeagent_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+                );
+            }
         }
         out.push_str("# HELP changeagent_http_request_duration_seconds HTTP request latency by route (long-polls include their wait).\n");
         out.push_str("# TYPE changeagent_http_request_duration_seconds histogram\n");
-        for (route, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (route, stats) in routes.iter() {
+            let h = &stats.latency;
             for (i, b) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     out,
@@ -197,6 +208,7 @@ impl HttpMetrics {
                 h.count
             );
         }
+        drop(routes);
         gauge(
             out,
             "changeagent_long_polls_open",
@@ -272,27 +284,92 @@ pub fn gauge(out: &mut String, name: &str, help: &str, value: impl std::fmt::Dis
     );
 }
 
-/// Middleware recording every request.
-pub async fn track(State(metrics): State<Arc<HttpMetrics>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
-    let resp = next.run(req).await;
-    metrics.record(
-        &route,
-        &method,
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    resp
+/// One request being served, recorded by [`Tracked::finish`] once answered.
+pub struct Tracked {
+    started: Instant,
+    route: Option<MatchedPath>,
+    method: Method,
+}
+
+impl Tracked {
+    /// Starts timing `req` (its route, as matched, and method are kept; both are cheap to
+    /// clone: an `Arc` and, for the standard methods, a tag).
+    pub fn start(req: &Request) -> Tracked {
+        Tracked {
+            started: Instant::now(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: req.method().clone(),
+        }
+    }
+
+    /// Records the request with its answer's status.
+    pub fn finish(self, metrics: &HttpMetrics, status: u16) {
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        metrics.record(
+            route,
+            method_label(&self.method),
+            status,
+            self.started.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+/// A method as a label: the standard ones by name, any other as `other`, so clients cannot
+/// grow the metrics without bound.
+fn method_label(method: &Method) -> &str {
+    match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::OPTIONS
+        | Method::CONNECT
+        | Method::TRACE => method.as_str(),
+        _ => "other",
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_counted_by_route_method_and_status() {
+        let m = HttpMetrics::default();
+        let request = |method: &str| {
+            Request::builder()
+                .method(method)
+                .uri("/changes")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        for (method, status) in [("POST", 201), ("POST", 201), ("GET", 200), ("POST", 400)] {
+            Tracked::start(&request(method)).finish(&m, status);
+        }
+        // Methods outside the standard ones share one label.
+        Tracked::start(&request("FOO")).finish(&m, 404);
+        Tracked::start(&request("BAR")).finish(&m, 404);
+        let mut out = String::new();
+        m.render(&mut out);
+        let counts: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("changeagent_http_requests_total{"))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                r#"changeagent_http_requests_total{route="unmatched",method="GET",status="200"} 1"#,
+                r#"changeagent_http_requests_total{route="unmatched",method="POST",status="201"} 2"#,
+                r#"changeagent_http_requests_total{route="unmatched",method="POST",status="400"} 1"#,
+                r#"changeagent_http_requests_total{route="unmatched",method="other",status="404"} 2"#,
+            ]
+        );
+        assert!(out.lines().any(
+            |l| l == r#"changeagent_http_request_duration_seconds_count{route="unmatched"} 6"#
+        ));
+    }
 
     #[test]
     fn limits_count_and_refuse_but_exempt_connections_always_get_in() {

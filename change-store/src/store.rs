@@ -386,6 +386,11 @@ impl Store {
         self.current_guard().state.cluster_id.clone()
     }
 
+    /// Calls `f` with the cluster id, without copying it (read on every answer).
+    pub fn with_cluster_id<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
+        f(self.current_guard().state.cluster_id.as_deref())
+    }
+
     /// A receiver that sees the newest applied `_id` change once per applied batch.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()

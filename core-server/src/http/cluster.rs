@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use changeagent_api::auth::Access;
@@ -114,18 +113,6 @@ fn check_membership(app: &AppState, access: &Access, headers: &HeaderMap) -> Res
         Access::Open | Access::ClusterSecret => app.identity.check_member(headers)?,
     }
     Ok(())
-}
-
-/// Middleware: with `--peer-ca`, `POST /cluster/join` needs a peer certificate (checked on
-/// the node the joiner reached, before a follower forwards it).
-pub async fn join_guard(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/cluster/join" {
-        if let Err(e) = app.identity.check_certificate(req.extensions()) {
-            tracing::warn!(error = %e, "refused a join");
-            return ApiError::from(e).into_response();
-        }
-    }
-    next.run(req).await
 }
 
 /// `POST /cluster/join` (on the leader): adds the node as a learner, waits until it caught

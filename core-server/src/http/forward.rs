@@ -100,8 +100,15 @@ pub fn no_leader(app: &AppState) -> ApiError {
 pub struct LostLeadership;
 
 /// Middleware on write and membership routes: runs the request here on the leader, forwards
-/// it from a follower.
+/// it from a follower. First, with `--peer-ca`, `POST /cluster/join` needs a peer
+/// certificate (checked on the node the joiner reached, before a follower forwards it).
 pub async fn to_leader(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/cluster/join" {
+        if let Err(e) = app.identity.check_certificate(req.extensions()) {
+            tracing::warn!(error = %e, "refused a join");
+            return ApiError::from(e).into_response();
+        }
+    }
     if matches!(*req.method(), Method::GET | Method::HEAD)
         || req.headers().contains_key(FORWARDED_HEADER)
     {

