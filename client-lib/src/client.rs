@@ -1091,13 +1091,20 @@ impl Client {
                     );
                     retry_after(&answer.headers)
                 }
-                // Over the token's rate: nothing was done, so any call may be sent again.
-                Ok(answer) if answer.status == StatusCode::TOO_MANY_REQUESTS => {
+                // Over the token's rate, or the server gave up reading the request (408):
+                // nothing was done, so any call may be sent again.
+                Ok(answer)
+                    if matches!(
+                        answer.status,
+                        StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT
+                    ) =>
+                {
                     tracing::debug!(
                         endpoint = %inner.endpoints[index],
                         what = call.what,
                         attempts,
-                        "over the token's rate"
+                        status = %answer.status,
+                        "the server did not take the request"
                     );
                     retry_after(&answer.headers)
                 }
@@ -1585,9 +1592,19 @@ mod tests {
         struct Fake {
             up: AtomicBool,
             served: AtomicUsize,
+            /// Requests still to answer with a 408.
+            timeouts: AtomicUsize,
         }
 
         async fn changes(State(fake): State<Arc<Fake>>) -> Response {
+            let timeouts = &fake.timeouts;
+            if timeouts
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let body = serde_json::json!({"error": "the request head did not arrive in time"});
+                return (Status::REQUEST_TIMEOUT, Json(body)).into_response();
+            }
             if !fake.up.load(Ordering::Relaxed) {
                 let body = serde_json::json!({"error": "restarting"});
                 return (Status::SERVICE_UNAVAILABLE, Json(body)).into_response();
@@ -1650,6 +1667,18 @@ mod tests {
             assert_eq!(second.served.load(Ordering::Relaxed), 1);
             first.up.store(true, Ordering::Relaxed);
             until_first_serves(&c, &first).await;
+        }
+
+        #[tokio::test]
+        async fn a_408_is_asked_again() {
+            let (first, first_url) = serve(true).await;
+            first.timeouts.store(3, Ordering::Relaxed);
+            let c = client(&first_url, &first_url, None);
+            c.get_changes(&Query::new())
+                .await
+                .expect("served after three 408s");
+            assert_eq!(first.timeouts.load(Ordering::Relaxed), 0);
+            assert_eq!(first.served.load(Ordering::Relaxed), 1);
         }
 
         #[tokio::test]
