@@ -383,7 +383,7 @@ impl Store {
 
     /// The cluster id, once one was set.
     pub fn cluster_id(&self) -> Option<String> {
-        self.current_guard().state.cluster_id.clone()
+        self.with_cluster_id(|id| id.map(str::to_owned))
     }
 
     /// Calls `f` with the cluster id, without copying it (read on every answer).

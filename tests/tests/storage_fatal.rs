@@ -1,7 +1,8 @@
 //! A node whose storage cannot be written (its disk is full: the Raft log or the change
 //! store, whichever fails first) stops the whole process with a non-zero exit and says why,
-//! so a supervisor restarts it, rather than answering 503 forever. The disk is a loop-mounted 40 MB ext4 file system, which needs root (or a
-//! sandbox without loop devices): without it the test says so and skips.
+//! so a supervisor restarts it, rather than answering 503 forever. The disk is a
+//! loop-mounted 48 MiB ext4 file system, which needs root and loop devices: without them
+//! the test says so and skips.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
