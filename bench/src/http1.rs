@@ -1,8 +1,9 @@
-//! A minimal HTTP/1.1 client over one keep-alive TCP connection: `GET`, the
-//! status, and a `Content-Length` or chunked body. Pollers that only read
-//! `GET /changes` answers use it so that the client's work per answer (no
-//! pool, no header map, no timer per request) stays small next to the
-//! server's on a machine whose cores both share.
+//! A minimal HTTP/1.1 client over one keep-alive TCP connection: `GET` or a
+//! JSON `POST`, the status, and a `Content-Length` or chunked body. Pollers
+//! and the write bench's posters use it so that the client's work per request
+//! (no pool, no URL parsing, no header map, no hand-off to a connection task,
+//! no timer per request) stays small next to the server's on a machine whose
+//! cores both share, as with `wrk`.
 
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
@@ -49,6 +50,13 @@ pub struct Conn {
     request: Vec<u8>,
 }
 
+/// A request to send: the method, the path with its query, and a JSON body for `POST`.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    Get(&'a str),
+    PostJson(&'a str, &'a [u8]),
+}
+
 /// How the body of an answer ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BodyLength {
@@ -85,23 +93,22 @@ impl Conn {
         self.buf.clear();
     }
 
-    /// `GET path_and_query`, the whole answer. A kept-alive connection that
-    /// the server closed before answering is opened again and the request
-    /// sent once more (a `GET` changes nothing).
-    pub async fn get(&mut self, path_and_query: &str) -> io::Result<Reply> {
+    /// Sends `request` and reads the whole answer. A `GET` on a kept-alive
+    /// connection that the server closed before answering is sent once more
+    /// on a new one (a `GET` changes nothing); a `POST` never is, since the
+    /// server may have applied it: that is an error.
+    pub async fn send(&mut self, request: Request<'_>) -> io::Result<Reply> {
         let reused = self.stream.is_some();
-        match self.exchange(path_and_query).await {
-            Err(Exchange::ClosedBeforeReply(_)) if reused => {
+        match self.exchange(request).await {
+            Err(Exchange::ClosedBeforeReply(_)) if reused && matches!(request, Request::Get(_)) => {
                 self.reset();
-                self.exchange(path_and_query)
-                    .await
-                    .map_err(Exchange::into_io)
+                self.exchange(request).await.map_err(Exchange::into_io)
             }
             result => result.map_err(Exchange::into_io),
         }
     }
 
-    async fn exchange(&mut self, path_and_query: &str) -> Result<Reply, Exchange> {
+    async fn exchange(&mut self, request: Request<'_>) -> Result<Reply, Exchange> {
         if self.stream.is_none() {
             let stream = TcpStream::connect(self.endpoint.addr)
                 .await
@@ -110,18 +117,34 @@ impl Conn {
             self.stream = Some(stream);
             self.buf.clear();
         }
-        self.request.clear();
-        self.request.extend_from_slice(b"GET ");
-        self.request.extend_from_slice(path_and_query.as_bytes());
-        self.request.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-        self.request
-            .extend_from_slice(self.endpoint.host.as_bytes());
-        self.request.extend_from_slice(b"\r\n\r\n");
+        self.encode(request);
         let result = self.read_reply().await;
         if !matches!(&result, Ok((_, true))) {
             self.reset();
         }
         result.map(|(reply, _)| reply)
+    }
+
+    /// Puts `request` into `self.request`, head and body.
+    fn encode(&mut self, request: Request<'_>) {
+        let (method, path, body) = match request {
+            Request::Get(path) => ("GET ", path, None),
+            Request::PostJson(path, body) => ("POST ", path, Some(body)),
+        };
+        let out = &mut self.request;
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+        out.extend_from_slice(self.endpoint.host.as_bytes());
+        if let Some(body) = body {
+            out.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+            out.extend_from_slice(body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(body);
+        } else {
+            out.extend_from_slice(b"\r\n\r\n");
+        }
     }
 
     /// Writes the request and reads the answer; also says whether the
@@ -457,16 +480,16 @@ mod tests {
         ])
         .await;
         let mut conn = Conn::new(endpoint);
-        let reply = conn.get("/changes?since=1").await.unwrap();
+        let reply = conn.send(Request::Get("/changes?since=1")).await.unwrap();
         assert_eq!((reply.status, reply.body.as_slice()), (200, &b"hello"[..]));
-        let reply = conn.get("/changes?since=2").await.unwrap();
+        let reply = conn.send(Request::Get("/changes?since=2")).await.unwrap();
         assert_eq!((reply.status, reply.body.as_slice()), (200, &b"abc"[..]));
         // The server closed the first connection without a word: the request
         // goes again on a second one, which it closes after answering.
-        let reply = conn.get("/changes?since=3").await.unwrap();
+        let reply = conn.send(Request::Get("/changes?since=3")).await.unwrap();
         assert_eq!((reply.status, reply.body.as_slice()), (404, &b"{}"[..]));
         assert!(conn.stream.is_none(), "Connection: close is honoured");
-        let reply = conn.get("/changes?since=4").await.unwrap();
+        let reply = conn.send(Request::Get("/changes?since=4")).await.unwrap();
         assert_eq!((reply.status, reply.body.as_slice()), (200, &b"x"[..]));
     }
 
@@ -477,7 +500,73 @@ mod tests {
         ]])
         .await;
         let mut conn = Conn::new(endpoint);
-        let err = conn.get("/changes?since=1").await.unwrap_err();
+        let err = conn
+            .send(Request::Get("/changes?since=1"))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+    }
+
+    #[tokio::test]
+    async fn posts_json_once_and_never_sends_it_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            // The first post is answered; the second one is read, then the
+            // connection is closed without an answer.
+            for answer in [
+                Some(&b"HTTP/1.1 201 Created\r\nContent-Length: 9\r\n\r\n{\"_id\":7}"[..]),
+                None,
+            ] {
+                while find_head_end(&buf).is_none() {
+                    buf.reserve(1024);
+                    assert_ne!(socket.read_buf(&mut buf).await.unwrap(), 0);
+                }
+                let end = find_head_end(&buf).unwrap();
+                let head = String::from_utf8(buf.drain(..end).collect()).unwrap();
+                assert!(head.starts_with("POST /changes HTTP/1.1\r\n"), "{head}");
+                assert!(
+                    head.contains("\r\nContent-Type: application/json\r\n"),
+                    "{head}"
+                );
+                assert!(head.contains("\r\nContent-Length: 7\r\n"), "{head}");
+                while buf.len() < 7 {
+                    buf.reserve(1024);
+                    assert_ne!(socket.read_buf(&mut buf).await.unwrap(), 0);
+                }
+                assert_eq!(buf.drain(..7).as_slice(), b"{\"a\":1}");
+                match answer {
+                    Some(answer) => socket.write_all(answer).await.unwrap(),
+                    // Nothing listens any more before the connection closes: a post
+                    // sent again would be refused, not end "before answering".
+                    None => {
+                        drop(listener);
+                        return;
+                    }
+                }
+            }
+        });
+        let mut conn = Conn::new(Arc::new(Endpoint {
+            addr,
+            host: addr.to_string(),
+        }));
+        let reply = conn
+            .send(Request::PostJson("/changes", b"{\"a\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_slice()),
+            (201, &b"{\"_id\":7}"[..])
+        );
+        let err = conn
+            .send(Request::PostJson("/changes", b"{\"a\":1}"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+        assert!(err.to_string().contains("before answering"), "{err}");
+        assert!(conn.stream.is_none(), "the connection is dropped");
+        server.await.unwrap();
     }
 }

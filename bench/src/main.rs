@@ -6,8 +6,9 @@
 //! human-readable figures next to the targets.
 //!
 //! It talks plain HTTP/1.1 (one shared keep-alive `reqwest` client; the
-//! many long-polls of `longpoll`, `answers` and `fanout` use a minimal
-//! HTTP/1.1 client of their own, see `--client`) to an already running node
+//! many long-polls of `longpoll`, `answers` and `fanout` and the posters of
+//! `write` use a minimal HTTP/1.1 client of their own, see `--client` and
+//! `--write-client`) to an already running node
 //! given by `--server` (env `CHANGEAGENT_SERVER`, default
 //! `http://127.0.0.1:9000`) and exits non-zero with a hint how to start one
 //! when that node cannot be reached. With `--cluster N` (`write`, `all`) and
@@ -39,8 +40,14 @@
 //!   post arrays of `--batch-size` changes (one atomic write each) for the
 //!   same duration (0 posters skips this). With `--fsync-dir` it first
 //!   measures fsync there and prints the targets
-//!   `single-client p50 X ms vs fsync p50 Y ms + 0.5 ms target: met|not met`
-//!   and `64 clients: Z changes/s vs 20000 target: met|not met`.
+//!   `single-client p50 X ms vs fsync p50 Y ms + 0.300 ms target: met|not met`
+//!   and `64 clients: Z changes/s vs 25000 target: met|not met` (with
+//!   `--cluster` of 2 or more nodes: fsync + 0.7 ms and 17,000/s, issue 10's
+//!   etcd-relative targets as measured on the machine it was written on).
+//!   The posters use the minimal HTTP/1.1 client of the long-polls, one
+//!   keep-alive connection each (`--write-client raw`, the default, like
+//!   wrk), or the shared reqwest client (`--write-client reqwest`), whose
+//!   own work per post took about 40% of the two cores at 64 clients.
 //!   With `--cluster N` it starts a local N-node cluster (below), runs all of
 //!   that against the leader (fsync measured in the cluster's directory
 //!   unless `--fsync-dir` says otherwise), then runs every client count

@@ -1,8 +1,8 @@
-//! The HTTP client of the long-polls: the minimal HTTP/1.1 client of
-//! [`http1`](crate::http1), one TCP connection per poller (the default, and
-//! the cheapest), or the shared `reqwest` client (one pooled connection per
-//! concurrent request), chosen with `--client` so that the two can be
-//! compared.
+//! The HTTP client of the long-polls and of the write bench's posters: the
+//! minimal HTTP/1.1 client of [`http1`](crate::http1), one TCP connection per
+//! poller or poster (the default, and the cheapest), or the shared `reqwest`
+//! client (one pooled connection per concurrent request), chosen with
+//! `--client` (`--write-client` for posters) so that the two can be compared.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-use crate::http1::{self, Endpoint};
+use crate::http1::{self, Endpoint, Request};
 use crate::server::{self, Server};
 
 /// Which client the long-polls use.
@@ -65,7 +65,7 @@ impl PollClient {
                     .with_context(|| format!("{} is not a URL", server.base()))?;
                 if url.scheme() != "http" {
                     bail!(
-                        "--client raw speaks plain http only; use --client reqwest for {}",
+                        "the raw client speaks plain http only; choose reqwest for {}",
                         server.base()
                     );
                 }
@@ -109,30 +109,62 @@ impl PollConn {
     /// [`is_out_of_files`](server::is_out_of_files).
     pub async fn get(&mut self, path_and_query: &str, timeout: Duration) -> Result<Answer> {
         match self {
-            PollConn::Raw(conn) => {
-                match tokio::time::timeout(timeout, conn.get(path_and_query)).await {
-                    Ok(Ok(reply)) => Ok(Answer {
-                        status: reply.status,
-                        body: reply.body.into(),
-                    }),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e)),
-                    Err(_) => {
-                        // The answer may still come; a fresh connection must not
-                        // take it for the next one's.
-                        conn.reset();
-                        Err(anyhow!("no answer within {timeout:?}"))
-                    }
-                }
-            }
+            PollConn::Raw(conn) => raw_within(conn, timeout, Request::Get(path_and_query)).await,
             PollConn::Reqwest(server) => {
                 let url = server.url(path_and_query);
-                let resp = server.client().get(&url).timeout(timeout).send().await?;
-                let status = resp.status().as_u16();
-                let body = resp.bytes().await.context("reading the answer")?;
-                Ok(Answer { status, body })
+                answer(server.client().get(&url).timeout(timeout).send().await?).await
             }
         }
     }
+
+    /// `POST path` of a JSON `body` within `timeout`: the status and body of
+    /// the answer, whatever the status. Sent once, never again.
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Answer> {
+        match self {
+            PollConn::Raw(conn) => raw_within(conn, timeout, Request::PostJson(path, body)).await,
+            PollConn::Reqwest(server) => {
+                let request = server
+                    .client()
+                    .post(server.url(path))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_vec())
+                    .timeout(timeout);
+                answer(request.send().await?).await
+            }
+        }
+    }
+}
+
+/// One exchange on a raw connection within `timeout`.
+async fn raw_within(
+    conn: &mut http1::Conn,
+    timeout: Duration,
+    request: http1::Request<'_>,
+) -> Result<Answer> {
+    match tokio::time::timeout(timeout, conn.send(request)).await {
+        Ok(Ok(reply)) => Ok(Answer {
+            status: reply.status,
+            body: reply.body.into(),
+        }),
+        Ok(Err(e)) => Err(anyhow::Error::new(e)),
+        Err(_) => {
+            // The answer may still come; a fresh connection must not take it
+            // for the next one's.
+            conn.reset();
+            Err(anyhow!("no answer within {timeout:?}"))
+        }
+    }
+}
+
+async fn answer(resp: reqwest::Response) -> Result<Answer> {
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.context("reading the answer")?;
+    Ok(Answer { status, body })
 }
 
 /// True when `err` comes from hitting the open-file limit.
