@@ -43,8 +43,9 @@ impl Targets {
     };
     /// A cluster: the answer also waits for a follower's sync and a round trip. Issue 10
     /// sets the cluster's targets against etcd in the same run (the shared peer script): a
-    /// p50 at most etcd's and twice its throughput, about 0.9 ms and 17,000/s on the 2-core
-    /// machine it was written on; these are those figures, not a same-run comparison.
+    /// p50 at most etcd's and twice its throughput, about 0.9 ms (fsync + 0.7 ms there) and
+    /// 17,000/s on the 2-core machine it was written on. These are those figures; the
+    /// same-run comparison is the peer script's.
     pub const CLUSTER: Targets = Targets {
         single_client_overhead: Duration::from_micros(700),
         throughput: 17_000.0,
