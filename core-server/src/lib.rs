@@ -462,13 +462,12 @@ pub(crate) fn on_raft_runtime() -> bool {
     ON_RAFT_RUNTIME.with(std::cell::Cell::get)
 }
 
-/// Threads of Raft's runtime. Its tasks (the core, the replication streams, the proposer)
-/// never block (storage work has threads of its own, large frames are encoded in the
-/// blocking pool) and a slow peer only leaves its stream waiting, so one thread serves them.
-/// A second one mostly woke up to steal the task the first had just woken: on 2 cores that
-/// made a 1-node write 10-20 µs slower and cost 3 nodes 5-8% of their throughput at 64
-/// clients (2026-11-30; earlier sessions measured both ways, see the README).
-const RAFT_RUNTIME_THREADS: usize = 1;
+/// Threads of Raft's runtime: the core, the replication streams and the proposer are
+/// mostly waiting; two keep a slow peer from delaying the others. One thread measured faster
+/// on 2026-11-30 (a second one mostly wakes up to steal the task the first just woke), but
+/// a kill -9 failover then took one more election timeout in 4 of 7 runs of 20 kills against
+/// 1 of 4 with two (see the README), so two it stays until that is understood.
+const RAFT_RUNTIME_THREADS: usize = 2;
 
 /// Raft's own Tokio runtime. Client requests (thousands of long-polls woken at once) run on
 /// the main runtime and never queue ahead of Raft's timers, heartbeats and replication.
