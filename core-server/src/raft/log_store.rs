@@ -13,10 +13,10 @@
 //! 3. `truncate_after` and `purge` are synced too: a truncated suffix must never reappear.
 //! 4. Writes keep their order: all of them run on `raft-log`, in the order openraft asks.
 //! 5. Synced writes go over blocks already written, so `fdatasync` has data to flush but no
-//!    file size or block map to journal (here that took a quarter off a small synced
-//!    write: 112 µs p50 instead of 148). RocksDB reuses old WAL files in place ([`WAL_RECYCLE_FILES`]), and
-//!    each open first writes one WAL full and rolls it over ([`prewrite_wal`]), so the log
-//!    starts in such a file rather than in a new one. Power loss: every record carries the
+//!    file size or block map to journal (here that took a quarter off a small synced write:
+//!    112 µs p50 instead of 148). RocksDB reuses old WAL files in place
+//!    ([`WAL_RECYCLE_FILES`]), and each open first fills one WAL and rolls over to it
+//!    ([`prewrite_wal`]), so the log starts in such a file rather than in a new one. Power loss: every record carries the
 //!    number of the WAL it belongs to and a CRC, so recovery reads up to the first record left
 //!    from the file's earlier use or torn by the crash and stops there; what it drops was
 //!    never reported flushed, since a report follows the sync of every record before it.
@@ -334,9 +334,10 @@ impl LogStore {
     }
 }
 
-/// Makes the WAL the log writes next one written before (rule 5): fills the current WAL with
-/// [`WAL_PREWRITE_BYTES`] of throwaway values (deleted again), flushes so that WAL is obsolete
-/// and kept for reuse, then rolls over once more so the next WAL is that file. RocksDB reuses
+/// Leaves the log writing into a WAL file that was written full before (rule 5): fills the
+/// current WAL with [`WAL_PREWRITE_BYTES`] of throwaway values (deleted again), flushes so
+/// that WAL is obsolete and kept for reuse, then rolls over once more so the next WAL is that
+/// file. RocksDB reuses
 /// only files of the current open, so this runs on every open (about 12 MiB written, tens of
 /// milliseconds).
 fn prewrite_wal(db: &DB) -> anyhow::Result<()> {
