@@ -65,6 +65,15 @@ pub struct Config {
     #[arg(long, env = "CHANGEAGENT_ELECTION_TIMEOUT_MS", default_value_t = 150)]
     pub election_timeout_ms: u64,
 
+    /// Pre-Vote (`true` or `false`): a follower whose election timeout fires first asks the
+    /// others whether they would vote for it, and starts an election (a new term) only if a
+    /// majority would. A node that was cut off then cannot raise the term and unseat a working
+    /// leader when it returns, and a follower with a shorter log does not hold a term the
+    /// follower with the longest log must outbid (an extra election timeout after a crash).
+    /// It costs one round trip per election. Peers of a version without it count as granting.
+    #[arg(long, env = "CHANGEAGENT_PRE_VOTE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pre_vote: bool,
+
     /// Raft log entries between snapshots (each entry may carry many changes).
     #[arg(long, env = "CHANGEAGENT_SNAPSHOT_LOGS", default_value_t = 20_000)]
     pub snapshot_logs: u64,

@@ -113,6 +113,7 @@ pub async fn start(
         max_in_snapshot_log_to_keep: config.snapshot_keep_logs,
         // Replicate an entry as soon as it is in the log, while the leader syncs it.
         broadcast_submitted_on_append: Some(true),
+        enable_pre_vote: Some(config.pre_vote),
         ..Default::default()
     }
     .validate()

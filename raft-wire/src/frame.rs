@@ -29,7 +29,15 @@ pub enum Rpc {
     Append = 1,
     Vote = 2,
     TransferLeader = 3,
+    /// Would the target grant a vote (openraft's Pre-Vote)? Same body as [`Rpc::Vote`]; the
+    /// target changes nothing. Versions before it answer [`REFUSED`] with
+    /// [`UNKNOWN_TAG`] on a stream, 404 over HTTP.
+    PreVote = 4,
 }
+
+/// How a refusal names a request tag the target does not know (a newer RPC sent to an
+/// older version); the tag follows it.
+pub const UNKNOWN_TAG: &str = "unknown Raft request tag";
 
 impl Rpc {
     /// The RPC a request frame's tag names, if any.
@@ -38,6 +46,7 @@ impl Rpc {
             1 => Some(Rpc::Append),
             2 => Some(Rpc::Vote),
             3 => Some(Rpc::TransferLeader),
+            4 => Some(Rpc::PreVote),
             _ => None,
         }
     }
@@ -48,6 +57,7 @@ impl Rpc {
             Rpc::Append => "AppendEntries",
             Rpc::Vote => "Vote",
             Rpc::TransferLeader => "TransferLeader",
+            Rpc::PreVote => "PreVote",
         }
     }
 
@@ -57,6 +67,7 @@ impl Rpc {
             Rpc::Append => "/raft/append",
             Rpc::Vote => "/raft/vote",
             Rpc::TransferLeader => "/raft/transfer-leader",
+            Rpc::PreVote => "/raft/pre-vote",
         }
     }
 }
@@ -157,10 +168,10 @@ mod tests {
 
     #[test]
     fn tags_name_their_rpcs() {
-        for rpc in [Rpc::Append, Rpc::Vote, Rpc::TransferLeader] {
+        for rpc in [Rpc::Append, Rpc::Vote, Rpc::TransferLeader, Rpc::PreVote] {
             assert_eq!(Rpc::from_tag(rpc as u8), Some(rpc));
         }
         assert_eq!(Rpc::from_tag(ANSWER), None);
-        assert_eq!(Rpc::from_tag(4), None);
+        assert_eq!(Rpc::from_tag(5), None);
     }
 }

@@ -3,15 +3,18 @@
 //! the majority elects a new leader and goes on, and after healing the old
 //! leader converges to the majority's list with nothing diverged. Consistent
 //! reads on a cut-off follower fail rather than miss an acknowledged write.
+//! A follower cut off for a while comes back without unseating the leader (Pre-Vote).
 
 use std::time::{Duration, Instant};
 
 use changeagent_testkit::cluster::{
     read_all, Cluster, ClusterOptions, CLUSTER_DEADLINE, WRITE_TIMEOUT_MS, WRITE_TIMEOUT_SLACK,
 };
+use changeagent_testkit::health::node_health;
 use changeagent_testkit::history::{marker_of, History};
 use changeagent_testkit::wait_until;
 use changeagent_testkit::workload::{consistent_read, plain_read, write_once};
+use changeagent_testkit::Api;
 use futures::future::join_all;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -185,4 +188,76 @@ async fn consistent_read_on_a_cut_off_follower_fails_rather_than_lag() {
     );
     let finals = cluster.wait_converged(&[0, 1, 2]).await;
     history.assert_consistent(&finals);
+}
+
+/// Vote requests node `api` has sent, Pre-Vote and real.
+async fn campaign_requests(api: &Api) -> Result<u64, String> {
+    const SENT: &str = "changeagent_raft_vote_requests_sent_total";
+    let pre = api.metric(&format!("{SENT}{{kind=\"pre_vote\"}}")).await?;
+    let real = api.metric(&format!("{SENT}{{kind=\"vote\"}}")).await?;
+    Ok(pre + real)
+}
+
+/// Pre-Vote: a follower cut off from the others campaigns, but as no majority answers its
+/// Pre-Vote it never starts an election, so its term stays. When it returns, the leader
+/// goes on leading in the same term. (Without Pre-Vote it raises its term at each
+/// campaign, and on its return its higher term unseats the leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_cut_off_and_back_does_not_unseat_the_leader() {
+    let cluster = Cluster::start_with_peers(ClusterOptions::new(3).with_proxies()).await;
+    let history = History::new();
+    let leader = cluster.wait_leader().await;
+    cluster.write_acked(&history, 0, leader, "before").await;
+    let health = |i: usize| {
+        let api = cluster.api(i);
+        async move {
+            node_health(&api)
+                .await
+                .unwrap_or_else(|e| panic!("n{i}: {e}"))
+        }
+    };
+    let term = health(leader).await.term;
+    let cut = cluster.others(&[leader])[0];
+    let api = cluster.api(cut);
+    let before = campaign_requests(&api)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    cluster.isolate(cut);
+    // Each campaign asks both other nodes; wait for two campaigns.
+    wait_until(
+        CLUSTER_DEADLINE,
+        "the cut-off follower campaigns twice",
+        || {
+            let api = &api;
+            async move {
+                let sent = campaign_requests(api).await?;
+                match sent >= before + 4 {
+                    true => Ok(()),
+                    false => Err(format!("{} vote requests sent", sent - before)),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cut_off = health(cut).await;
+    assert_eq!(
+        cut_off.term, term,
+        "the cut-off follower raised its term: {cut_off:?}"
+    );
+
+    cluster.heal();
+    cluster.write_acked(&history, 0, leader, "after").await;
+    // Converged: the returned follower took the leader's entries, in the leader's term.
+    let finals = cluster.wait_converged(&[0, 1, 2]).await;
+    history.assert_consistent(&finals);
+    for i in 0..3 {
+        let h = health(i).await;
+        assert_eq!(
+            (h.leader, h.term),
+            (health(leader).await.node_id, term),
+            "n{i} after the follower returned: {h:?}"
+        );
+    }
 }

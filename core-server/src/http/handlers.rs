@@ -30,6 +30,7 @@ use serde_json::value::RawValue;
 use super::forward::LostLeadership;
 use super::AppState;
 use crate::proposer::ProposeError;
+use crate::raft::network::VOTES_SENT;
 use crate::raft::peer_stream::RECEIVED;
 use crate::raft::types::{Op, Outcome, Request};
 use crate::stages::{Stage, STAGES};
@@ -509,6 +510,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     app.metrics.render(&mut out);
     STAGES.render(&mut out);
     RECEIVED.render(&mut out);
+    VOTES_SENT.render(&mut out);
     let m = app.raft.metrics().borrow_watched().clone();
     let s = app.store.state();
     gauge(

@@ -132,6 +132,15 @@ pub async fn vote(
     Json(app.raft.vote(req).await)
 }
 
+/// `POST /raft/pre-vote`: would this node grant the vote? It changes nothing.
+pub async fn pre_vote(
+    State(app): State<Arc<AppState>>,
+    Json(req): Json<VoteRequest<TypeConfig>>,
+) -> Json<Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>>> {
+    RECEIVED.http_rpc();
+    Json(app.raft.pre_vote(req).await)
+}
+
 /// `POST /raft/transfer-leader`: the leader hands over to this node (it stops leading and
 /// asks this node to campaign at once).
 pub async fn transfer_leader(

@@ -52,6 +52,7 @@ pub fn router(app: Arc<AppState>, read: Arc<ReadApi>, auth: Arc<Auth>) -> Router
         .route("/raft/append", post(raft::append))
         .route(STREAM_PATH, get(raft::stream))
         .route("/raft/vote", post(raft::vote))
+        .route("/raft/pre-vote", post(raft::pre_vote))
         .route("/raft/transfer-leader", post(raft::transfer_leader))
         .route("/raft/read-index", post(raft::read_index))
         .route("/raft/identity", get(raft::identity))

@@ -1,17 +1,21 @@
-//! Raft RPCs between nodes. AppendEntries, votes and leadership transfers travel on a
-//! persistent [stream](super::peer_stream) per link, opened on the target's listener with
-//! the cluster id and secret; a target that does not serve streams (an older version) gets
-//! one JSON `POST /raft/*` per RPC through the shared reqwest client instead. A connect
+//! Raft RPCs between nodes. AppendEntries, pre-votes, votes and leadership transfers travel
+//! on a persistent [stream](super::peer_stream) per link, opened on the target's listener
+//! with the cluster id and secret; a target that does not serve streams (an older version)
+//! gets one JSON `POST /raft/*` per RPC through the shared reqwest client instead. A connect
 //! failure is `Unreachable`, so openraft backs off; the time limit is the one openraft
-//! passes (the AppendEntries timeout equals the heartbeat).
+//! passes (the AppendEntries timeout equals the heartbeat). A target that does not know an
+//! RPC (Pre-Vote, sent to a version before it) is told apart: openraft counts it as a
+//! grant.
 //!
 //! Snapshots are streamed from the snapshot file in one request (`POST /raft/snapshot`, the
 //! vote and snapshot meta in headers); the receiver writes the body to a file and installs it
 //! with `install_full_snapshot`. Nothing holds a whole snapshot in memory.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io::SeekFrom;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +48,36 @@ pub const SNAPSHOT_META_HEADER: &str = "x-raft-snapshot-meta";
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bytes read from the snapshot file per body chunk.
 const SNAPSHOT_CHUNK: usize = 256 * 1024;
+
+/// Vote requests this node sent as a (pre-)candidate, one per target (`/metrics`:
+/// `changeagent_raft_vote_requests_sent_total` by kind): how often it campaigned.
+pub struct VotesSent {
+    pre_votes: AtomicU64,
+    votes: AtomicU64,
+}
+
+/// This process's count of sent vote requests.
+pub static VOTES_SENT: VotesSent = VotesSent {
+    pre_votes: AtomicU64::new(0),
+    votes: AtomicU64::new(0),
+};
+
+impl VotesSent {
+    /// Writes the counts in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        const SENT: &str = "changeagent_raft_vote_requests_sent_total";
+        let _ = writeln!(
+            out,
+            "# HELP {SENT} Vote requests this node sent to its peers as a candidate (vote) or \
+             before one (pre_vote, asking whether they would vote for it).\n\
+             # TYPE {SENT} counter\n\
+             {SENT}{{kind=\"pre_vote\"}} {}\n\
+             {SENT}{{kind=\"vote\"}} {}",
+            self.pre_votes.load(Ordering::Relaxed),
+            self.votes.load(Ordering::Relaxed),
+        );
+    }
+}
 
 /// Creates one [`Connection`] per target; all share the HTTP client.
 #[derive(Clone)]
@@ -152,6 +186,28 @@ impl Connection {
     where
         Resp: DeserializeOwned,
     {
+        self.try_call_frame(rpc, frame, option)
+            .await
+            .map_err(|failure| match failure {
+                Failure::Rpc(e) => e,
+                Failure::Unknown => network_error(format!(
+                    "node {} does not know the {} RPC (an older version)",
+                    self.target,
+                    rpc.name()
+                )),
+            })
+    }
+
+    /// [`call_frame`](Self::call_frame), telling a target that does not know the RPC apart.
+    async fn try_call_frame<Resp>(
+        &mut self,
+        rpc: Rpc,
+        frame: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, Failure>
+    where
+        Resp: DeserializeOwned,
+    {
         if let Some(addr) = self.stream_addr.clone() {
             let ttl = option.hard_ttl();
             match tokio::time::timeout(ttl, self.call_on_stream(&addr, rpc, &frame)).await {
@@ -165,12 +221,12 @@ impl Connection {
                     self.stream_addr = None;
                 }
                 Err(_) => {
-                    return Err(network_error(format!(
+                    return Err(Failure::Rpc(network_error(format!(
                         "raft RPC {} to node {} got no answer within {} ms",
                         rpc.path(),
                         self.target,
                         ttl.as_millis()
-                    )))
+                    ))))
                 }
             }
         }
@@ -185,7 +241,7 @@ impl Connection {
         addr: &str,
         rpc: Rpc,
         frame: &[u8],
-    ) -> Option<Result<Resp, RPCError<TypeConfig>>>
+    ) -> Option<Result<Resp, Failure>>
     where
         Resp: DeserializeOwned,
     {
@@ -208,15 +264,26 @@ impl Connection {
                     Ok(stream) => stream,
                     Err(ConnectError::Unsupported { .. }) => return None,
                     Err(e @ ConnectError::Unreachable { .. }) => {
-                        return Some(Err(RPCError::Unreachable(Unreachable::new(&e))))
+                        return Some(Err(Failure::Rpc(RPCError::Unreachable(Unreachable::new(
+                            &e,
+                        )))))
                     }
-                    Err(e @ ConnectError::Refused { .. }) => return Some(Err(network_error(e))),
+                    Err(e @ ConnectError::Refused { .. }) => {
+                        return Some(Err(Failure::Rpc(network_error(e))))
+                    }
                 },
             };
             let failed = match stream.call(frame).await {
                 Ok(Ok(answer)) => {
                     self.stream = Some(stream);
-                    return Some(answer.map_err(|e| RPCError::Unreachable(Unreachable::new(&e))));
+                    return Some(
+                        answer
+                            .map_err(|e| Failure::Rpc(RPCError::Unreachable(Unreachable::new(&e)))),
+                    );
+                }
+                // The target closes the stream after a refusal; the next RPC opens another.
+                Ok(Err(refusal)) if refusal.starts_with(peer_stream::UNKNOWN_TAG) => {
+                    return Some(Err(Failure::Unknown))
                 }
                 Ok(Err(refusal)) => format!("was refused: {refusal}"),
                 // A stream that sat open may have been closed by the target (a restart);
@@ -224,11 +291,11 @@ impl Connection {
                 Err(_) if !fresh => continue,
                 Err(e) => format!("broke off: {e}"),
             };
-            return Some(Err(network_error(format!(
+            return Some(Err(Failure::Rpc(network_error(format!(
                 "raft RPC {} to node {} {failed}",
                 rpc.path(),
                 self.target
-            ))));
+            )))));
         }
     }
 
@@ -239,7 +306,7 @@ impl Connection {
         path: &str,
         body: Vec<u8>,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<TypeConfig>>
+    ) -> Result<Resp, Failure>
     where
         Resp: DeserializeOwned,
     {
@@ -255,13 +322,16 @@ impl Connection {
             .send()
             .await
             .map_err(send_error)?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(Failure::Unknown);
+        }
         if !resp.status().is_success() {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
-            return Err(network_error(format!(
+            return Err(Failure::Rpc(network_error(format!(
                 "raft RPC {path} to node {} answered {status}: {text}",
                 self.target
-            )));
+            ))));
         }
         let bytes = resp
             .bytes()
@@ -269,7 +339,21 @@ impl Connection {
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let result: Result<Resp, RaftError<TypeConfig>> =
             serde_json::from_slice(&bytes).map_err(network_error)?;
-        result.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+        result.map_err(|e| Failure::Rpc(RPCError::Unreachable(Unreachable::new(&e))))
+    }
+}
+
+/// Why an RPC failed.
+enum Failure {
+    /// What openraft hears.
+    Rpc(RPCError<TypeConfig>),
+    /// The target does not know the RPC: an older version, for an RPC added since.
+    Unknown,
+}
+
+impl From<RPCError<TypeConfig>> for Failure {
+    fn from(e: RPCError<TypeConfig>) -> Self {
+        Failure::Rpc(e)
     }
 }
 
@@ -326,7 +410,31 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        VOTES_SENT.votes.fetch_add(1, Ordering::Relaxed);
         self.call(Rpc::Vote, &rpc, &option).await
+    }
+
+    /// A target of a version before Pre-Vote is counted as granting it, as openraft does for
+    /// a network without the RPC, so a rolling upgrade elects as before; a target that cannot
+    /// be reached is not.
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        VOTES_SENT.pre_votes.fetch_add(1, Ordering::Relaxed);
+        let frame = peer_stream::encode_frame(Rpc::PreVote as u8, &rpc).map_err(network_error)?;
+        match self.try_call_frame(Rpc::PreVote, frame, &option).await {
+            Ok(answer) => Ok(answer),
+            Err(Failure::Rpc(e)) => Err(e),
+            Err(Failure::Unknown) => {
+                tracing::info!(
+                    target_node = self.target,
+                    "the node does not know Pre-Vote (an older version); counted as granting it"
+                );
+                Ok(VoteResponse::new(rpc.vote, None, true))
+            }
+        }
     }
 
     async fn transfer_leader(
@@ -409,5 +517,129 @@ impl Connection {
             "sent a snapshot"
         );
         result.map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::raft::log_store::LogStore;
+    use changeagent_raft_wire::frame::{raw_frame, read_frame, REFUSED};
+
+    /// How a fake peer answers.
+    #[derive(Clone, Copy)]
+    enum Peer {
+        /// Serves streams and refuses every request on them with `why`.
+        Refuses(&'static str),
+        /// Serves no streams and knows no Raft path: 404 to everything (one request per
+        /// connection).
+        NotFound,
+    }
+
+    /// A peer on 127.0.0.1 answering as `peer`; its address.
+    async fn fake_peer(peer: Peer) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp, peer));
+            }
+        });
+        addr
+    }
+
+    async fn serve(tcp: TcpStream, peer: Peer) {
+        let mut io = BufReader::new(tcp);
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if io.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(n) = lower.strip_prefix("content-length:") {
+                length = n.trim().parse().unwrap_or(0);
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        let _ = io.read_exact(&mut body).await;
+        match peer {
+            Peer::NotFound => {
+                let _ = io
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+            Peer::Refuses(why) => {
+                let head = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                     upgrade: {}\r\n\r\n",
+                    peer_stream::PROTOCOL
+                );
+                let _ = io.get_mut().write_all(head.as_bytes()).await;
+                if let Ok(Some(_)) = read_frame(&mut io, 1 << 20).await {
+                    let _ = io
+                        .get_mut()
+                        .write_all(&raw_frame(REFUSED, why.as_bytes()))
+                        .await;
+                }
+            }
+        }
+        let _ = io.get_mut().shutdown().await;
+    }
+
+    async fn pre_vote(
+        addr: &str,
+    ) -> (
+        VoteRequest<TypeConfig>,
+        Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        let identity = Arc::new(Identity::new(1, Some("c".into()), None, log));
+        let mut network = Network::new(reqwest::Client::new(), identity, None, None);
+        let mut conn = network.new_client(2, &BasicNode::new(addr)).await;
+        let req = VoteRequest::new(Vote::new(3, 1), None);
+        let answer = conn
+            .pre_vote(req.clone(), RPCOption::new(Duration::from_secs(5)))
+            .await;
+        (req, answer)
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_pre_vote_counts_as_granting_it() {
+        // What versions before Pre-Vote answer to tag 4, word for word.
+        let on_stream = fake_peer(Peer::Refuses("unknown Raft request tag 4")).await;
+        let over_http = fake_peer(Peer::NotFound).await;
+        for addr in [on_stream, over_http] {
+            let (req, answer) = pre_vote(&addr).await;
+            let answer = answer.unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert!(answer.vote_granted, "{addr}: {answer:?}");
+            assert_eq!(answer.vote, req.vote);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_refuses_or_cannot_be_reached_grants_no_pre_vote() {
+        let refusing = fake_peer(Peer::Refuses("invalid PreVote request")).await;
+        let (_, answer) = pre_vote(&refusing).await;
+        assert!(
+            answer.is_err(),
+            "a refusal counted as an answer: {answer:?}"
+        );
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let (_, answer) = pre_vote(&addr).await;
+        assert!(
+            matches!(answer, Err(RPCError::Unreachable(_))),
+            "a closed port: {answer:?}"
+        );
     }
 }

@@ -37,7 +37,9 @@ use super::types::TypeConfig;
 use super::Raft;
 use crate::identity::Identity;
 use crate::stages::{Stage, STAGES};
-pub use changeagent_raft_wire::frame::{encode_frame, frame_body, Rpc, ANSWER, REFUSED};
+pub use changeagent_raft_wire::frame::{
+    encode_frame, frame_body, Rpc, ANSWER, REFUSED, UNKNOWN_TAG,
+};
 use changeagent_raft_wire::frame::{raw_frame, read_frame};
 
 /// Where a peer stream starts.
@@ -358,7 +360,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(raft: Raft, io: S, how: Se
                 RECEIVED.on_streams.fetch_add(1, Ordering::Relaxed);
                 answer(&raft, rpc, body).await
             }
-            None => Err(format!("unknown Raft request tag {tag}")),
+            None => Err(format!("{UNKNOWN_TAG} {tag}")),
         };
         let (frame, close) = match answer {
             Ok(frame) => (frame, false),
@@ -395,6 +397,10 @@ async fn answer(raft: &Raft, rpc: Rpc, body: Vec<u8>) -> Result<Vec<u8>, String>
         Rpc::Vote => {
             let req: VoteRequest<TypeConfig> = decode(rpc, body).await?;
             encode_frame(ANSWER, &raft.vote(req).await)
+        }
+        Rpc::PreVote => {
+            let req: VoteRequest<TypeConfig> = decode(rpc, body).await?;
+            encode_frame(ANSWER, &raft.pre_vote(req).await)
         }
         Rpc::TransferLeader => {
             let req: TransferLeaderRequest<TypeConfig> = decode(rpc, body).await?;
