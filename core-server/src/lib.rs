@@ -466,7 +466,9 @@ pub(crate) fn on_raft_runtime() -> bool {
 /// mostly waiting; two keep a slow peer from delaying the others. One thread measured faster
 /// on 2026-11-30 (a second one mostly wakes up to steal the task the first just woke), but
 /// a kill -9 failover then took one more election timeout in 4 of 7 runs of 20 kills against
-/// 1 of 4 with two (see the README), so two it stays until that is understood.
+/// 1 of 4 with two. That was later traced to the order in which two followers campaigned,
+/// which Pre-Vote fixed, not to the thread count (see the README); two stay until one is
+/// measured again against them.
 const RAFT_RUNTIME_THREADS: usize = 2;
 
 /// Raft's own Tokio runtime. Client requests (thousands of long-polls woken at once) run on
