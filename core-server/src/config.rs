@@ -71,7 +71,12 @@ pub struct Config {
     /// leader when it returns, and a follower with a shorter log does not hold a term the
     /// follower with the longest log must outbid (an extra election timeout after a crash).
     /// It costs one round trip per election. Peers of a version without it count as granting.
-    #[arg(long, env = "CHANGEAGENT_PRE_VOTE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        env = "CHANGEAGENT_PRE_VOTE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
     pub pre_vote: bool,
 
     /// Raft log entries between snapshots (each entry may carry many changes).

@@ -16,10 +16,11 @@
 //!    file size or block map to journal (here that took a quarter off a small synced write:
 //!    112 µs p50 instead of 148). RocksDB reuses old WAL files in place
 //!    ([`WAL_RECYCLE_FILES`]), and each open first fills one WAL and rolls over to it
-//!    ([`prewrite_wal`]), so the log starts in such a file rather than in a new one. Power loss: every record carries the
-//!    number of the WAL it belongs to and a CRC, so recovery reads up to the first record left
-//!    from the file's earlier use or torn by the crash and stops there; what it drops was
-//!    never reported flushed, since a report follows the sync of every record before it.
+//!    ([`prewrite_wal`]), so the log starts in such a file rather than in a new one. Power
+//!    loss: every record carries the number of the WAL it belongs to and a CRC, so recovery
+//!    reads up to the first record left from the file's earlier use or torn by the crash and
+//!    stops there; what it drops was never reported flushed, since a report follows the sync
+//!    of every record before it.
 //!
 //! RocksDB calls run on threads of the log's own ([`IoThread`]), never on the async workers
 //! or in the blocking pool client reads use: writes and state reads on `raft-log`, entry
